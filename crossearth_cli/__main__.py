@@ -1,0 +1,3 @@
+from crossearth_cli.cli import main
+
+main()

@@ -1,0 +1,472 @@
+"""The segmentation loop: reader threads → batches → model → row-band accumulator → writers.
+
+Tiles are read ahead in background threads (rasterio releases the GIL), stacked into batches,
+normalised on the model's device, run under ``torch.inference_mode`` (and autocast for bf16 /
+fp16), and blended into a band of rows that lives on the same device. Finished rows come back
+to the host as uint8 and are written straight away, so memory never depends on scene height.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from crossearth_cli.errors import ConfigError, UserError
+from crossearth_cli.raster.accumulator import (
+    CLASS_NODATA,
+    CONFIDENCE_NODATA,
+    PROBABILITY_NODATA_U8,
+    PROBABILITY_SCALE_U8,
+    FinishedRows,
+    RowBandAccumulator,
+)
+from crossearth_cli.raster.reader import BandScaling, SceneReader, cpu_io_threads
+from crossearth_cli.raster.windows import BLEND_MODES, Tile, tile_grid
+from crossearth_cli.raster.writer import (
+    GeoTiffSink,
+    RasterSpec,
+    check_output_path,
+    class_tags,
+    palette_colormap,
+    remove_stale_temps,
+)
+
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
+
+Events = Callable[[str, dict], None]
+
+
+@dataclass
+class ModelSpec:
+    """A loaded model and what the outputs need to know about it."""
+
+    module: torch.nn.Module
+    class_names: list[str]
+    palette: list[tuple[int, int, int]] | None = None
+    crop: int = 512
+    stride: int = 341
+    band_order: str = "RGB"
+    label: str = "model"
+    random_weights: bool = False
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+@dataclass
+class SegmentSettings:
+    input: Path
+    output: Path
+    tile: int | None = None
+    stride: int | None = None
+    blend: str = "gaussian"
+    bands: list[int] | None = None
+    value_range: str | list[BandScaling] | None = None  # None: 8-bit as is, else auto
+    batch_size: int = 4
+    device: str = "auto"
+    precision: str = "auto"
+    confidence: Path | None = None
+    probabilities: Path | None = None
+    probabilities_dtype: str = "uint8"
+    cog: bool = False
+    overwrite: bool = False
+    compress: str = "deflate"
+    io_threads: int | None = None
+    prefetch: int | None = None  # tiles read ahead; default 2 batches
+
+    def outputs(self) -> list[Path]:
+        return [p for p in (self.output, self.confidence, self.probabilities) if p is not None]
+
+
+@dataclass
+class SegmentResult:
+    output: Path
+    height: int
+    width: int
+    tiles: int
+    tiles_skipped: int
+    seconds: float
+    class_names: list[str]
+    class_pixels: np.ndarray
+    nodata_pixels: int
+    batch_size: int
+    device: str
+    precision: str
+    extra_outputs: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def pixels(self) -> int:
+        return self.height * self.width
+
+    @property
+    def mpx_per_s(self) -> float:
+        return self.pixels / 1e6 / max(self.seconds, 1e-9)
+
+    def class_shares(self) -> dict[str, float]:
+        total = max(int(self.class_pixels.sum()), 1)
+        return {n: float(c) / total for n, c in zip(self.class_names, self.class_pixels)}
+
+
+def resolve_device(name: str) -> torch.device:
+    name = (name or "auto").lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(
+            f"--device {name!r} is not a device", hint="use auto, cpu or cuda:N"
+        ) from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda: no CUDA GPU is available", hint="use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"--device {name}: only {torch.cuda.device_count()} GPU(s) are visible"
+            )
+    return dev
+
+
+_PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    name = (name or "auto").lower()
+    if name == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if name not in _PRECISIONS:
+        raise ConfigError(f"--precision {name!r}: use fp32, bf16 or fp16")
+    if name == "fp16" and device.type == "cpu":
+        raise ConfigError("--precision fp16 needs a GPU", hint="use bf16 or fp32 on the CPU")
+    return name
+
+
+def _is_oom(exc: BaseException) -> bool:
+    oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+    return isinstance(exc, oom) or "out of memory" in str(exc).lower()
+
+
+class Predictor:
+    """Runs batches through the model; halves the batch and retries on out-of-memory."""
+
+    def __init__(self, spec: ModelSpec, device: torch.device, precision: str, batch_size: int):
+        self.module = spec.module
+        self.device = device
+        self.precision = precision
+        self.batch_size = max(1, batch_size)
+        self.num_classes = spec.num_classes
+        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+        self.halvings = 0
+
+    def __call__(self, images: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """images: B×3×h×w on 0–255 (host), valid: B×h×w → scores B×C×h×w on the device."""
+        outs = []
+        i = 0
+        while i < images.shape[0]:
+            n = min(self.batch_size, images.shape[0] - i)
+            try:
+                outs.append(self._forward(images[i : i + n], valid[i : i + n]))
+            except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled here
+                if not _is_oom(exc):
+                    raise
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if n == 1:
+                    raise UserError(
+                        "out of memory even with batch size 1",
+                        hint="use a smaller --tile or --device cpu",
+                    ) from exc
+                self.batch_size = max(1, n // 2)
+                self.halvings += 1
+                continue  # retry the same tiles with the smaller batch: nothing is lost
+            i += n
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    def _forward(self, images: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        non_blocking = self.device.type == "cuda"
+        x = images.to(self.device, non_blocking=non_blocking)
+        v = valid.to(self.device, non_blocking=non_blocking)
+        x = (x - self.mean) / self.std
+        x = x * v.unsqueeze(1)  # nodata pixels become the mean colour (0 after normalising)
+        dtype = _PRECISIONS[self.precision]
+        with torch.inference_mode(), torch.autocast(
+            self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None
+        ):
+            scores = self.module(x)
+        if scores.shape[1] != self.num_classes:
+            raise UserError(
+                f"the model returns {scores.shape[1]} classes but {self.num_classes} class "
+                "names were given",
+                hint="check --model / --checkpoint",
+            )
+        return scores.float()
+
+
+def _raster_specs(settings: SegmentSettings, spec: ModelSpec, notes: dict) -> list[RasterSpec]:
+    names = spec.class_names
+    tags = class_tags(names, {"model": spec.label, **notes})
+    desc = "class: " + ", ".join(f"{i}={n}" for i, n in enumerate(names))
+    specs = [
+        RasterSpec(
+            path=settings.output,
+            count=1,
+            dtype="uint8",
+            nodata=CLASS_NODATA,
+            colormap=palette_colormap(spec.palette),
+            tags=tags,
+            band_descriptions=[desc],
+            compress=settings.compress,
+            cog=settings.cog,
+            overview_resampling="mode",
+        )
+    ]
+    if settings.confidence is not None:
+        specs.append(
+            RasterSpec(
+                path=settings.confidence,
+                count=1,
+                dtype="uint8",
+                nodata=CONFIDENCE_NODATA,
+                tags={**tags, "scale": "confidence = value / 255"},
+                band_descriptions=["confidence (max class probability x 255)"],
+                scales=[1 / 255],
+                compress=settings.compress,
+                cog=settings.cog,
+                overview_resampling="average",
+            )
+        )
+    if settings.probabilities is not None:
+        u8 = settings.probabilities_dtype == "uint8"
+        specs.append(
+            RasterSpec(
+                path=settings.probabilities,
+                count=spec.num_classes,
+                dtype="uint8" if u8 else "float32",
+                # float16: half floats on disk via GTiff NBITS=16 (rasterio has no float16 dtype)
+                nbits=16 if settings.probabilities_dtype == "float16" else None,
+                nodata=PROBABILITY_NODATA_U8 if u8 else float("nan"),
+                tags={**tags, "scale": "probability = value / 254" if u8 else "probability"},
+                band_descriptions=[f"probability: {n}" for n in names],
+                scales=[1 / PROBABILITY_SCALE_U8] * spec.num_classes if u8 else None,
+                compress=settings.compress,
+                cog=settings.cog,
+                overview_resampling="average",
+            )
+        )
+    return specs
+
+
+def validate_settings(settings: SegmentSettings) -> None:
+    if settings.blend not in BLEND_MODES:
+        raise ConfigError(f"--blend {settings.blend!r}: use one of {', '.join(BLEND_MODES)}")
+    if settings.tile is not None and settings.tile < 16:
+        raise ConfigError(f"--tile {settings.tile} is too small (at least 16 pixels)")
+    if settings.stride is not None and settings.stride < 1:
+        raise ConfigError("--stride must be at least 1")
+    if settings.tile and settings.stride and settings.stride > settings.tile:
+        raise ConfigError(
+            f"--stride {settings.stride} is larger than --tile {settings.tile}: pixels would "
+            "be skipped"
+        )
+    if settings.batch_size < 1:
+        raise ConfigError("--batch-size must be at least 1")
+    if settings.probabilities_dtype not in ("uint8", "float16", "float32"):
+        raise ConfigError("--probabilities-dtype must be uint8, float16 or float32")
+    if settings.compress.lower() not in ("deflate", "zstd", "lzw", "none"):
+        raise ConfigError("--compress must be deflate, zstd, lzw or none")
+    outs = settings.outputs()
+    if len({str(Path(p).resolve()) for p in outs}) != len(outs):
+        raise ConfigError("two outputs share one path", hint="give each output its own name")
+
+
+def check_outputs(settings: SegmentSettings) -> None:
+    for p in settings.outputs():
+        check_output_path(Path(p), settings.overwrite, inputs=[settings.input])
+        remove_stale_temps(Path(p))
+
+
+def segment(
+    settings: SegmentSettings,
+    spec: ModelSpec,
+    events: Events | None = None,
+    reader: SceneReader | None = None,
+) -> SegmentResult:
+    """Segment one scene. Raises :class:`UserError` for anything the user can fix."""
+    emit = events or (lambda kind, data: None)
+    validate_settings(settings)
+    check_outputs(settings)
+    device = resolve_device(settings.device)
+    precision = resolve_precision(settings.precision, device)
+    own_reader = reader is None
+    if reader is None:
+        reader = SceneReader(
+            settings.input,
+            bands=settings.bands,
+            value_range=settings.value_range,
+            band_order=spec.band_order,
+        )
+    try:
+        return _segment_open(settings, spec, reader, device, precision, emit)
+    finally:
+        if own_reader:
+            reader.close()
+
+
+def _segment_open(settings, spec, reader, device, precision, emit) -> SegmentResult:
+    t0 = time.perf_counter()
+    for note in reader.notes:
+        emit("note", {"message": note})
+    tile = settings.tile or spec.crop
+    stride = settings.stride or spec.stride
+    if stride > tile:
+        raise ConfigError(f"stride {stride} is larger than tile {tile}")
+    grid = tile_grid(reader.height, reader.width, tile, stride)
+    tiles = [t for row in grid for t in row]
+    emit("start", {"tiles": len(tiles), "height": reader.height, "width": reader.width})
+
+    module = spec.module.to(device).eval()
+    spec.module = module
+    predictor = Predictor(spec, device, precision, settings.batch_size)
+    acc = RowBandAccumulator(
+        reader.height,
+        reader.width,
+        spec.num_classes,
+        tile,
+        stride,
+        settings.blend,
+        device=device,
+        confidence=settings.confidence is not None,
+        probabilities=settings.probabilities_dtype if settings.probabilities else None,
+    )
+    tag_notes = {"blend": settings.blend, "tile": str(tile), "stride": str(stride)}
+    sinks: list[GeoTiffSink] = []
+    try:
+        for rs in _raster_specs(settings, spec, tag_notes):
+            sinks.append(
+                GeoTiffSink(
+                    rs, reader.height, reader.width, reader.crs, reader.transform, reader.gcps
+                )
+            )
+        counts, skipped = _run_tiles(settings, reader, tiles, predictor, acc, sinks, emit)
+        # auxiliary rasters first: a class raster under its final name means all are done
+        for sink in sinks[1:] + sinks[:1]:
+            sink.commit()
+    except BaseException:
+        for sink in sinks:
+            sink.abort()
+        raise
+    seconds = time.perf_counter() - t0
+    valid_px = int(counts.sum())
+    return SegmentResult(
+        output=settings.output,
+        height=reader.height,
+        width=reader.width,
+        tiles=len(tiles),
+        tiles_skipped=skipped,
+        seconds=seconds,
+        class_names=list(spec.class_names),
+        class_pixels=counts,
+        nodata_pixels=reader.height * reader.width - valid_px,
+        batch_size=predictor.batch_size,
+        device=str(device),
+        precision=precision,
+        extra_outputs=[s.final for s in sinks[1:]],
+        notes=list(reader.notes),
+    )
+
+
+def _run_tiles(settings, reader, tiles, predictor, acc, sinks, emit):
+    counts = np.zeros(predictor.num_classes, dtype=np.int64)
+    skipped = 0
+    io_threads = settings.io_threads or cpu_io_threads()
+    depth = settings.prefetch or max(2 * settings.batch_size, io_threads)
+    pin = predictor.device.type == "cuda"
+
+    def write(rows_list: list[FinishedRows]) -> None:
+        for rows in rows_list:
+            sinks[0].write_rows(rows.y, rows.classes)
+            k = 1
+            if rows.confidence is not None:
+                sinks[k].write_rows(rows.y, rows.confidence)
+                k += 1
+            if rows.probabilities is not None:
+                sinks[k].write_rows(rows.y, rows.probabilities)
+            counts[:] += rows.class_counts
+
+    queue: list[tuple[Tile, np.ndarray | None, np.ndarray | None]] = []
+
+    def run_queue() -> None:
+        data = [(d, v) for _, d, v in queue if d is not None]
+        scores = None
+        if data:
+            images = torch.from_numpy(np.stack([d for d, _ in data]))
+            valid = torch.from_numpy(np.stack([v for _, v in data]))
+            if pin:
+                images, valid = images.pin_memory(), valid.pin_memory()
+            scores = predictor(images, valid)
+            valid = valid.to(predictor.device, non_blocking=pin)
+        k = 0
+        for t, d, _ in queue:
+            if d is None:
+                write(acc.add(t, None, None))
+            else:
+                write(acc.add(t, scores[k], valid[k]))
+                k += 1
+        emit("advance", {"tiles": len(queue)})
+        queue.clear()
+
+    with ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="crossearth-read") as pool:
+        pending: deque[tuple[Tile, Future]] = deque()
+        it = iter(tiles)
+
+        def refill() -> None:
+            while len(pending) < depth:
+                t = next(it, None)
+                if t is None:
+                    return
+                pending.append((t, pool.submit(reader.read_tile, t)))
+
+        refill()
+        try:
+            n_data = 0
+            while pending:
+                t, fut = pending.popleft()
+                data, valid = fut.result()
+                refill()
+                if valid.any():
+                    queue.append((t, data, valid))
+                    n_data += 1
+                else:
+                    queue.append((t, None, None))
+                    skipped += 1
+                if n_data >= settings.batch_size:
+                    run_queue()
+                    n_data = 0
+            if queue:
+                run_queue()
+            write(acc.finish())
+        except BaseException:
+            for _, fut in pending:
+                fut.cancel()
+            raise
+    return counts, skipped
+
+
+def default_output_path(input_path: Path, suffix: str = "_classes") -> Path:
+    return input_path.with_name(f"{input_path.stem}{suffix}.tif")
+
+
+def cpu_threads() -> int:
+    return max(1, os.cpu_count() or 1)
