@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rasterio.transform import Affine
 
 from crossearth_cli.errors import ConfigError, UserError
 from crossearth_cli.raster.accumulator import (
@@ -297,69 +298,202 @@ def check_outputs(settings: SegmentSettings) -> None:
         remove_stale_temps(Path(p))
 
 
+def tile_and_stride(settings: SegmentSettings, spec: ModelSpec) -> tuple[int, int]:
+    """The tile and stride to use; a --tile alone keeps the preset's overlap ratio."""
+    tile = settings.tile or spec.crop
+    if settings.stride:
+        return tile, settings.stride
+    if settings.tile:
+        return tile, max(1, round(tile * spec.stride / spec.crop))
+    return tile, spec.stride
+
+
+@dataclass(frozen=True)
+class RowPart:
+    """Part ``index`` of ``count`` of a scene split by bands of tile rows (one per rank)."""
+
+    index: int
+    count: int
+
+
+@dataclass
+class PartRange:
+    """Which tile rows a part runs and which scene rows it writes."""
+
+    first_tile_row: int  # first tile row to run (includes overlap with the previous part)
+    end_tile_row: int  # one past the last tile row to run
+    y0: int  # first scene row written
+    y1: int  # one past the last scene row written
+
+
+def part_range(grid: list[list[Tile]], height: int, part: RowPart | None) -> PartRange:
+    """Rows of part ``part``: output rows end where the single-run band finalises them, so the
+    pieces are bit-identical to one run (tile rows overlapping the top are run again)."""
+    n = len(grid)
+    if part is None or part.count <= 1:
+        return PartRange(0, n, 0, height)
+    a = part.index * n // part.count
+    b = (part.index + 1) * n // part.count
+    y0 = grid[a][0].y if a > 0 else 0
+    y1 = grid[b][0].y if b < n else height
+    first = a
+    while first > 0 and grid[first - 1][0].y + grid[first - 1][0].h > y0:
+        first -= 1
+    return PartRange(first, b, y0, y1)
+
+
+class TileFeed:
+    """Reads a scene's tiles ahead of use in a shared thread pool, in row-major order."""
+
+    def __init__(self, reader: SceneReader, tiles: list[Tile], pool: ThreadPoolExecutor,
+                 depth: int):
+        self.reader, self.pool, self.depth = reader, pool, max(1, depth)
+        self._tiles = iter(tiles)
+        self._pending: deque[tuple[Tile, Future]] = deque()
+
+    def prime(self, n: int | None = None) -> TileFeed:
+        target = self.depth if n is None else min(n, self.depth)
+        while len(self._pending) < target:
+            t = next(self._tiles, None)
+            if t is None:
+                break
+            self._pending.append((t, self.pool.submit(self.reader.read_tile, t)))
+        return self
+
+    def __iter__(self):
+        self.prime()
+        while self._pending:
+            t, fut = self._pending.popleft()
+            data, valid = fut.result()
+            self.prime()
+            yield t, data, valid
+
+    def cancel(self) -> None:
+        for _, fut in self._pending:
+            fut.cancel()
+        self._pending.clear()
+
+
+@dataclass
+class PreparedScene:
+    """An opened scene, its grid, and tiles already being read."""
+
+    settings: SegmentSettings
+    reader: SceneReader
+    grid: list[list[Tile]]
+    tile: int
+    stride: int
+    rows: PartRange
+    feed: TileFeed
+
+    @property
+    def tiles(self) -> list[Tile]:
+        return [t for row in self.grid[self.rows.first_tile_row : self.rows.end_tile_row]
+                for t in row]
+
+    def close(self) -> None:
+        self.feed.cancel()
+        self.reader.close()
+
+
+class Session:
+    """What stays loaded across scenes: the model on its device, the predictor, reader threads."""
+
+    def __init__(self, spec: ModelSpec, device: str = "auto", precision: str = "auto",
+                 batch_size: int = 4, io_threads: int | None = None):
+        self.spec = spec
+        self.device = resolve_device(device)
+        self.precision = resolve_precision(precision, self.device)
+        spec.module = spec.module.to(self.device).eval()
+        self.predictor = Predictor(spec, self.device, self.precision, batch_size)
+        self.io_threads = io_threads or cpu_io_threads()
+        self.pool = ThreadPoolExecutor(self.io_threads, thread_name_prefix="crossearth-read")
+
+    def prepare(self, settings: SegmentSettings, part: RowPart | None = None,
+                reader: SceneReader | None = None) -> PreparedScene:
+        """Open a scene and start reading its first tiles (safe to call from another thread)."""
+        validate_settings(settings)
+        if reader is None:
+            reader = SceneReader(settings.input, bands=settings.bands,
+                                 value_range=settings.value_range,
+                                 band_order=self.spec.band_order)
+        try:
+            tile, stride = tile_and_stride(settings, self.spec)
+            if stride > tile:
+                raise ConfigError(f"stride {stride} is larger than tile {tile}")
+            grid = tile_grid(reader.height, reader.width, tile, stride)
+            rows = part_range(grid, reader.height, part)
+            tiles = [t for row in grid[rows.first_tile_row : rows.end_tile_row] for t in row]
+            depth = settings.prefetch or max(2 * self.predictor.batch_size, self.io_threads)
+            feed = TileFeed(reader, tiles, self.pool, depth).prime()
+        except BaseException:
+            reader.close()
+            raise
+        return PreparedScene(settings, reader, grid, tile, stride, rows, feed)
+
+    def run(self, scene: PreparedScene, events: Events | None = None) -> SegmentResult:
+        """Segment a prepared scene and commit its outputs."""
+        try:
+            check_outputs(scene.settings)
+            return _run_scene(self, scene, events or (lambda kind, data: None))
+        finally:
+            scene.close()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def segment(
     settings: SegmentSettings,
     spec: ModelSpec,
     events: Events | None = None,
     reader: SceneReader | None = None,
+    part: RowPart | None = None,
 ) -> SegmentResult:
     """Segment one scene. Raises :class:`UserError` for anything the user can fix."""
-    emit = events or (lambda kind, data: None)
-    validate_settings(settings)
-    check_outputs(settings)
-    device = resolve_device(settings.device)
-    precision = resolve_precision(settings.precision, device)
-    own_reader = reader is None
-    if reader is None:
-        reader = SceneReader(
-            settings.input,
-            bands=settings.bands,
-            value_range=settings.value_range,
-            band_order=spec.band_order,
-        )
-    try:
-        return _segment_open(settings, spec, reader, device, precision, emit)
-    finally:
-        if own_reader:
-            reader.close()
+    with Session(spec, settings.device, settings.precision, settings.batch_size,
+                 settings.io_threads) as session:
+        return session.run(session.prepare(settings, part, reader), events)
 
 
-def _segment_open(settings, spec, reader, device, precision, emit) -> SegmentResult:
+def _part_transform(reader: SceneReader, y0: int):
+    return reader.transform * Affine.translation(0, y0) if y0 else reader.transform
+
+
+def _run_scene(session: Session, scene: PreparedScene, emit: Events) -> SegmentResult:
     t0 = time.perf_counter()
+    settings, reader, spec, rows = scene.settings, scene.reader, session.spec, scene.rows
     for note in reader.notes:
         emit("note", {"message": note})
-    tile = settings.tile or spec.crop
-    stride = settings.stride or spec.stride
-    if stride > tile:
-        raise ConfigError(f"stride {stride} is larger than tile {tile}")
-    grid = tile_grid(reader.height, reader.width, tile, stride)
-    tiles = [t for row in grid for t in row]
+    tiles = scene.tiles
     emit("start", {"tiles": len(tiles), "height": reader.height, "width": reader.width})
-
-    module = spec.module.to(device).eval()
-    spec.module = module
-    predictor = Predictor(spec, device, precision, settings.batch_size)
     acc = RowBandAccumulator(
         reader.height,
         reader.width,
         spec.num_classes,
-        tile,
-        stride,
+        scene.tile,
+        scene.stride,
         settings.blend,
-        device=device,
+        device=session.device,
         confidence=settings.confidence is not None,
         probabilities=settings.probabilities_dtype if settings.probabilities else None,
+        rows=(scene.grid[rows.first_tile_row][0].y, rows.y0, rows.y1),
     )
-    tag_notes = {"blend": settings.blend, "tile": str(tile), "stride": str(stride)}
+    tag_notes = {"blend": settings.blend, "tile": str(scene.tile), "stride": str(scene.stride)}
+    out_h = rows.y1 - rows.y0
     sinks: list[GeoTiffSink] = []
     try:
         for rs in _raster_specs(settings, spec, tag_notes):
-            sinks.append(
-                GeoTiffSink(
-                    rs, reader.height, reader.width, reader.crs, reader.transform, reader.gcps
-                )
-            )
-        counts, skipped = _run_tiles(settings, reader, tiles, predictor, acc, sinks, emit)
+            sinks.append(GeoTiffSink(rs, out_h, reader.width, reader.crs,
+                                     _part_transform(reader, rows.y0), reader.gcps))
+        counts, skipped = _run_tiles(session.predictor, scene.feed, acc, sinks, rows.y0,
+                                     settings.batch_size, emit)
         # auxiliary rasters first: a class raster under its final name means all are done
         for sink in sinks[1:] + sinks[:1]:
             sink.commit()
@@ -371,38 +505,36 @@ def _segment_open(settings, spec, reader, device, precision, emit) -> SegmentRes
     valid_px = int(counts.sum())
     return SegmentResult(
         output=settings.output,
-        height=reader.height,
+        height=out_h,
         width=reader.width,
         tiles=len(tiles),
         tiles_skipped=skipped,
         seconds=seconds,
         class_names=list(spec.class_names),
         class_pixels=counts,
-        nodata_pixels=reader.height * reader.width - valid_px,
-        batch_size=predictor.batch_size,
-        device=str(device),
-        precision=precision,
+        nodata_pixels=out_h * reader.width - valid_px,
+        batch_size=session.predictor.batch_size,
+        device=str(session.device),
+        precision=session.precision,
         extra_outputs=[s.final for s in sinks[1:]],
         notes=list(reader.notes),
     )
 
 
-def _run_tiles(settings, reader, tiles, predictor, acc, sinks, emit):
+def _run_tiles(predictor, feed, acc, sinks, y0, batch_size, emit):
     counts = np.zeros(predictor.num_classes, dtype=np.int64)
     skipped = 0
-    io_threads = settings.io_threads or cpu_io_threads()
-    depth = settings.prefetch or max(2 * settings.batch_size, io_threads)
     pin = predictor.device.type == "cuda"
 
     def write(rows_list: list[FinishedRows]) -> None:
         for rows in rows_list:
-            sinks[0].write_rows(rows.y, rows.classes)
+            sinks[0].write_rows(rows.y - y0, rows.classes)
             k = 1
             if rows.confidence is not None:
-                sinks[k].write_rows(rows.y, rows.confidence)
+                sinks[k].write_rows(rows.y - y0, rows.confidence)
                 k += 1
             if rows.probabilities is not None:
-                sinks[k].write_rows(rows.y, rows.probabilities)
+                sinks[k].write_rows(rows.y - y0, rows.probabilities)
             counts[:] += rows.class_counts
 
     queue: list[tuple[Tile, np.ndarray | None, np.ndarray | None]] = []
@@ -427,40 +559,20 @@ def _run_tiles(settings, reader, tiles, predictor, acc, sinks, emit):
         emit("advance", {"tiles": len(queue)})
         queue.clear()
 
-    with ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="crossearth-read") as pool:
-        pending: deque[tuple[Tile, Future]] = deque()
-        it = iter(tiles)
-
-        def refill() -> None:
-            while len(pending) < depth:
-                t = next(it, None)
-                if t is None:
-                    return
-                pending.append((t, pool.submit(reader.read_tile, t)))
-
-        refill()
-        try:
+    n_data = 0
+    for t, data, valid in feed:
+        if valid.any():
+            queue.append((t, data, valid))
+            n_data += 1
+        else:
+            queue.append((t, None, None))
+            skipped += 1
+        if n_data >= batch_size:
+            run_queue()
             n_data = 0
-            while pending:
-                t, fut = pending.popleft()
-                data, valid = fut.result()
-                refill()
-                if valid.any():
-                    queue.append((t, data, valid))
-                    n_data += 1
-                else:
-                    queue.append((t, None, None))
-                    skipped += 1
-                if n_data >= settings.batch_size:
-                    run_queue()
-                    n_data = 0
-            if queue:
-                run_queue()
-            write(acc.finish())
-        except BaseException:
-            for _, fut in pending:
-                fut.cancel()
-            raise
+    if queue:
+        run_queue()
+    write(acc.finish())
     return counts, skipped
 
 

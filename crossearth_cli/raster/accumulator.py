@@ -56,7 +56,10 @@ class RowBandAccumulator:
         device: torch.device | str = "cpu",
         confidence: bool = False,
         probabilities: str | None = None,  # None | "uint8" | "float16" | "float32"
+        rows: tuple[int, int, int] | None = None,
     ):
+        """``rows=(top, y0, y1)``: the first tile row starts at ``top``; only scene rows
+        ``y0 .. y1`` are emitted (a part of a scene split across processes)."""
         self.height, self.width, self.num_classes = height, width, num_classes
         self.tile, self.stride, self.blend = tile, stride, blend
         self.device = torch.device(device)
@@ -67,7 +70,7 @@ class RowBandAccumulator:
         self.scores = torch.zeros(num_classes, band, width, dtype=torch.float32, device=self.device)
         self.weight = torch.zeros(band, width, dtype=torch.float32, device=self.device)
         self.valid = torch.zeros(band, width, dtype=torch.bool, device=self.device)
-        self.top = 0  # scene row of band row 0
+        self.top, self.y0, self.y1 = rows if rows is not None else (0, 0, height)
         self._ys = tuple(window_starts(height, tile, stride))
         self._xs = tuple(window_starts(width, tile, stride))
         self._weights: dict[tuple, torch.Tensor] = {}
@@ -112,12 +115,12 @@ class RowBandAccumulator:
         return finished
 
     def finish(self) -> list[FinishedRows]:
-        """Emit every remaining row."""
+        """Emit every remaining row of the part."""
         out = []
-        if self.top < self.height:
-            out.append(self._emit(self.height - self.top))
-            self.top = self.height
-        return out
+        if self.top < self.y1:
+            out.append(self._emit(self.y1 - self.top))
+            self.top = self.y1
+        return [r for r in out if r is not None]
 
     def _advance_to(self, y: int) -> list[FinishedRows]:
         if y <= self.top:
@@ -126,7 +129,7 @@ class RowBandAccumulator:
         if d > self.band_h:
             raise ValueError("tiles skipped rows: stride larger than tile")
         rows = self._emit(d)
-        keep = self.band_h - d
+        keep = max(self.band_h - d, 0)
         # slide the band up by d rows and clear the freed rows
         if keep:
             self.scores[:, :keep] = self.scores[:, d:].clone()
@@ -136,16 +139,21 @@ class RowBandAccumulator:
         self.weight[keep:].zero_()
         self.valid[keep:] = False
         self.top = y
-        return [rows]
+        return [rows] if rows is not None else []
 
-    def _emit(self, n: int) -> FinishedRows:
-        scores = self.scores[:, :n] / self.weight[:n].clamp_min(_EPS)
-        valid = self.valid[:n] & (self.weight[:n] > 0)
+    def _emit(self, n: int) -> FinishedRows | None:
+        """Rows ``top .. top+n`` are final; return the ones inside ``y0 .. y1``."""
+        a = min(max(self.y0 - self.top, 0), n)
+        b = max(min(self.y1 - self.top, n), a)
+        if a == b:
+            return None
+        scores = self.scores[:, a:b] / self.weight[a:b].clamp_min(_EPS)
+        valid = self.valid[a:b] & (self.weight[a:b] > 0)
         classes = scores.argmax(dim=0).to(torch.uint8)
         classes[~valid] = CLASS_NODATA
         counts = torch.bincount(classes[valid].flatten().long(), minlength=self.num_classes)
         result = FinishedRows(
-            y=self.top,
+            y=self.top + a,
             classes=classes.cpu().numpy(),
             class_counts=counts[: self.num_classes].cpu().numpy(),
         )

@@ -1,0 +1,401 @@
+"""Folders of scenes: input expansion, a resumable manifest, and splitting work across ranks.
+
+A run over many inputs writes ``<stem>_classes.tif`` (and the other outputs asked for) under
+OUTDIR, mirroring sub-folders. After each scene's outputs are renamed into place, one JSON line
+is appended to a manifest beside them, recording the input's size and mtime, a hash of every
+setting that changes results, and the size of each output. A rerun skips an input only when its
+last record says ``done`` and all of that still holds; the existence of a file is not enough.
+
+Under ``torchrun`` each rank appends to its own manifest file (no two processes ever write one
+file) and takes a deterministic share of the inputs, balanced by file size.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import socket
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from crossearth_cli.errors import ConfigError, InputError
+
+RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".img")
+MANIFEST_PREFIX = "crossearth-manifest"
+OUTPUT_SUFFIXES = {
+    "classes": "_classes.tif",
+    "confidence": "_confidence.tif",
+    "probabilities": "_probabilities.tif",
+    "vector": ".gpkg",
+}
+
+
+@dataclass(frozen=True)
+class BatchInput:
+    path: Path  # as found
+    rel: Path  # relative to its root: mirrored under OUTDIR
+
+    def outputs(self, outdir: Path, kinds: Iterable[str]) -> dict[str, Path]:
+        base = outdir / self.rel.parent / self.rel.stem
+        return {k: base.with_name(base.name + OUTPUT_SUFFIXES[k]) for k in kinds}
+
+
+def _is_glob(arg: str) -> bool:
+    return any(c in arg for c in "*?[")
+
+
+def _glob_root(pattern: str) -> Path:
+    parts = Path(pattern).parts
+    root: list[str] = []
+    for p in parts:
+        if _is_glob(p):
+            break
+        root.append(p)
+    return Path(*root) if root else Path(".")
+
+
+def _walk_rasters(folder: Path) -> list[Path]:
+    """Every raster under ``folder``. Symlinked folders are not followed (no loops)."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if name.lower().endswith(RASTER_SUFFIXES) and not name.startswith("."):
+                found.append(Path(dirpath) / name)
+    return found
+
+
+def expand_inputs(args: list[str], exclude: Path | None = None) -> list[BatchInput]:
+    """Files, folders and globs → unique inputs in a stable order, with mirrored paths."""
+    items: list[BatchInput] = []
+    seen: set[str] = set()
+    excl = exclude.resolve() if exclude is not None else None
+
+    def add(path: Path, root: Path) -> None:
+        try:
+            real = path.resolve(strict=True)
+        except (OSError, RuntimeError):  # dangling link or a symlink loop
+            real = path.absolute()
+        if excl is not None and (real == excl or excl in real.parents):
+            return  # never treat our own outputs as inputs
+        key = str(real)
+        if key in seen:
+            return
+        seen.add(key)
+        try:
+            rel = path.relative_to(root)
+        except ValueError:
+            rel = Path(path.name)
+        items.append(BatchInput(path=path, rel=rel))
+
+    for arg in args:
+        p = Path(arg)
+        if _is_glob(arg):
+            root = _glob_root(arg)
+            matches = sorted(glob.glob(arg, recursive=True))
+            files = [Path(m) for m in matches if Path(m).is_file()]
+            if not files:
+                raise InputError("matches no files", path=arg, hint="check the pattern")
+            for f in files:
+                add(f, root)
+        elif p.is_dir():
+            files = _walk_rasters(p)
+            if not files:
+                raise InputError(
+                    "holds no rasters (.tif, .tiff, .vrt, .jp2, .img)", path=p
+                )
+            for f in files:
+                add(f, p)
+        else:
+            add(p, p.parent)  # a missing file fails later, recorded against its name
+    return items
+
+
+def check_output_names(items: list[BatchInput], outdir: Path) -> None:
+    seen: dict[Path, Path] = {}
+    for it in items:
+        out = it.outputs(outdir, ["classes"])["classes"]
+        if out in seen:
+            raise ConfigError(
+                f"{seen[out]} and {it.path} would both write {out}",
+                hint="rename one of them or process them separately",
+            )
+        seen[out] = it.path
+
+
+def settings_hash(values: dict) -> str:
+    """Hash of everything that changes the numbers in the outputs."""
+    text = json.dumps(values, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass
+class Record:
+    input: str
+    status: str  # "done" | "failed"
+    settings: str
+    size: int | None = None
+    mtime_ns: int | None = None
+    outputs: dict[str, dict] = field(default_factory=dict)  # kind -> {"path", "size"}
+    reason: str | None = None
+    pixels: int = 0
+    seconds: float = 0.0
+    rank: int = 0
+    finished: float = 0.0
+
+
+class Manifest:
+    """JSON-lines records beside the outputs; one file per writer (host, rank)."""
+
+    def __init__(self, outdir: Path, rank: int = 0, world: int = 1):
+        self.outdir = outdir
+        name = f"{MANIFEST_PREFIX}.jsonl" if world == 1 else (
+            f"{MANIFEST_PREFIX}.{socket.gethostname()}.rank{rank}.jsonl"
+        )
+        self.path = outdir / name
+        self.rank = rank
+        self.records: dict[str, Record] = {}
+        self._load()
+
+    def files(self) -> list[Path]:
+        return sorted(self.outdir.glob(f"{MANIFEST_PREFIX}*.jsonl"))
+
+    def _load(self) -> None:
+        for f in self.files():
+            try:
+                lines = f.read_text().splitlines()
+            except OSError:
+                continue
+            for line in lines:
+                try:
+                    rec = Record(**json.loads(line))
+                except (ValueError, TypeError):
+                    continue  # a line cut short by a kill: ignore it
+                old = self.records.get(rec.input)
+                if old is None or rec.finished >= old.finished:
+                    self.records[rec.input] = rec
+
+    def key(self, item: BatchInput) -> str:
+        return item.rel.as_posix()
+
+    def is_current(self, item: BatchInput, settings: str, outputs: dict[str, Path]) -> bool:
+        rec = self.records.get(self.key(item))
+        if rec is None or rec.status != "done" or rec.settings != settings:
+            return False
+        try:
+            st = item.path.stat()
+        except OSError:
+            return False
+        if (st.st_size, st.st_mtime_ns) != (rec.size, rec.mtime_ns):
+            return False
+        if set(rec.outputs) != set(outputs):
+            return False
+        for kind, path in outputs.items():
+            try:
+                if path.stat().st_size != rec.outputs[kind]["size"]:
+                    return False
+            except OSError:
+                return False
+        return True
+
+    def append(self, rec: Record) -> None:
+        self.outdir.mkdir(parents=True, exist_ok=True)
+        rec.finished = time.time()
+        rec.rank = self.rank
+        line = json.dumps(asdict(rec), sort_keys=True) + "\n"
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        self.records[rec.input] = rec
+
+    def done_record(self, item: BatchInput, settings: str, outputs: dict[str, Path],
+                    pixels: int, seconds: float) -> Record:
+        st = item.path.stat()
+        return Record(
+            input=self.key(item), status="done", settings=settings, size=st.st_size,
+            mtime_ns=st.st_mtime_ns, pixels=pixels, seconds=round(seconds, 3),
+            outputs={
+                k: {"path": str(p.relative_to(self.outdir)), "size": p.stat().st_size}
+                for k, p in outputs.items()
+            },
+        )
+
+    def failed_record(self, item: BatchInput, settings: str, reason: str) -> Record:
+        return Record(input=self.key(item), status="failed", settings=settings, reason=reason)
+
+
+def split_for_rank(items: list[BatchInput], rank: int, world: int) -> list[BatchInput]:
+    """Deterministic share of ``items`` for ``rank``: largest first to the least-loaded rank."""
+    if world <= 1:
+        return list(items)
+
+    def size(it: BatchInput) -> int:
+        try:
+            return it.path.stat().st_size
+        except OSError:
+            return 0
+
+    order = sorted(range(len(items)), key=lambda i: (-size(items[i]), items[i].rel.as_posix()))
+    load = [0] * world
+    mine = []
+    for i in order:
+        r = min(range(world), key=lambda k: (load[k], k))
+        load[r] += max(size(items[i]), 1)
+        if r == rank:
+            mine.append(i)
+    return [items[i] for i in sorted(mine)]
+
+
+@dataclass
+class RankInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> RankInfo:
+        env = os.environ
+        return cls(
+            rank=int(env.get("RANK", 0)),
+            world=int(env.get("WORLD_SIZE", 1)),
+            local_rank=int(env.get("LOCAL_RANK", 0)),
+        )
+
+
+@dataclass
+class BatchResult:
+    done: list[Record] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[Record] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def pixels(self) -> int:
+        return sum(r.pixels for r in self.done)
+
+    @property
+    def mpx_per_s(self) -> float:
+        return self.pixels / 1e6 / max(self.seconds, 1e-9)
+
+    def merge(self, other: BatchResult) -> None:
+        self.done += other.done
+        self.skipped += other.skipped
+        self.failed += other.failed
+        self.seconds = max(self.seconds, other.seconds)
+
+    def as_dict(self) -> dict:
+        return {
+            "files_done": len(self.done),
+            "files_skipped": len(self.skipped),
+            "files_failed": len(self.failed),
+            "pixels": self.pixels,
+            "seconds": round(self.seconds, 3),
+            "mpx_per_s": round(self.mpx_per_s, 4),
+            "done": [r.input for r in self.done],
+            "skipped": list(self.skipped),
+            "failed": [{"input": r.input, "reason": r.reason} for r in self.failed],
+        }
+
+
+def _reason(exc: BaseException) -> str:
+    from crossearth_cli.errors import UserError
+
+    if isinstance(exc, UserError):
+        return exc.one_line()
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return f"internal error ({type(exc).__name__}: {text}); please report it with --debug"
+
+
+def run_batch(
+    items: list[BatchInput],
+    outdir: Path,
+    template,
+    session,
+    kinds: list[str],
+    result_key: str,
+    manifest: Manifest,
+    after_scene=None,
+    events=None,
+) -> BatchResult:
+    """Segment ``items`` one after another with one loaded model, reading the next scene's
+    first tiles while the current one runs. Failures are recorded and the run goes on."""
+    import dataclasses
+    from concurrent.futures import ThreadPoolExecutor
+
+    emit = events or (lambda kind, data: None)
+    result = BatchResult()
+    t0 = time.perf_counter()
+    todo: list[tuple[BatchInput, dict[str, Path]]] = []
+    for it in items:
+        outs = it.outputs(outdir, kinds)
+        if not template.overwrite and manifest.is_current(it, result_key, outs):
+            result.skipped.append(manifest.key(it))
+            emit("file_skipped", {"input": manifest.key(it)})
+        else:
+            todo.append((it, outs))
+    emit("batch_start", {"files": len(todo), "skipped": len(result.skipped)})
+
+    def settings_for(it: BatchInput, outs: dict[str, Path]):
+        return dataclasses.replace(
+            template, input=it.path, output=outs["classes"], confidence=outs.get("confidence"),
+            probabilities=outs.get("probabilities"), overwrite=True,
+        )
+
+    def prepare(i: int):
+        it, outs = todo[i]
+        return session.prepare(settings_for(it, outs))
+
+    with ThreadPoolExecutor(1, thread_name_prefix="crossearth-next") as ahead:
+        nxt = ahead.submit(prepare, 0) if todo else None
+        for i, (it, outs) in enumerate(todo):
+            fut, nxt = nxt, None
+            key = manifest.key(it)
+            emit("file_start", {"input": key, "index": i, "total": len(todo)})
+            try:
+                scene = fut.result()
+            except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
+                nxt = ahead.submit(prepare, i + 1) if i + 1 < len(todo) else None
+                _fail(manifest, result, it, result_key, exc, emit)
+                continue
+            nxt = ahead.submit(prepare, i + 1) if i + 1 < len(todo) else None
+            try:
+                t1 = time.perf_counter()
+                res = session.run(scene, events=emit)
+                if after_scene is not None:
+                    after_scene(res, outs)
+                rec = manifest.done_record(it, result_key, outs, res.pixels,
+                                           time.perf_counter() - t1)
+            except KeyboardInterrupt:
+                if nxt is not None:
+                    nxt.cancel()
+                    _close_quietly(nxt)
+                raise
+            except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
+                _fail(manifest, result, it, result_key, exc, emit)
+                continue
+            manifest.append(rec)
+            result.done.append(rec)
+            emit("file_done", {"input": key, "pixels": res.pixels, "seconds": res.seconds})
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _close_quietly(fut) -> None:
+    try:
+        scene = fut.result(timeout=30)
+        scene.close()
+    except Exception:  # noqa: BLE001 - only releasing resources on the way out
+        pass
+
+
+def _fail(manifest: Manifest, result: BatchResult, it: BatchInput, key: str,
+          exc: BaseException, emit) -> None:
+    rec = manifest.failed_record(it, key, _reason(exc))
+    manifest.append(rec)
+    result.failed.append(rec)
+    emit("file_failed", {"input": rec.input, "reason": rec.reason})

@@ -1,0 +1,523 @@
+"""``crossearth segment``: the main job. Parses options, builds settings, calls the library.
+
+One file in, one class raster out (``-o OUT.tif``). Several files, folders or globs in: one set of
+outputs per input under ``-o OUTDIR``, resumable through a manifest. Under ``torchrun``, ranks
+share the files, or split a single scene into row bands that are merged at the end.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from crossearth_cli.cli.app import app
+from crossearth_cli.cli.console import note, out_console, progress_events
+
+AUTO = "auto"
+
+
+@app.command("segment")
+def segment_command(
+    inputs: list[str] = typer.Argument(
+        ..., help="GeoTIFF(s), folders (searched recursively) or quoted globs ('tiles/**/*.tif')."
+    ),
+    output: Path | None = typer.Option(
+        None, "-o", "--output", help="Class raster for one input [INPUT_classes.tif], or the "
+        "output folder for several [./crossearth_out]."
+    ),
+    model: str | None = typer.Option(
+        None, "--model", "-m", help="Preset name (see `crossearth models`); weights are fetched "
+        "and cached from Hugging Face [potsdam-rgb]."
+    ),
+    checkpoint: Path | None = typer.Option(
+        None, "--checkpoint", "-c", help="Local checkpoint (.pth or .safetensors)."
+    ),
+    backbone: Path | None = typer.Option(
+        None, "--backbone", help="dinov2_converted*.pth for checkpoints without the backbone."
+    ),
+    bands: str | None = typer.Option(
+        None, "--bands", "-b", help="3 band numbers (1-based) in the model's order, e.g. 4,1,2 "
+        "for IRRG from RGBN [from the preset's band order and the file's colour bands]."
+    ),
+    value_range: str | None = typer.Option(
+        None, "--range", help="Scaling to 0-255: auto (scene 2-98% percentiles), none, MIN,MAX "
+        "for all bands, or MIN,MAX,... per band [none for 8-bit, auto otherwise]."
+    ),
+    tile: int | None = typer.Option(None, "--tile", help="Tile size in pixels [preset crop]."),
+    stride: int | None = typer.Option(None, "--stride", help="Tile stride [preset stride]."),
+    overlap: float | None = typer.Option(
+        None, "--overlap", help="Overlap instead of --stride: a fraction (0.33) or pixels (171)."
+    ),
+    blend: str = typer.Option(
+        "gaussian", "--blend", help="gaussian | cosine: smooth, seamless; mean: exactly mmseg's "
+        "slide_inference (the paper's numbers)."
+    ),
+    batch_size: int = typer.Option(4, "--batch-size", help="Tiles per forward pass."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
+    precision: str = typer.Option(
+        "auto", "--precision", help="auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16."
+    ),
+    confidence: str | None = typer.Option(
+        None, "--confidence", help="Also write a confidence raster (uint8, max probability x "
+        "255): a path, or 'auto' for INPUT_confidence.tif (the only choice for several inputs)."
+    ),
+    probabilities: str | None = typer.Option(
+        None, "--probabilities", help="Also write per-class probabilities, one band per class: "
+        "a path or 'auto'."
+    ),
+    probabilities_dtype: str = typer.Option(
+        "uint8", "--probabilities-dtype", help="uint8 (p x 254, nodata 255) | float16 | float32."
+    ),
+    vector: str | None = typer.Option(
+        None, "--vector", help="Also vectorize to a GeoPackage with the preset's defaults "
+        "(buildings regularized, roads as centerlines + polygons): a path or 'auto'."
+    ),
+    cog: bool = typer.Option(False, "--cog", help="Write Cloud-Optimized GeoTIFFs with overviews."),
+    compress: str = typer.Option("deflate", "--compress", help="deflate | zstd | lzw | none."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace existing outputs; with several inputs, redo every "
+        "file even if the manifest says it is current."
+    ),
+    summary: Path | None = typer.Option(
+        None, "--summary", help="Write a machine-readable JSON summary of the run here."
+    ),
+    vrt: Path | None = typer.Option(
+        None, "--vrt", help="With several inputs: also write a VRT mosaic over all class rasters."
+    ),
+    allow_random_weights: bool = typer.Option(
+        False, "--allow-random-weights", help="If the preset's weights are unavailable (offline), "
+        "run a small random-weight model instead. Demos only: its classes mean nothing."
+    ),
+) -> None:
+    """Segment GeoTIFFs into class rasters (plus confidence, probabilities, vectors)."""
+    from crossearth_cli.batch import RankInfo, _is_glob
+    from crossearth_cli.errors import ConfigError
+
+    if stride is not None and overlap is not None:
+        raise ConfigError("give --stride or --overlap, not both")
+    single = len(inputs) == 1 and not _is_glob(inputs[0]) and not Path(inputs[0]).is_dir()
+    rank = RankInfo.from_env()
+    job = _Job(
+        inputs=inputs, output=output, model=model, checkpoint=checkpoint, backbone=backbone,
+        bands=bands, value_range=value_range, tile=tile, stride=stride, overlap=overlap,
+        blend=blend, batch_size=batch_size, device=device, precision=precision,
+        confidence=confidence, probabilities=probabilities,
+        probabilities_dtype=probabilities_dtype, vector=vector, cog=cog, compress=compress,
+        overwrite=overwrite, summary=summary, vrt=vrt, allow_random=allow_random_weights,
+        rank=rank,
+    )
+    if single and rank.world == 1:
+        job.run_single()
+    elif single:
+        job.run_split_scene()
+    else:
+        raise typer.Exit(job.run_folder())
+
+
+class _Job:
+    """The parsed command, with one method per way of running it."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+    # -- shared set-up ------------------------------------------------------------------
+
+    def template(self, output: Path, input_path: Path | None = None):
+        from crossearth_cli.engine import SegmentSettings
+        from crossearth_cli.raster.reader import parse_bands, parse_range
+
+        return SegmentSettings(
+            input=input_path or Path("."), output=output, tile=self.tile, stride=self.stride,
+            blend=self.blend.lower(), bands=parse_bands(self.bands),
+            value_range=parse_range(self.value_range, 3), batch_size=self.batch_size,
+            device=self.device, precision=self.precision,
+            probabilities_dtype=self.probabilities_dtype.lower(), cog=self.cog,
+            overwrite=self.overwrite, compress=self.compress.lower(),
+        )
+
+    def load_model(self, device: str):
+        from crossearth_cli.engine import resolve_device
+        from crossearth_cli.loading import resolve_model
+
+        notes: list[str] = []
+        spec = resolve_model(self.model, self.checkpoint, self.backbone,
+                             device=str(resolve_device(device)),
+                             allow_random=self.allow_random, notes=notes)
+        if self.rank.rank == 0:
+            if spec.random_weights:
+                note("RANDOM WEIGHTS: the official weights are not available offline, so a "
+                     "small random-weight model runs instead. The classes in the output mean "
+                     "nothing.", style="bold yellow")
+            for n in notes:
+                note(n)
+        return spec
+
+    def finish_settings(self, settings, spec) -> None:
+        """Fill what depends on the model: stride from --overlap."""
+        from crossearth_cli.raster.windows import stride_from_overlap
+
+        if self.overlap is not None:
+            try:
+                settings.stride = stride_from_overlap(settings.tile or spec.crop, self.overlap)
+            except ValueError as exc:
+                from crossearth_cli.errors import ConfigError
+
+                raise ConfigError(f"--overlap {self.overlap}: {exc}") from None
+
+    def vector_options(self, spec):
+        from crossearth_cli.vector.options import VectorizeOptions
+
+        return VectorizeOptions.preset(spec.class_names, overwrite=True)
+
+    def vectorize(self, spec, class_path: Path, out: Path, conf: Path | None) -> None:
+        from crossearth_cli.vector import vectorize_raster
+
+        opts = self.vector_options(spec)
+        summary = vectorize_raster(class_path, out, opts, confidence_path=conf)
+        for w in summary.warnings:
+            note(w)
+
+    # -- one file -----------------------------------------------------------------------
+
+    def _single_paths(self):
+        from crossearth_cli.engine import default_output_path
+
+        src = Path(self.inputs[0])
+        out = self.output or default_output_path(src)
+        stem = out.stem[: -len("_classes")] if out.stem.endswith("_classes") else out.stem
+
+        def derived(value: str | None, suffix: str) -> Path | None:
+            if value is None:
+                return None
+            return out.with_name(stem + suffix) if value.lower() == AUTO else Path(value)
+
+        return (src, out, derived(self.confidence, "_confidence.tif"),
+                derived(self.probabilities, "_probabilities.tif"),
+                derived(self.vector, ".gpkg"))
+
+    def run_single(self) -> None:
+        from crossearth_cli.engine import Session, check_outputs, validate_settings
+        from crossearth_cli.raster.reader import probe_input
+        from crossearth_cli.raster.writer import check_output_path
+
+        src, out, conf, probs, vec = self._single_paths()
+        settings = self.template(out, src)
+        settings.confidence, settings.probabilities = conf, probs
+        validate_settings(settings)
+        probe_input(src)  # fail fast, before a model is loaded
+        check_outputs(settings)
+        if vec is not None:
+            check_output_path(vec, self.overwrite, inputs=[src], what="vector output")
+        spec = self.load_model(self.device)
+        self.finish_settings(settings, spec)
+        with Session(spec, settings.device, settings.precision, settings.batch_size) as session:
+            scene = session.prepare(settings)
+            with progress_events(src.name) as events:
+                result = session.run(scene, events=events)
+        if vec is not None:
+            self.vectorize(spec, out, vec, conf)
+        _print_result(result, vec)
+        if self.summary:
+            from crossearth_cli.distributed import summary_json
+
+            summary_json(self.summary, _result_dict(result))
+
+    # -- one file split across torchrun ranks -------------------------------------------
+
+    def run_split_scene(self) -> None:
+        import dataclasses
+
+        from crossearth_cli import distributed as dist
+        from crossearth_cli.engine import RowPart, Session, check_outputs, validate_settings
+        from crossearth_cli.raster.reader import probe_input
+
+        rank = self.rank
+        src, out, conf, probs, vec = self._single_paths()
+        settings = self.template(out, src)
+        settings.confidence, settings.probabilities = conf, probs
+        validate_settings(settings)
+        probe_input(src)
+        check_outputs(settings)
+        dist.init(rank)
+        spec = self.load_model(dist.device_for(rank, self.device))
+        self.finish_settings(settings, spec)
+        finals = [p for p in (out, conf, probs) if p is not None]
+        parts = {p: dist.part_path(p, rank.rank, rank.world) for p in finals}
+        part_settings = dataclasses.replace(
+            settings, output=parts[out], confidence=parts.get(conf) if conf else None,
+            probabilities=parts.get(probs) if probs else None, overwrite=True,
+            device=dist.device_for(rank, self.device),
+        )
+        error = None
+        result = None
+        try:
+            with Session(spec, part_settings.device, settings.precision,
+                         settings.batch_size) as session:
+                scene = session.prepare(part_settings, part=RowPart(rank.rank, rank.world))
+                with progress_events(f"{src.name} [rank {rank.rank}]") as events:
+                    result = session.run(scene, events=events if rank.rank == 0 else None)
+        except Exception as exc:  # noqa: BLE001 - every rank must learn about it
+            from crossearth_cli.batch import _reason
+
+            error = _reason(exc)
+        outcomes = dist.all_gather((error, _result_dict(result) if result else None), rank)
+        errors = [e for e, _ in outcomes if e]
+        if rank.rank == 0 and not errors:
+            for final in finals:
+                dist.merge_row_parts(
+                    [dist.part_path(final, i, rank.world) for i in range(rank.world)], final,
+                    cog=self.cog, compress=self.compress.lower(),
+                )
+            if vec is not None:
+                self.vectorize(spec, out, vec, conf)
+        dist.shutdown(rank)
+        if errors:
+            for final in finals:
+                dist.part_path(final, rank.rank, rank.world).unlink(missing_ok=True)
+            from crossearth_cli.errors import UserError
+
+            raise UserError(errors[0])
+        if rank.rank == 0:
+            merged = _merge_result_dicts([r for _, r in outcomes])
+            out_console().print(
+                f"{out}: {merged['width']}x{merged['height']} px over {rank.world} ranks in "
+                f"{merged['seconds']:.1f} s ({merged['mpx_per_s']:.2f} Mpx/s)", highlight=False)
+            if self.summary:
+                dist.summary_json(self.summary, merged)
+
+    # -- folders, globs, many files ------------------------------------------------------
+
+    def run_folder(self) -> int:
+        from crossearth_cli.batch import (
+            BatchResult,
+            Manifest,
+            check_output_names,
+            expand_inputs,
+            settings_hash,
+            split_for_rank,
+        )
+        from crossearth_cli.errors import ConfigError
+
+        rank = self.rank
+        for name, value in (("--confidence", self.confidence),
+                            ("--probabilities", self.probabilities), ("--vector", self.vector)):
+            if value is not None and value.lower() != AUTO:
+                raise ConfigError(
+                    f"{name} {value}: with several inputs, output names are derived",
+                    hint=f"use {name} auto (INPUT{_suffix(name)} under the output folder)",
+                )
+        outdir = self.output or Path("crossearth_out")
+        if outdir.suffix.lower() in (".tif", ".tiff") and not outdir.is_dir():
+            raise ConfigError(f"-o {outdir}: with several inputs, -o names a folder")
+        items = expand_inputs(self.inputs, exclude=outdir)
+        check_output_names(items, outdir)
+        kinds = ["classes"] + [k for k, v in (("confidence", self.confidence),
+                                             ("probabilities", self.probabilities),
+                                             ("vector", self.vector)) if v]
+        key = settings_hash(self.request_key(kinds))
+        manifest = Manifest(outdir, rank.rank, rank.world)
+        todo = [it for it in items
+                if self.overwrite or not manifest.is_current(it, key, it.outputs(outdir, kinds))]
+        if not todo:  # every rank sees the same manifests: nothing to load, nothing to run
+            total = BatchResult(skipped=[manifest.key(it) for it in items])
+            return self.report_folder(total, items, outdir)
+        return self.run_folder_work(items, todo, outdir, kinds, key, manifest,
+                                    split_for_rank(items, rank.rank, rank.world))
+
+    def run_folder_work(self, items, todo, outdir, kinds, key, manifest, mine) -> int:
+        from crossearth_cli import distributed as dist
+        from crossearth_cli.batch import run_batch
+        from crossearth_cli.engine import Session, validate_settings
+
+        rank = self.rank
+        dist.init(rank)
+        device = dist.device_for(rank, self.device)
+        spec = self.load_model(device)
+        if spec.random_weights:  # never "current": a rerun with real weights must redo it
+            key = key + "-random-weights"
+        template = self.template(outdir / "placeholder.tif")
+        template.device = device
+        self.finish_settings(template, spec)
+        validate_settings(template)
+
+        def after_scene(result, outs):
+            if "vector" in outs:
+                self.vectorize(spec, outs["classes"], outs["vector"], outs.get("confidence"))
+
+        with Session(spec, device, template.precision, template.batch_size) as session:
+            with _BatchProgress(len(todo), rank, manifest) as events:
+                result = run_batch(mine, outdir, template, session, kinds, key, manifest,
+                                   after_scene=after_scene, events=events)
+        gathered = dist.all_gather(result, rank)
+        code = 0
+        if rank.rank == 0:
+            total = gathered[0]
+            for other in gathered[1:]:
+                total.merge(other)
+            code = self.report_folder(total, items, outdir)
+        codes = dist.all_gather(code, rank)
+        dist.shutdown(rank)
+        return max(codes)
+
+    def report_folder(self, total, items, outdir: Path) -> int:
+        """Rank 0: the table, --summary and --vrt. Returns the exit code."""
+        from crossearth_cli import distributed as dist
+
+        if self.rank.rank != 0:
+            return 0
+        _print_batch(total, self.rank.world)
+        if self.summary:
+            dist.summary_json(self.summary, {**total.as_dict(), "ranks": self.rank.world,
+                                             "outdir": str(outdir)})
+        if self.vrt:
+            done = [it.outputs(outdir, ["classes"])["classes"] for it in items]
+            done = [p for p in done if p.exists()]
+            if done:
+                _, notes = dist.write_mosaic_vrt(done, self.vrt)
+                for n in notes:
+                    note(n)
+        return 1 if total.failed else 0
+
+    def request_key(self, kinds: list[str]) -> dict:
+        """Every request setting that changes the numbers in the outputs (resume decisions).
+
+        Computed from the command line alone, so a rerun with nothing to do loads no model.
+        """
+        def identity(path: Path | None):
+            if path is None:
+                return None
+            try:
+                st = Path(path).stat()
+                return [str(Path(path).resolve()), st.st_size, st.st_mtime_ns]
+            except OSError:
+                return str(path)
+
+        from crossearth_cli.loading import DEFAULT_MODEL
+
+        return {
+            "model": None if self.checkpoint else (self.model or DEFAULT_MODEL),
+            "checkpoint": identity(self.checkpoint), "backbone": identity(self.backbone),
+            "tile": self.tile, "stride": self.stride, "overlap": self.overlap,
+            "blend": self.blend.lower(), "bands": self.bands, "range": self.value_range,
+            "device": self.device, "precision": self.precision, "outputs": kinds,
+            "probabilities_dtype": self.probabilities_dtype.lower(), "cog": self.cog,
+            "compress": self.compress.lower(), "random_allowed": self.allow_random,
+        }
+
+
+def _suffix(option: str) -> str:
+    return {"--confidence": "_confidence.tif", "--probabilities": "_probabilities.tif",
+            "--vector": ".gpkg"}[option]
+
+
+def _result_dict(result) -> dict:
+    return {
+        "output": str(result.output), "width": result.width, "height": result.height,
+        "pixels": result.pixels, "seconds": round(result.seconds, 3),
+        "mpx_per_s": round(result.mpx_per_s, 4), "tiles": result.tiles,
+        "tiles_skipped": result.tiles_skipped, "device": result.device,
+        "precision": result.precision, "batch_size": result.batch_size,
+        "class_shares": result.class_shares(), "nodata_pixels": result.nodata_pixels,
+    }
+
+
+def _merge_result_dicts(parts: list[dict]) -> dict:
+    merged = dict(parts[0])
+    merged["height"] = sum(p["height"] for p in parts)
+    merged["pixels"] = sum(p["pixels"] for p in parts)
+    merged["tiles"] = sum(p["tiles"] for p in parts)
+    merged["seconds"] = max(p["seconds"] for p in parts)
+    merged["mpx_per_s"] = round(merged["pixels"] / 1e6 / max(merged["seconds"], 1e-9), 4)
+    merged["ranks"] = len(parts)
+    return merged
+
+
+def _print_result(result, vector: Path | None) -> None:
+    shares = ", ".join(
+        f"{name} {share:.1%}" for name, share in result.class_shares().items() if share > 0
+    )
+    nodata = f", nodata {result.nodata_pixels / result.pixels:.1%}" if result.nodata_pixels else ""
+    extra = "".join(f" + {p}" for p in result.extra_outputs) + (f" + {vector}" if vector else "")
+    out_console().print(
+        f"{result.output}{extra}: {result.width}x{result.height} px "
+        f"({result.pixels / 1e6:.2f} Mpx) in {result.seconds:.1f} s, "
+        f"{result.mpx_per_s:.2f} Mpx/s on {result.device} ({result.precision}); "
+        f"{shares}{nodata}",
+        highlight=False,
+    )
+
+
+def _print_batch(total, world: int) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"crossearth segment: {world} rank(s)" if world > 1 else None)
+    for col in ("files done", "skipped", "failed", "Mpx", "time (s)", "Mpx/s"):
+        table.add_column(col, justify="right")
+    table.add_row(str(len(total.done)), str(len(total.skipped)), str(len(total.failed)),
+                  f"{total.pixels / 1e6:.2f}", f"{total.seconds:.1f}", f"{total.mpx_per_s:.2f}")
+    console = out_console()
+    console.print(table)
+    for rec in total.failed:
+        console.print(f"failed: {rec.input}: {rec.reason}", highlight=False)
+
+
+class _BatchProgress:
+    """A files progress bar on rank 0 over every rank's work: it counts the records all
+    ranks append to their manifests, so no extra messages travel between processes."""
+
+    def __init__(self, total: int, rank, manifest):
+        self.total, self.rank, self.manifest = total, rank, manifest
+        self._stop = None
+
+    def __enter__(self):
+        import sys
+        import threading
+        import time
+
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+        from crossearth_cli.cli.console import err_console
+
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("files"), console=err_console(), transient=True,
+            disable=self.rank.rank != 0 or not sys.stderr.isatty(),
+        )
+        self.progress.__enter__()
+        self.task = self.progress.add_task("segment", total=self.total)
+        if self.rank.world > 1 and self.rank.rank == 0:
+            self._stop = threading.Event()
+            start = time.time()
+            threading.Thread(target=self._poll, args=(start,), daemon=True).start()
+        return self.events
+
+    def _poll(self, start: float) -> None:
+        import json
+
+        while not self._stop.wait(1.0):
+            n = 0
+            for f in self.manifest.files():
+                try:
+                    lines = f.read_text().splitlines()
+                except OSError:
+                    continue
+                for line in lines:
+                    try:
+                        n += json.loads(line).get("finished", 0) >= start
+                    except ValueError:
+                        pass
+            self.progress.update(self.task, completed=n)
+
+    def events(self, kind: str, data: dict) -> None:
+        if kind == "file_start":
+            self.progress.update(self.task, description=str(data["input"]))
+        elif kind in ("file_done", "file_failed") and self._stop is None:
+            self.progress.advance(self.task)
+        if kind == "file_failed":
+            note(f"{data['input']}: {data['reason']}", style="red")
+
+    def __exit__(self, *exc):
+        if self._stop is not None:
+            self._stop.set()
+        self.progress.__exit__(*exc)

@@ -1,0 +1,201 @@
+"""Scale-out under ``torchrun``: PyTorch's own process groups, no home-made scheduler.
+
+Ranks exchange only small Python objects (results, failures) over a gloo group, which works
+with and without GPUs. Each rank writes its own files; rank 0 reports, merges the row parts of
+a scene split across ranks into one GeoTIFF, and writes mosaics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from xml.sax.saxutils import escape
+
+import numpy as np
+import rasterio
+from rasterio.errors import NotGeoreferencedWarning
+from rasterio.windows import Window
+
+from crossearth_cli.batch import RankInfo
+from crossearth_cli.errors import ConfigError, OutputError
+from crossearth_cli.raster.writer import BLOCK, GeoTiffSink, RasterSpec
+
+
+def init(rank: RankInfo) -> None:
+    """Join the torchrun process group (gloo: only small objects travel)."""
+    if rank.world <= 1:
+        return
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="gloo")
+
+
+def shutdown(rank: RankInfo) -> None:
+    if rank.world <= 1:
+        return
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def all_gather(obj, rank: RankInfo) -> list:
+    if rank.world <= 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list = [None] * rank.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def device_for(rank: RankInfo, device: str) -> str:
+    """Each rank gets its own GPU (``LOCAL_RANK``) when the device is left to us."""
+    import torch
+
+    if device in ("auto", "cuda") and torch.cuda.is_available():
+        return f"cuda:{rank.local_rank % torch.cuda.device_count()}"
+    return device
+
+
+def part_path(final: Path, index: int, count: int) -> Path:
+    return final.with_name(f".{final.name}.part{index:03d}-of-{count:03d}.tif")
+
+
+def merge_row_parts(parts: list[Path], final: Path, cog: bool = False,
+                    compress: str = "deflate") -> Path:
+    """Stack row-band parts (same width, in order) into one GeoTIFF, atomically.
+
+    Georeferencing, colour table, tags and band descriptions come from the first part, whose
+    transform is the scene's (it starts at row 0).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        heads = [rasterio.open(p) for p in parts]
+    try:
+        first = heads[0]
+        widths = {h.width for h in heads}
+        if len(widths) != 1:
+            raise OutputError("row parts differ in width; cannot merge", path=final)
+        height = sum(h.height for h in heads)
+        try:
+            cmap = first.colormap(1)
+        except ValueError:
+            cmap = None
+        nbits = first.tags(1, ns="IMAGE_STRUCTURE").get("NBITS")
+        spec = RasterSpec(
+            path=final, count=first.count, dtype=first.dtypes[0], nodata=first.nodata,
+            colormap=cmap, tags=first.tags(), band_descriptions=list(first.descriptions),
+            scales=list(first.scales) if any(s != 1 for s in first.scales) else None,
+            compress=compress, cog=cog,
+            overview_resampling="mode" if cmap else "average",
+            nbits=int(nbits) if nbits else None,
+        )
+        gcps = first.gcps if first.gcps[0] else None
+        sink = GeoTiffSink(spec, height, first.width, first.crs, first.transform, gcps)
+        try:
+            y = 0
+            for h in heads:
+                for r in range(0, h.height, BLOCK):
+                    n = min(BLOCK, h.height - r)
+                    sink.write_rows(y + r, h.read(window=Window(0, r, h.width, n)))
+                y += h.height
+            sink.commit()
+        except BaseException:
+            sink.abort()
+            raise
+    finally:
+        for h in heads:
+            h.close()
+    for p in parts:
+        p.unlink(missing_ok=True)
+    return final
+
+
+def write_mosaic_vrt(paths: list[Path], vrt: Path) -> tuple[Path, list[str]]:
+    """One VRT over many class rasters (same CRS, north-up). Returns the VRT and notes."""
+    notes: list[str] = []
+    infos = []
+    for p in paths:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with rasterio.open(p) as ds:
+                infos.append((p, ds.crs, ds.transform, ds.width, ds.height, ds.colormap(1)
+                              if ds.count else None))
+    if not infos:
+        raise ConfigError("no outputs to put in the mosaic")
+    crs0, t0 = infos[0][1], infos[0][2]
+    usable = []
+    for info in infos:
+        p, crs, t, w, h, _ = info
+        if crs != crs0:
+            notes.append(f"{p.name}: left out of the mosaic (CRS {crs} differs from {crs0})")
+        elif t.b or t.d:
+            notes.append(f"{p.name}: left out of the mosaic (rotated grid)")
+        else:
+            usable.append(info)
+    res_x, res_y = t0.a, t0.e
+    left = min(t.c for _, _, t, _, _, _ in usable)
+    top = max(t.f for _, _, t, _, _, _ in usable) if res_y < 0 else min(
+        t.f for _, _, t, _, _, _ in usable)
+    right = max(t.c + w * t.a for _, _, t, w, _, _ in usable)
+    bottom = min(t.f + h * t.e for _, _, t, _, h, _ in usable) if res_y < 0 else max(
+        t.f + h * t.e for _, _, t, _, h, _ in usable)
+    width = int(round((right - left) / res_x))
+    height = int(round((bottom - top) / res_y))
+    cmap = infos[0][5]
+    colors = ""
+    if cmap:
+        entries = "".join(
+            f'<Entry c1="{c[0]}" c2="{c[1]}" c3="{c[2]}" c4="{c[3]}"/>'
+            for _, c in sorted(cmap.items())
+        )
+        colors = f"<ColorInterp>Palette</ColorInterp><ColorTable>{entries}</ColorTable>"
+    sources = []
+    for p, _, t, w, h, _ in usable:
+        x_off = (t.c - left) / res_x
+        y_off = (t.f - top) / res_y
+        dst_w = w * t.a / res_x
+        dst_h = h * t.e / res_y
+        src = escape(os.path.relpath(p.resolve(), vrt.parent.resolve()))
+        sources.append(
+            f'<ComplexSource><SourceFilename relativeToVRT="1">{src}</SourceFilename>'
+            f"<SourceBand>1</SourceBand>"
+            f'<SrcRect xOff="0" yOff="0" xSize="{w}" ySize="{h}"/>'
+            f'<DstRect xOff="{x_off:.6f}" yOff="{y_off:.6f}" xSize="{dst_w:.6f}" '
+            f'ySize="{dst_h:.6f}"/><NODATA>255</NODATA></ComplexSource>'
+        )
+    srs = f"<SRS>{escape(crs0.to_wkt())}</SRS>" if crs0 else ""
+    gt = ", ".join(repr(float(v)) for v in (left, res_x, 0.0, top, 0.0, res_y))
+    xml = (
+        f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}">{srs}'
+        f"<GeoTransform>{gt}</GeoTransform>"
+        f'<VRTRasterBand dataType="Byte" band="1"><NoDataValue>255</NoDataValue>{colors}'
+        f"{''.join(sources)}</VRTRasterBand></VRTDataset>\n"
+    )
+    vrt.parent.mkdir(parents=True, exist_ok=True)
+    tmp = vrt.with_name(f".{vrt.name}.{os.getpid()}.tmp")
+    tmp.write_text(xml)
+    os.replace(tmp, vrt)
+    return vrt, notes
+
+
+def summary_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+    os.replace(tmp, path)
+
+
+def _json_default(o):
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(type(o).__name__)

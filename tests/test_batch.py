@@ -1,0 +1,247 @@
+"""Folders of scenes: resume, failures, killed runs, and torchrun scale-out on CPU (gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from helpers import random_scene, run_cli, write_tif
+
+from crossearth_cli.batch import BatchInput, Manifest, expand_inputs, split_for_rank
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    from crossearth_cli.model.random_init import tiny_config, write_random_checkpoint
+
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
+    return write_random_checkpoint(path, tiny_config(num_classes=4), seed=1, fmt="mmengine")
+
+
+def make_folder(root: Path, n: int = 6, size: int = 160, corrupt: int | None = 3) -> Path:
+    tiles = root / "tiles"
+    for i in range(n):
+        sub = tiles / ("north" if i % 2 else "south")
+        sub.mkdir(parents=True, exist_ok=True)
+        path = sub / f"tile_{i}.tif"
+        if i == corrupt:
+            path.write_bytes(b"II*\x00" + os.urandom(300))  # a TIFF header and garbage
+        else:
+            write_tif(path, random_scene(size, size + 8 * i, seed=i))
+    return tiles
+
+
+def segment_folder(tiles: Path, out: Path, ckpt: Path, *extra: str):
+    summary = out.parent / f"summary_{time.monotonic_ns()}.json"
+    proc = run_cli("segment", tiles, "-o", out, "-c", ckpt, "--tile", "64", "--stride", "48",
+                   "--summary", summary, *extra)
+    data = json.loads(summary.read_text()) if summary.exists() else None
+    return proc, data
+
+
+def class_outputs(out: Path) -> dict[str, float]:
+    return {p.relative_to(out).as_posix(): p.stat().st_mtime_ns
+            for p in sorted(out.rglob("*_classes.tif"))}
+
+
+def test_resume_failures_and_settings_changes(tmp_path, tiny_ckpt):
+    tiles = make_folder(tmp_path)
+    out = tmp_path / "out"
+    proc, first = segment_folder(tiles, out, tiny_ckpt, "--confidence", "auto")
+    # one corrupt file: 5 outputs, the failure recorded, exit code 1
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert first["files_done"] == 5 and first["files_failed"] == 1
+    assert first["failed"][0]["input"] == "north/tile_3.tif"
+    assert "tile_3.tif" in proc.stdout and "failed" in proc.stdout
+    outs = class_outputs(out)
+    assert sorted(outs) == [f"{d}/tile_{i}_classes.tif" for d, i in
+                            [("north", 1), ("north", 5), ("south", 0), ("south", 2),
+                             ("south", 4)]]
+    assert (out / "south" / "tile_0_confidence.tif").exists()
+    records = [json.loads(x) for x in (out / "crossearth-manifest.jsonl").read_text().splitlines()]
+    assert {r["status"] for r in records} == {"done", "failed"}
+
+    # rerun: nothing is processed (only the corrupt file is retried and fails again)
+    proc, again = segment_folder(tiles, out, tiny_ckpt, "--confidence", "auto")
+    assert again["files_done"] == 0 and again["files_skipped"] == 5
+    assert again["files_failed"] == 1 and proc.returncode == 1
+    assert class_outputs(out) == outs
+    assert again["seconds"] < 0.1 * first["seconds"], (again["seconds"], first["seconds"])
+
+    # fix the corrupt input: only it runs, and now everything succeeds
+    (tiles / "north" / "tile_3.tif").unlink()
+    write_tif(tiles / "north" / "tile_3.tif", random_scene(100, 100, seed=9))
+    proc, fixed = segment_folder(tiles, out, tiny_ckpt, "--confidence", "auto")
+    assert proc.returncode == 0 and fixed["done"] == ["north/tile_3.tif"]
+    outs = class_outputs(out)
+
+    # an all-done rerun loads no model at all
+    proc, idle = segment_folder(tiles, out, tiny_ckpt, "--confidence", "auto")
+    assert proc.returncode == 0 and idle["files_skipped"] == 6 and idle["files_done"] == 0
+
+    # deleting one output redoes only that one
+    (out / "south" / "tile_2_confidence.tif").unlink()
+    proc, redo = segment_folder(tiles, out, tiny_ckpt, "--confidence", "auto")
+    assert proc.returncode == 0 and redo["done"] == ["south/tile_2.tif"]
+    after = class_outputs(out)
+    assert [k for k in after if after[k] != outs[k]] == ["south/tile_2_classes.tif"]
+
+    # touching an input (new mtime) redoes it
+    os.utime(tiles / "south" / "tile_4.tif", ns=(time.time_ns(), time.time_ns()))
+    proc, touched = segment_folder(tiles, out, tiny_ckpt, "--confidence", "auto")
+    assert touched["done"] == ["south/tile_4.tif"]
+
+    # changing --tile redoes all of them
+    proc = run_cli("segment", tiles, "-o", out, "-c", tiny_ckpt, "--tile", "96", "--stride",
+                   "48", "--confidence", "auto", "--summary", tmp_path / "s.json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "s.json").read_text())["files_done"] == 6
+
+
+def test_globs_several_arguments_and_vrt(tmp_path, tiny_ckpt):
+    tiles = make_folder(tmp_path, n=4, corrupt=None)
+    out = tmp_path / "o"
+    proc = run_cli("segment", str(tiles / "**" / "tile_[01].tif"), str(tiles / "south"),
+                   "-o", out, "-c", tiny_ckpt, "--tile", "64", "--stride", "48",
+                   "--vrt", tmp_path / "mosaic.vrt")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(class_outputs(out)) == [
+        "north/tile_1_classes.tif", "south/tile_0_classes.tif", "tile_2_classes.tif"
+    ]
+    with rasterio.open(tmp_path / "mosaic.vrt") as ds:
+        assert ds.count == 1 and ds.nodata == 255 and ds.colormap(1)
+        assert ds.read(1).shape == ds.shape
+
+
+def test_bad_batch_options_are_usage_errors(tmp_path, tiny_ckpt):
+    tiles = make_folder(tmp_path, n=2, corrupt=None)
+    proc = run_cli("segment", tiles, "-o", tmp_path / "o", "-c", tiny_ckpt, "--confidence",
+                   "x.tif")
+    assert proc.returncode == 2 and "auto" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_symlink_loops_and_outputs_inside_the_input_folder(tmp_path, tiny_ckpt):
+    tiles = make_folder(tmp_path, n=2, corrupt=None)
+    (tiles / "south" / "loop").symlink_to(tiles, target_is_directory=True)
+    items = expand_inputs([str(tiles)], exclude=tiles / "out")
+    assert [i.rel.as_posix() for i in items] == ["north/tile_1.tif", "south/tile_0.tif"]
+    proc = run_cli("segment", tiles, "-o", tiles / "out", "-c", tiny_ckpt, "--tile", "64")
+    assert proc.returncode == 0, proc.stderr
+    proc = run_cli("segment", tiles, "-o", tiles / "out", "-c", tiny_ckpt, "--tile", "64")
+    assert proc.returncode == 0 and "tile_0_classes_classes" not in proc.stdout
+    assert not list((tiles / "out").rglob("*_classes_classes.tif"))
+
+
+def test_split_for_rank_is_a_deterministic_partition(tmp_path):
+    items = [BatchInput(tmp_path / f"{i}.tif", Path(f"{i}.tif")) for i in range(11)]
+    for i, it in enumerate(items):
+        it.path.write_bytes(b"x" * (100 * (i % 4 + 1)))
+    parts = [split_for_rank(items, r, 3) for r in range(3)]
+    flat = [it.rel for p in parts for it in p]
+    assert sorted(flat) == sorted(it.rel for it in items) and len(flat) == len(set(flat))
+    assert parts == [split_for_rank(items, r, 3) for r in range(3)]
+
+
+def _valid_or_absent(path: Path) -> None:
+    with rasterio.open(path) as ds:
+        ds.read()  # a truncated file fails here
+
+
+def test_sigkill_mid_file_leaves_no_broken_output_and_a_rerun_finishes(tmp_path, tiny_ckpt):
+    tiles = tmp_path / "big"
+    tiles.mkdir()
+    for i in range(3):
+        write_tif(tiles / f"scene_{i}.tif", random_scene(700, 700, seed=i))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "crossearth_cli", "segment", str(tiles), "-o", str(out), "-c",
+           str(tiny_ckpt), "--tile", "128", "--stride", "64", "--confidence", "auto"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    try:
+        # wait until the second scene is being written (its hidden temp file exists)
+        while time.time() < deadline:
+            if list(out.glob(".scene_1_classes.tif.*")):
+                break
+            assert proc.poll() is None, "finished before it could be killed"
+            time.sleep(0.05)
+        else:
+            pytest.fail("never saw the second scene being written")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    finals = sorted(out.glob("*.tif"))
+    assert all(p.name.startswith("scene_0") for p in finals), finals
+    for p in finals:
+        _valid_or_absent(p)
+    assert list(out.glob(".scene_1_*")), "the killed file's temporaries are hidden names"
+    rerun = run_cli(*cmd[3:])
+    assert rerun.returncode == 0, rerun.stderr
+    finals = sorted(p.name for p in out.glob("*.tif"))
+    assert finals == sorted(f"scene_{i}_{k}.tif" for i in range(3)
+                            for k in ("classes", "confidence"))
+    for p in out.glob("*.tif"):
+        _valid_or_absent(p)
+    assert not list(out.glob(".*crossearth-tmp")), "stale temporaries of dead runs are removed"
+
+
+def _torchrun(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           "2", "-m", "crossearth_cli", *map(str, args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_torchrun_two_ranks_equal_one_process(tmp_path, tiny_ckpt):
+    tiles = make_folder(tmp_path, n=5, corrupt=None)
+    one, two = tmp_path / "one", tmp_path / "two"
+    proc = run_cli("segment", tiles, "-o", one, "-c", tiny_ckpt, "--tile", "64")
+    assert proc.returncode == 0, proc.stderr
+    proc = _torchrun("segment", tiles, "-o", two, "-c", tiny_ckpt, "--tile", "64",
+                     "--summary", tmp_path / "two.json")
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    summary = json.loads((tmp_path / "two.json").read_text())
+    assert summary["ranks"] == 2 and summary["files_done"] == 5
+    assert sorted(class_outputs(one)) == sorted(class_outputs(two))
+    for rel in class_outputs(one):
+        with rasterio.open(one / rel) as a, rasterio.open(two / rel) as b:
+            np.testing.assert_array_equal(a.read(), b.read())
+    # no file processed twice: each input has exactly one record across the rank manifests
+    inputs = []
+    manifests = sorted(two.glob("crossearth-manifest*.jsonl"))
+    assert len(manifests) == 2
+    for m in manifests:
+        inputs += [json.loads(x)["input"] for x in m.read_text().splitlines()]
+    assert sorted(inputs) == sorted(set(inputs)) and len(inputs) == 5
+    assert Manifest(two).records.keys() == set(inputs)
+
+
+def test_torchrun_splits_one_scene_into_row_bands(tmp_path, tiny_ckpt):
+    src = write_tif(tmp_path / "scene.tif", random_scene(300, 190, seed=4))
+    one, two = tmp_path / "one.tif", tmp_path / "two.tif"
+    proc = run_cli("segment", src, "-o", one, "-c", tiny_ckpt, "--tile", "64", "--stride",
+                   "40", "--confidence", "auto")
+    assert proc.returncode == 0, proc.stderr
+    proc = _torchrun("segment", src, "-o", two, "-c", tiny_ckpt, "--tile", "64", "--stride",
+                     "40", "--confidence", "auto")
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    with rasterio.open(one) as a, rasterio.open(two) as b:
+        assert (a.transform, a.crs, a.shape) == (b.transform, b.crs, b.shape)
+        np.testing.assert_array_equal(a.read(), b.read())
+        assert b.colormap(1) == a.colormap(1) and b.tags()["classes"] == a.tags()["classes"]
+    with rasterio.open(tmp_path / "one_confidence.tif") as a, \
+            rasterio.open(tmp_path / "two_confidence.tif") as b:
+        np.testing.assert_array_equal(a.read(), b.read())
+    assert sorted(p.name for p in tmp_path.glob("*.tif")) == sorted(
+        ["scene.tif", "one.tif", "two.tif", "one_confidence.tif", "two_confidence.tif"])
+    assert not list(tmp_path.glob(".*part*"))

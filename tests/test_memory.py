@@ -1,0 +1,58 @@
+"""Peak memory depends on tile height and scene width, never on scene height."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+from helpers import write_tif
+
+CHILD = textwrap.dedent(
+    """
+    import json, resource, sys
+    sys.path.insert(0, {tests!r})
+    from pathlib import Path
+    from helpers import per_pixel_spec
+    from crossearth_cli.engine import SegmentSettings, segment
+    spec = per_pixel_spec(num_classes=6, crop=256, stride=170)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    r = segment(SegmentSettings(input=Path({src!r}), output=Path({out!r}),
+                                confidence=Path({out!r} + ".conf.tif"), batch_size=4), spec)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({{"base_kb": base, "peak_kb": peak, "tiles": r.tiles}}))
+    """
+)
+
+
+def _peak_rss_mb(tmp_path: Path, height: int, width: int) -> tuple[float, int]:
+    rng = np.random.default_rng(height)
+    img = rng.integers(0, 256, size=(3, height, width), dtype=np.uint8)
+    src = write_tif(tmp_path / f"scene_{height}.tif", img, compress="deflate")
+    del img
+    code = CHILD.format(
+        tests=str(Path(__file__).parent), src=str(src), out=str(tmp_path / f"out_{height}.tif")
+    )
+    # GDAL's block cache is a fixed-size LRU (64 MB by default here); a small cap keeps it
+    # from filling up in the tall scene only, so what remains is the engine's own memory.
+    env = {**os.environ, "GDAL_CACHEMAX": "16"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env
+    )
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    return info["peak_kb"] / 1024, info["tiles"]
+
+
+def test_peak_memory_does_not_grow_with_scene_height(tmp_path):
+    width = 2048
+    short_mb, short_tiles = _peak_rss_mb(tmp_path, 2048, width)
+    tall_mb, tall_tiles = _peak_rss_mb(tmp_path, 8192, width)
+    assert tall_tiles > 3 * short_tiles
+    # A scene-sized float32 score canvas for the tall scene would be 6 x 8192 x 2048 x 4 B =
+    # 403 MB (plus 50 MB of input); the band stays at (6 + 2) x 4 x 256 x 2048 B = 17 MB.
+    assert tall_mb - short_mb < 48, (short_mb, tall_mb)
