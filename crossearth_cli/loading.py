@@ -35,7 +35,6 @@ def resolve_model(
     small random-weight model of the same architecture (for demos and smoke tests only).
     """
     from crossearth_cli.engine import ModelSpec
-    from crossearth_cli.model import load_checkpoint
     from crossearth_cli.presets import fetch_weights, get_preset
 
     notes = notes if notes is not None else []
@@ -55,7 +54,7 @@ def resolve_model(
         info = None
         label = f"{preset.name} (RANDOM WEIGHTS)"
     else:
-        module = load_checkpoint(checkpoint, backbone=backbone, device=device)
+        module = _load(checkpoint, backbone, preset, device)
         info = module.info
         notes.extend(info.warnings)
         label = preset.name if preset else Path(checkpoint).name
@@ -93,11 +92,25 @@ def resolve_model(
     )
 
 
+def _load(checkpoint: Path, backbone: Path | None, preset, device: str):
+    """Load a checkpoint; a released Rein+head-only file gets its backbone from the hub."""
+    from crossearth_cli.model import load_checkpoint
+    from crossearth_cli.model.checkpoint import SplitCheckpointError
+    from crossearth_cli.presets import fetch_backbone
+
+    try:
+        return load_checkpoint(checkpoint, backbone=backbone, device=device)
+    except SplitCheckpointError:
+        if backbone is not None or preset is None:
+            raise
+        return load_checkpoint(checkpoint, backbone=fetch_backbone(preset), device=device)
+
+
 def _random_model(preset):
     from crossearth_cli.model import build_model
     from crossearth_cli.model.random_init import random_state_dict, tiny_config
 
     config = tiny_config(num_classes=len(preset.classes))
     module = build_model(config)
-    module.load_state_dict(random_state_dict(config, seed=0), strict=False)
+    module.load_state_dict(random_state_dict(config, seed=0))
     return module.eval()

@@ -1,0 +1,54 @@
+"""One place that picks the attention kernel.
+
+PyTorch's ``scaled_dot_product_attention`` by default (flash / memory-efficient kernels on CUDA,
+a fused kernel on CPU). xformers' ``memory_efficient_attention`` is used only when it is
+importable *and* the tensors live on CUDA and there is no mask: that is the case the original
+code ran it in (the ViT blocks), and it gives the same numbers up to rounding.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["attention", "xformers_available"]
+
+
+@functools.lru_cache(maxsize=1)
+def _xformers_ops():
+    try:
+        import xformers.ops as xops  # type: ignore[import-not-found]
+    except Exception:  # noqa: BLE001 - any import failure means "not available"
+        return None
+    return xops
+
+
+def xformers_available() -> bool:
+    return _xformers_ops() is not None
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    allowed: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """softmax(q·kᵀ·scale)·v over heads.
+
+    q: B×h×Nq×d, k: B×h×Nk×d, v: B×h×Nk×dv -> B×h×Nq×dv.
+    ``allowed``: optional boolean mask broadcastable to B×h×Nq×Nk, **True = may attend** (SDPA
+    convention; callers holding an mmdet-style "True = blocked" mask must invert it).
+    ``scale`` defaults to d**-0.5.
+    """
+    if allowed is None and q.is_cuda:
+        xops = _xformers_ops()
+        if xops is not None:
+            # xformers wants B×N×h×d
+            out = xops.memory_efficient_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale
+            )
+            return out.transpose(1, 2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)

@@ -1,0 +1,44 @@
+"""Atomic output files: written under a temporary name in the same folder, then renamed."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from crossearth_cli.errors import OutputError
+
+__all__ = ["atomic_write"]
+
+
+def atomic_write(dst: str | Path, write: Callable[[Path], None], overwrite: bool = False) -> Path:
+    """Call ``write(tmp_path)`` and move the result to ``dst`` only if it succeeded.
+
+    A crash or Ctrl-C leaves no file that looks complete (only a removed temporary).
+    Refuses to replace an existing ``dst`` unless ``overwrite``.
+    """
+    dst = Path(dst)
+    if dst.exists() and not overwrite:
+        raise OutputError("already exists", path=dst, hint="pass --overwrite to replace it")
+    if dst.is_dir():
+        raise OutputError("is a folder, expected a file name", path=dst)
+    folder = dst.parent if str(dst.parent) else Path(".")
+    if not folder.is_dir():
+        raise OutputError("its folder does not exist", path=dst, hint="create the folder first")
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise OutputError(f"cannot write here: {exc.strerror}", path=dst) from exc
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        os.replace(tmp, dst)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"cannot write: {exc.strerror or exc}", path=dst) from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return dst

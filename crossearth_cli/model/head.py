@@ -1,0 +1,119 @@
+"""Rein's Mask2Former head (``ReinMask2FormerHead``, reference §1.4-1.5).
+
+The Rein queries replace Mask2Former's learned query embeddings: they are the positional part
+in every decoder layer, and ``querys2feat`` of them is the initial content. The head returns
+the last layer's class logits and mask logits; :func:`semantic_scores` turns them into mmseg's
+per-pixel class scores.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from crossearth_cli.model.config import CrossEarthConfig
+from crossearth_cli.model.pixel_decoder import PixelDecoder
+from crossearth_cli.model.positional import sine_position_encoding
+from crossearth_cli.model.transformer_decoder import TransformerDecoder
+
+__all__ = ["ReinMask2FormerHead", "semantic_scores"]
+
+
+class ReinMask2FormerHead(nn.Module):
+    def __init__(self, config: CrossEarthConfig) -> None:
+        super().__init__()
+        c = config
+        d = c.feat_channels
+        self.num_heads = c.dec_heads
+        self.num_levels = c.num_levels
+        self.pixel_decoder = PixelDecoder(
+            in_channels=c.embed_dim,
+            feat_channels=d,
+            mask_channels=c.mask_channels,
+            num_layers=c.enc_layers,
+            heads=c.enc_heads,
+            points=c.enc_points,
+            ffn_dim=c.enc_ffn_dim,
+            gn_groups=c.gn_groups,
+            num_levels=c.num_levels,
+        )
+        self.transformer_decoder = TransformerDecoder(c.dec_layers, d, c.dec_heads, c.dec_ffn_dim)
+        self.level_embed = nn.Embedding(c.num_levels, d)
+        self.cls_embed = nn.Linear(d, c.num_classes + 1)  # last column: "no object"
+        self.mask_embed = nn.Sequential(
+            nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d), nn.ReLU(), nn.Linear(d, c.mask_channels)
+        )
+        self.querys2feat = nn.Linear(d, d)
+
+    def _mask_logits(self, out: torch.Tensor, mask_features: torch.Tensor) -> torch.Tensor:
+        """B×Q×C decoder output -> B×Q×H4×W4 mask logits."""
+        return torch.einsum("bqc,bchw->bqhw", self.mask_embed(out), mask_features)
+
+    def _allowed(self, mask_logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Attention mask for the next layer: B×1×Q×(h·w), True = may attend.
+
+        mmdet blocks a position when sigmoid(resized logit) < 0.5 and then un-blocks rows that
+        are blocked everywhere; SDPA wants the opposite convention.
+        """
+        m = F.interpolate(mask_logits.float(), size=size, mode="bilinear", align_corners=False)
+        allowed = ~(m.flatten(2).sigmoid() < 0.5)  # B×Q×hw
+        allowed = allowed | ~allowed.any(dim=-1, keepdim=True)  # fully blocked rows → all open
+        return allowed[:, None]  # B×1×Q×hw, broadcast over the heads
+
+    def forward(
+        self, feats: list[torch.Tensor], queries: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """feats [s4, s8, s16, s32], queries Q×D -> (cls logits B×Q×(C+1), masks B×Q×H4×W4)."""
+        mask_features, mems = self.pixel_decoder(feats)
+        b = mask_features.shape[0]
+        d = self.querys2feat.in_features
+        memories, memory_pos, sizes = [], [], []
+        for i, m in enumerate(mems):  # s32, s16, s8
+            hl, wl = m.shape[-2:]
+            memories.append(m.flatten(2).transpose(1, 2) + self.level_embed.weight[i])  # B×hw×D
+            pos = sine_position_encoding(hl, wl, d // 2, device=m.device)
+            memory_pos.append(pos.flatten(2).transpose(1, 2).to(memories[-1].dtype))  # 1×hw×D
+            sizes.append((int(hl), int(wl)))
+
+        query_pos = queries[None].expand(b, -1, -1)  # B×Q×D, the same in every layer
+        query = self.querys2feat(query_pos)
+        post_norm = self.transformer_decoder.post_norm
+        allowed = self._allowed(self._mask_logits(post_norm(query), mask_features), sizes[0])
+        layers = self.transformer_decoder.layers
+        for i, layer in enumerate(layers):
+            lvl = i % self.num_levels
+            query = layer(query, query_pos, memories[lvl], memory_pos[lvl], allowed)
+            if i + 1 < len(layers):  # the mask after the last layer is never used
+                out = post_norm(query)
+                allowed = self._allowed(
+                    self._mask_logits(out, mask_features), sizes[(i + 1) % self.num_levels]
+                )
+        out = post_norm(query)
+        return self.cls_embed(out), self._mask_logits(out, mask_features)
+
+
+def semantic_scores(
+    cls_logits: torch.Tensor,
+    mask_logits: torch.Tensor,
+    size: tuple[int, int],
+    crop: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """mmseg's per-pixel scores: softmax over classes without the no-object column (not
+    renormalised) times the sigmoid of the mask logits bilinearly upsampled to ``size``.
+
+    ``crop`` keeps only the top-left (h, w) of the result (padding removal) before the einsum.
+    Runs in float32 whatever the autocast state; B×Q×(C+1), B×Q×h×w -> B×C×h×w float32.
+    """
+    dev = mask_logits.device.type
+    with torch.autocast(device_type=dev, enabled=False):
+        probs = cls_logits.float().softmax(dim=-1)[..., :-1]  # B×Q×C
+        out = []
+        for i in range(mask_logits.shape[0]):  # one image at a time bounds Q×H×W memory
+            m = F.interpolate(
+                mask_logits[i : i + 1].float(), size=size, mode="bilinear", align_corners=False
+            )
+            if crop is not None:
+                m = m[..., : crop[0], : crop[1]]
+            out.append(torch.einsum("bqc,bqhw->bchw", probs[i : i + 1], m.sigmoid()))
+        return torch.cat(out, dim=0)
