@@ -1,3 +1,4 @@
 from crossearth_cli.cli import main
 
-main()
+if __name__ == "__main__":  # worker processes started with "spawn" must not rerun the CLI
+    main()

@@ -1,0 +1,125 @@
+"""``crossearth vectorize`` as a user runs it: results on success, one clear line on mistakes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyogrio
+import pytest
+
+from crossearth_cli.vector.synthetic import blobs, write_class_raster
+
+NAMES = ["background", "building", "road", "tree"]
+
+
+def cli(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "crossearth_cli", "vectorize", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=120,
+    )
+
+
+def assert_user_error(proc, *words):
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("crossearth: error: ")
+    assert "Traceback" not in proc.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def no_gpkg_left(folder):
+    return not [p for p in folder.rglob("*") if ".gpkg" in p.name]
+
+
+@pytest.fixture
+def raster(tmp_path):
+    return write_class_raster(tmp_path / "classes.tif", blobs(60, 70, 4, 1.5, seed=2), names=NAMES)
+
+
+def test_vectorize_writes_layers(tmp_path, raster):
+    out = tmp_path / "out.gpkg"
+    proc = cli(raster, "-o", out, "--classes", "building,road", "--centerlines", "--simplify",
+               "0.5", "--min-area", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert f"wrote {out}" in proc.stdout
+    assert dict(pyogrio.list_layers(out)) == {
+        "building": "Polygon", "road": "Polygon", "road_centerlines": "LineString"
+    }
+    _, _, _, fields = pyogrio.raw.read(out, layer="building")
+    assert (fields[2] >= 1.0).all()  # --min-area applied, in m²
+
+
+def test_float_raster_is_refused(tmp_path):
+    src = write_class_raster(tmp_path / "prob.tif", np.random.rand(32, 32).astype("float32"),
+                             nodata=None)
+    proc = cli(src, "-o", tmp_path / "out.gpkg")
+    assert_user_error(proc, "prob.tif", "float32", "not integer class ids")
+    assert no_gpkg_left(tmp_path)
+
+
+def test_unknown_class_name(tmp_path, raster):
+    proc = cli(raster, "-o", tmp_path / "out.gpkg", "--classes", "building,bulding")
+    assert_user_error(proc, "unknown class 'bulding'", "1=building")
+    assert no_gpkg_left(tmp_path)
+
+
+def test_existing_output_needs_overwrite(tmp_path, raster):
+    out = tmp_path / "out.gpkg"
+    out.write_bytes(b"not yours to replace")
+    proc = cli(raster, "-o", out)
+    assert_user_error(proc, "out.gpkg", "exists", "--overwrite")
+    assert out.read_bytes() == b"not yours to replace"
+    assert [p.name for p in tmp_path.iterdir() if ".gpkg" in p.name] == ["out.gpkg"]
+    assert cli(raster, "-o", out, "--overwrite").returncode == 0
+    assert len(pyogrio.list_layers(out)) == 4
+
+
+@pytest.mark.parametrize("kind", ["under-a-file", "missing-folder", "read-only-folder"])
+def test_unwritable_folder(tmp_path, raster, kind):
+    if kind == "under-a-file":
+        blocker = tmp_path / "notafolder"
+        blocker.write_text("x")
+        out = blocker / "out.gpkg"
+        words = ["is not a folder"]
+    elif kind == "missing-folder":
+        out = tmp_path / "no" / "such" / "out.gpkg"
+        words = ["does not exist"]
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root can write into read-only folders")
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        out = ro / "out.gpkg"
+        words = ["not writable"]
+    proc = cli(raster, "-o", out)
+    assert_user_error(proc, "out.gpkg", *words)
+    assert not out.exists() and no_gpkg_left(tmp_path)
+
+
+def test_bad_options_are_one_line(tmp_path, raster):
+    assert_user_error(cli(raster, "-o", tmp_path / "o.gpkg", "--connectivity", "6"), "4 or 8")
+    assert_user_error(cli(raster, "-o", tmp_path / "o.gpkg", "--min-area", "-1"), "--min-area")
+    assert_user_error(cli(raster, "-o", tmp_path / "o.shp"), "GeoPackage")
+    assert_user_error(cli(tmp_path / "missing.tif", "-o", tmp_path / "o.gpkg"), "not found")
+    assert no_gpkg_left(tmp_path)
+
+
+def test_help_lists_the_options():
+    proc = subprocess.run(
+        [sys.executable, "-m", "crossearth_cli", "vectorize", "--help"],
+        capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"},
+    )
+    assert proc.returncode == 0
+    for opt in ("--classes", "--min-area", "--fill-holes", "--simplify", "--connectivity",
+                "--regularize", "--centerlines", "--layer-per-class", "--single-layer",
+                "--overwrite", "--confidence"):
+        assert opt in proc.stdout

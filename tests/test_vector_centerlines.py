@@ -1,0 +1,109 @@
+"""Road masks → centerlines on the axis, joined at junctions and seams, without spurs."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pyogrio
+import pytest
+import shapely
+from rasterio.transform import from_origin
+
+from crossearth_cli.vector import VectorizeOptions, vectorize_raster
+from crossearth_cli.vector.centerlines import LineJoiner
+from crossearth_cli.vector.synthetic import noisy_edges, road_network, write_class_raster
+
+PIXEL = 0.5
+# horizontal road cut by 2 junctions (3 lines) + vertical road cut by 2 (3) + curve + diagonal +
+# an isolated arc
+EXPECTED_LINES = 9
+
+
+def centerlines(tmp_path, mask, window):
+    h, w = mask.shape
+    src = write_class_raster(
+        tmp_path / "r.tif",
+        mask.astype(np.uint8),
+        transform=from_origin(1000.0, 2000.0, PIXEL, PIXEL),
+        names=["background", "road"],
+    )
+    out = tmp_path / "r.gpkg"
+    opts = VectorizeOptions(classes=["road"], centerlines=True, window_size=window, overwrite=True)
+    summary = vectorize_raster(src, out, opts)
+    assert summary.layers["road"] >= 1  # polygons are written as well
+    meta, _, wkb, fields = pyogrio.raw.read(out, layer="road_centerlines")
+    cols = dict(zip(list(meta["fields"]), fields, strict=True))
+    geoms = shapely.from_wkb(wkb)
+    assert set(cols["class_name"]) == {"road"}
+    np.testing.assert_allclose(cols["length_m"], shapely.length(geoms), rtol=1e-12)
+    # back to pixel coordinates
+    def to_px(xy):
+        return np.column_stack([(xy[:, 0] - 1000.0) / PIXEL, (2000.0 - xy[:, 1]) / PIXEL])
+
+    return shapely.transform(geoms, to_px)
+
+
+def end_counts(lines):
+    ends = np.vstack([shapely.get_coordinates(shapely.get_point(lines, i)) for i in (0, -1)])
+    return Counter(map(tuple, np.round(ends, 9)))
+
+
+@pytest.mark.parametrize("window", [1024, 100, 64])
+def test_centerlines_follow_the_axes(tmp_path, window):
+    mask, axes, junctions, widths = road_network()
+    lines = centerlines(tmp_path, mask, window)
+    assert len(lines) == EXPECTED_LINES
+    assert shapely.is_valid(lines).all()
+    truth = shapely.union_all(axes)
+    pts = shapely.points(shapely.get_coordinates(shapely.segmentize(lines, 0.5)))
+    assert shapely.distance(pts, truth).max() <= 1.5
+
+    # connected at junctions: all roads meeting there share one end point, on the crossing
+    counts = end_counts(lines)
+    for (jx, jy), degree in zip(junctions, [4, 3, 3], strict=True):
+        near = [(p, c) for p, c in counts.items() if np.hypot(p[0] - jx, p[1] - jy) <= 1.5]
+        assert len(near) == 1 and near[0][1] == degree, near
+
+    # no spurs: every end is a junction, the raster edge, or the isolated arc's two dead ends
+    h, w = mask.shape
+    free = [
+        p for p, c in counts.items()
+        if c == 1 and not (p[0] in (0.0, w) or p[1] in (0.0, h))
+    ]
+    assert len(free) == 2
+    for p in free:
+        line = lines[int(np.argmin(shapely.distance(lines, shapely.Point(p))))]
+        assert line.length >= max(widths)
+
+
+def test_noisy_roads_keep_their_topology(tmp_path):
+    """Ragged outlines sprout skeleton spurs; they are pruned and the graph stays the same."""
+    mask, axes, junctions, widths = road_network()
+    noisy = noisy_edges(mask, amplitude=0.8, seed=3)
+    lines = centerlines(tmp_path, noisy, 128)
+    assert len(lines) == EXPECTED_LINES
+    assert min(shapely.length(lines)) >= max(widths)  # nothing spur-sized survives
+    pts = shapely.points(shapely.get_coordinates(shapely.segmentize(lines, 0.5)))
+    assert shapely.distance(pts, shapely.union_all(axes)).max() <= 3.0
+    counts = end_counts(lines)
+    assert sorted(c for c in counts.values() if c > 1) == [3, 3, 4]
+
+
+def test_joiner_chains_only_at_seams():
+    """Pieces meeting on a seam are joined; a junction off the seams never is."""
+    joiner = LineJoiner(row_seams=[10], col_seams=[])
+    a = shapely.LineString([(5, 0), (5, 10)])  # window row 0, ends on the seam y = 10
+    b = shapely.LineString([(5.4, 10), (5, 15)])  # next row, 0.4 px along the seam: snapped
+    c = shapely.LineString([(5, 15), (9, 18)])  # a junction at (5, 15) with d and b
+    d = shapely.LineString([(5, 15), (1, 18)])
+    cls0, done0 = joiner.add_row([(np.array([1]), np.array([a]))], row_bottom=10)
+    assert len(done0) == 0 and len(joiner.pending) == 1
+    cls1, done1 = joiner.add_row(
+        [(np.array([1, 1, 1]), np.array([b, c, d]))], row_bottom=None
+    )
+    lengths = sorted(round(g.length, 3) for g in done1)
+    assert len(done1) == 3
+    assert lengths[-1] == pytest.approx(15.0, abs=0.05)  # a + b as one line of ~15 px
+    ends = shapely.get_coordinates(done1[np.argmax(shapely.length(done1))])[[0, -1]]
+    assert sorted(map(tuple, ends.tolist())) == [(5.0, 0.0), (5.0, 15.0)]
