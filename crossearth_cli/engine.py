@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +28,13 @@ from crossearth_cli.raster.accumulator import (
     FinishedRows,
     RowBandAccumulator,
 )
-from crossearth_cli.raster.reader import BandScaling, SceneReader, cpu_io_threads
+from crossearth_cli.raster.reader import (
+    BandScaling,
+    Scaling,
+    SceneReader,
+    StripFeed,
+    cpu_io_threads,
+)
 from crossearth_cli.raster.windows import BLEND_MODES, Tile, tile_grid
 from crossearth_cli.raster.writer import (
     GeoTiffSink,
@@ -73,7 +78,7 @@ class SegmentSettings:
     blend: str = "gaussian"
     bands: list[int] | None = None
     value_range: str | list[BandScaling] | None = None  # None: 8-bit as is, else auto
-    batch_size: int = 4
+    batch_size: int | str = 4  # or "auto": sized from GPU memory
     device: str = "auto"
     precision: str = "auto"
     confidence: Path | None = None
@@ -83,7 +88,6 @@ class SegmentSettings:
     overwrite: bool = False
     compress: str = "deflate"
     io_threads: int | None = None
-    prefetch: int | None = None  # tiles read ahead; default 2 batches
 
     def outputs(self) -> list[Path]:
         return [p for p in (self.output, self.confidence, self.probabilities) if p is not None]
@@ -159,20 +163,67 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 class Predictor:
-    """Runs batches through the model; halves the batch and retries on out-of-memory."""
+    """Runs batches through the model; halves the batch and retries on out-of-memory.
 
-    def __init__(self, spec: ModelSpec, device: torch.device, precision: str, batch_size: int):
+    Host batches are stacked into reused (pinned, on CUDA) buffers; on CUDA they are copied on
+    a side stream so the copy of one batch overlaps the compute of the previous one.
+    ``batch_size="auto"`` measures one tile's peak memory on the GPU and fills ~70% of what is
+    free (4 on the CPU).
+    """
+
+    AUTO_CPU_BATCH = 4
+    AUTO_MAX_BATCH = 64
+
+    def __init__(self, spec: ModelSpec, device: torch.device, precision: str,
+                 batch_size: int | str):
         self.module = spec.module
         self.device = device
         self.precision = precision
-        self.batch_size = max(1, batch_size)
+        self.auto = batch_size == "auto"
+        self.batch_size = self.AUTO_CPU_BATCH if self.auto else max(1, int(batch_size))
         self.num_classes = spec.num_classes
         self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
         self.halvings = 0
+        self.cuda = device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        self._host: dict[str, torch.Tensor] = {}
+        self._work: torch.Tensor | None = None
+        self._scaling = None
 
-    def __call__(self, images: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """images: B×3×h×w on 0–255 (host), valid: B×h×w → scores B×C×h×w on the device."""
+    # -- host staging ---------------------------------------------------------------------
+
+    def _buffer(self, name: str, shape: tuple, dtype) -> torch.Tensor:
+        if self.cuda:  # torch's caching host allocator reuses pinned blocks once copies finish
+            return torch.empty(shape, dtype=dtype, pin_memory=True)
+        buf = self._host.get(name)
+        if buf is None or buf.shape[1:] != shape[1:] or buf.shape[0] < shape[0]:
+            buf = torch.empty(shape, dtype=dtype)
+            self._host[name] = buf
+        return buf[: shape[0]]
+
+    def stage(self, images: list[np.ndarray], valid: list[np.ndarray]):
+        """Stack tiles (3×h×w in the file's dtype, h×w bool) into one float32 host batch."""
+        n = len(images)
+        x = self._buffer("images", (n, *images[0].shape), torch.float32)
+        v = self._buffer("valid", (n, *valid[0].shape), torch.bool)
+        xn = x.numpy()
+        for i, img in enumerate(images):
+            np.copyto(xn[i], img, casting="unsafe")
+        np.stack(valid, out=v.numpy())
+        return x, v
+
+    # -- running ------------------------------------------------------------------------
+
+    def __call__(self, images: torch.Tensor, valid: torch.Tensor,
+                 scaling: Scaling | None = None) -> torch.Tensor:
+        """images: B×3×h×w raw values (host), valid: B×h×w → scores B×C×h×w on the device.
+
+        ``scaling`` maps raw values to the model's 0–255 (None: already on that scale).
+        """
+        self._scaling = self._scaling_on_device(scaling)
+        if self.auto and self.cuda:
+            self._probe(images[:1], valid[:1])
         outs = []
         i = 0
         while i < images.shape[0]:
@@ -182,7 +233,7 @@ class Predictor:
             except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled here
                 if not _is_oom(exc):
                     raise
-                if self.device.type == "cuda":
+                if self.cuda:
                     torch.cuda.empty_cache()
                 if n == 1:
                     raise UserError(
@@ -195,12 +246,52 @@ class Predictor:
             i += n
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
+    def _probe(self, image: torch.Tensor, valid: torch.Tensor) -> None:
+        """Size the batch from one tile's peak memory (once)."""
+        self.auto = False
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        self._forward(image, valid)
+        torch.cuda.synchronize(self.device)
+        per_tile = max(torch.cuda.max_memory_allocated(self.device) - before, 1)
+        free, _ = torch.cuda.mem_get_info(self.device)
+        self.batch_size = int(max(1, min(self.AUTO_MAX_BATCH, 0.7 * free // per_tile)))
+
+    def _scaling_on_device(self, scaling: Scaling | None):
+        if scaling is None or (scaling.low is None and not scaling.clip):
+            return None
+        if scaling.low is None:
+            return None, None, True
+        low = torch.as_tensor(scaling.low, device=self.device).view(1, -1, 1, 1)
+        factor = torch.as_tensor(scaling.factor, device=self.device).view(1, -1, 1, 1)
+        return low, factor, scaling.clip
+
+    def _to_device(self, images: torch.Tensor, valid: torch.Tensor):
+        if not self.cuda:
+            # work on a reused copy: the staged batch stays intact for out-of-memory retries
+            if self._work is None or self._work.shape != images.shape:
+                self._work = torch.empty_like(images)
+            return self._work.copy_(images), valid
+        with torch.cuda.stream(self.copy_stream):
+            x = images.to(self.device, non_blocking=True)
+            v = valid.to(self.device, non_blocking=True)
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_stream(self.copy_stream)
+        x.record_stream(compute)
+        v.record_stream(compute)
+        return x, v
+
     def _forward(self, images: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        non_blocking = self.device.type == "cuda"
-        x = images.to(self.device, non_blocking=non_blocking)
-        v = valid.to(self.device, non_blocking=non_blocking)
-        x = (x - self.mean) / self.std
-        x = x * v.unsqueeze(1)  # nodata pixels become the mean colour (0 after normalising)
+        x, v = self._to_device(images, valid)
+        if self._scaling is not None:  # per-scene stretch to 0-255, on the device
+            low, factor, clip = self._scaling
+            if low is not None:
+                x.sub_(low).mul_(factor)
+            if clip:
+                x.clamp_(0.0, 255.0)
+        x.sub_(self.mean).div_(self.std)
+        x.masked_fill_(~v.unsqueeze(1), 0.0)  # nodata (NaN too) becomes the mean colour
         dtype = _PRECISIONS[self.precision]
         with torch.inference_mode(), torch.autocast(
             self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None
@@ -281,8 +372,10 @@ def validate_settings(settings: SegmentSettings) -> None:
             f"--stride {settings.stride} is larger than --tile {settings.tile}: pixels would "
             "be skipped"
         )
-    if settings.batch_size < 1:
-        raise ConfigError("--batch-size must be at least 1")
+    if settings.batch_size != "auto" and (
+        not isinstance(settings.batch_size, int) or settings.batch_size < 1
+    ):
+        raise ConfigError("--batch-size must be a number of tiles (at least 1) or auto")
     if settings.probabilities_dtype not in ("uint8", "float16", "float32"):
         raise ConfigError("--probabilities-dtype must be uint8, float16 or float32")
     if settings.compress.lower() not in ("deflate", "zstd", "lzw", "none"):
@@ -342,38 +435,6 @@ def part_range(grid: list[list[Tile]], height: int, part: RowPart | None) -> Par
     return PartRange(first, b, y0, y1)
 
 
-class TileFeed:
-    """Reads a scene's tiles ahead of use in a shared thread pool, in row-major order."""
-
-    def __init__(self, reader: SceneReader, tiles: list[Tile], pool: ThreadPoolExecutor,
-                 depth: int):
-        self.reader, self.pool, self.depth = reader, pool, max(1, depth)
-        self._tiles = iter(tiles)
-        self._pending: deque[tuple[Tile, Future]] = deque()
-
-    def prime(self, n: int | None = None) -> TileFeed:
-        target = self.depth if n is None else min(n, self.depth)
-        while len(self._pending) < target:
-            t = next(self._tiles, None)
-            if t is None:
-                break
-            self._pending.append((t, self.pool.submit(self.reader.read_tile, t)))
-        return self
-
-    def __iter__(self):
-        self.prime()
-        while self._pending:
-            t, fut = self._pending.popleft()
-            data, valid = fut.result()
-            self.prime()
-            yield t, data, valid
-
-    def cancel(self) -> None:
-        for _, fut in self._pending:
-            fut.cancel()
-        self._pending.clear()
-
-
 @dataclass
 class PreparedScene:
     """An opened scene, its grid, and tiles already being read."""
@@ -384,7 +445,7 @@ class PreparedScene:
     tile: int
     stride: int
     rows: PartRange
-    feed: TileFeed
+    feed: StripFeed
 
     @property
     def tiles(self) -> list[Tile]:
@@ -400,7 +461,7 @@ class Session:
     """What stays loaded across scenes: the model on its device, the predictor, reader threads."""
 
     def __init__(self, spec: ModelSpec, device: str = "auto", precision: str = "auto",
-                 batch_size: int = 4, io_threads: int | None = None):
+                 batch_size: int | str = 4, io_threads: int | None = None):
         self.spec = spec
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
@@ -423,9 +484,8 @@ class Session:
                 raise ConfigError(f"stride {stride} is larger than tile {tile}")
             grid = tile_grid(reader.height, reader.width, tile, stride)
             rows = part_range(grid, reader.height, part)
-            tiles = [t for row in grid[rows.first_tile_row : rows.end_tile_row] for t in row]
-            depth = settings.prefetch or max(2 * self.predictor.batch_size, self.io_threads)
-            feed = TileFeed(reader, tiles, self.pool, depth).prime()
+            feed = StripFeed(reader, grid[rows.first_tile_row : rows.end_tile_row], self.pool,
+                             chunks=self.io_threads).prime()
         except BaseException:
             reader.close()
             raise
@@ -493,7 +553,7 @@ def _run_scene(session: Session, scene: PreparedScene, emit: Events) -> SegmentR
             sinks.append(GeoTiffSink(rs, out_h, reader.width, reader.crs,
                                      _part_transform(reader, rows.y0), reader.gcps))
         counts, skipped = _run_tiles(session.predictor, scene.feed, acc, sinks, rows.y0,
-                                     settings.batch_size, emit)
+                                     reader.model_scaling(), emit)
         # auxiliary rasters first: a class raster under its final name means all are done
         for sink in sinks[1:] + sinks[:1]:
             sink.commit()
@@ -521,7 +581,7 @@ def _run_scene(session: Session, scene: PreparedScene, emit: Events) -> SegmentR
     )
 
 
-def _run_tiles(predictor, feed, acc, sinks, y0, batch_size, emit):
+def _run_tiles(predictor, feed, acc, sinks, y0, scaling, emit):
     counts = np.zeros(predictor.num_classes, dtype=np.int64)
     skipped = 0
     pin = predictor.device.type == "cuda"
@@ -543,11 +603,8 @@ def _run_tiles(predictor, feed, acc, sinks, y0, batch_size, emit):
         data = [(d, v) for _, d, v in queue if d is not None]
         scores = None
         if data:
-            images = torch.from_numpy(np.stack([d for d, _ in data]))
-            valid = torch.from_numpy(np.stack([v for _, v in data]))
-            if pin:
-                images, valid = images.pin_memory(), valid.pin_memory()
-            scores = predictor(images, valid)
+            images, valid = predictor.stage([d for d, _ in data], [v for _, v in data])
+            scores = predictor(images, valid, scaling)
             valid = valid.to(predictor.device, non_blocking=pin)
         k = 0
         for t, d, _ in queue:
@@ -567,7 +624,7 @@ def _run_tiles(predictor, feed, acc, sinks, y0, batch_size, emit):
         else:
             queue.append((t, None, None))
             skipped += 1
-        if n_data >= batch_size:
+        if n_data >= predictor.batch_size:
             run_queue()
             n_data = 0
     if queue:

@@ -23,12 +23,12 @@ def segment_command(
         ..., help="GeoTIFF(s), folders (searched recursively) or quoted globs ('tiles/**/*.tif')."
     ),
     output: Path | None = typer.Option(
-        None, "-o", "--output", help="Class raster for one input [INPUT_classes.tif], or the "
-        "output folder for several [./crossearth_out]."
+        None, "-o", "--output", help="Class raster for one input (default: "
+        "INPUT_classes.tif), or the output folder for several (default: ./crossearth_out)."
     ),
     model: str | None = typer.Option(
         None, "--model", "-m", help="Preset name (see `crossearth models`); weights are fetched "
-        "and cached from Hugging Face [potsdam-rgb]."
+        "and cached from Hugging Face (default: potsdam-rgb)."
     ),
     checkpoint: Path | None = typer.Option(
         None, "--checkpoint", "-c", help="Local checkpoint (.pth or .safetensors)."
@@ -38,14 +38,19 @@ def segment_command(
     ),
     bands: str | None = typer.Option(
         None, "--bands", "-b", help="3 band numbers (1-based) in the model's order, e.g. 4,1,2 "
-        "for IRRG from RGBN [from the preset's band order and the file's colour bands]."
+        "for IRRG from RGBN (default: from the preset's band order and the file's colour "
+        "bands)."
     ),
     value_range: str | None = typer.Option(
         None, "--range", help="Scaling to 0-255: auto (scene 2-98% percentiles), none, MIN,MAX "
-        "for all bands, or MIN,MAX,... per band [none for 8-bit, auto otherwise]."
+        "for all bands, or MIN,MAX,... per band (default: none for 8-bit, auto otherwise)."
     ),
-    tile: int | None = typer.Option(None, "--tile", help="Tile size in pixels [preset crop]."),
-    stride: int | None = typer.Option(None, "--stride", help="Tile stride [preset stride]."),
+    tile: int | None = typer.Option(
+        None, "--tile", help="Tile size in pixels (default: the preset's crop)."
+    ),
+    stride: int | None = typer.Option(
+        None, "--stride", help="Tile stride (default: the preset's, scaled with --tile)."
+    ),
     overlap: float | None = typer.Option(
         None, "--overlap", help="Overlap instead of --stride: a fraction (0.33) or pixels (171)."
     ),
@@ -53,7 +58,10 @@ def segment_command(
         "gaussian", "--blend", help="gaussian | cosine: smooth, seamless; mean: exactly mmseg's "
         "slide_inference (the paper's numbers)."
     ),
-    batch_size: int = typer.Option(4, "--batch-size", help="Tiles per forward pass."),
+    batch_size: str = typer.Option(
+        "4", "--batch-size", help="Tiles per forward pass, or auto (sized from GPU memory; "
+        "halved and retried on out-of-memory either way)."
+    ),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
     precision: str = typer.Option(
         "auto", "--precision", help="auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16."
@@ -130,7 +138,8 @@ class _Job:
         return SegmentSettings(
             input=input_path or Path("."), output=output, tile=self.tile, stride=self.stride,
             blend=self.blend.lower(), bands=parse_bands(self.bands),
-            value_range=parse_range(self.value_range, 3), batch_size=self.batch_size,
+            value_range=parse_range(self.value_range, 3),
+            batch_size=_parse_batch_size(self.batch_size),
             device=self.device, precision=self.precision,
             probabilities_dtype=self.probabilities_dtype.lower(), cog=self.cog,
             overwrite=self.overwrite, compress=self.compress.lower(),
@@ -404,6 +413,20 @@ class _Job:
             "probabilities_dtype": self.probabilities_dtype.lower(), "cog": self.cog,
             "compress": self.compress.lower(), "random_allowed": self.allow_random,
         }
+
+
+def _parse_batch_size(text: str) -> int | str:
+    from crossearth_cli.errors import ConfigError
+
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = int(text)
+    except ValueError:
+        raise ConfigError(f"--batch-size {text!r}: give a number of tiles or auto") from None
+    if value < 1:
+        raise ConfigError("--batch-size must be at least 1")
+    return value
 
 
 def _suffix(option: str) -> str:

@@ -36,6 +36,15 @@ _SAMPLE_TARGET = 1024  # longest side of a decimated read through overviews
 
 
 @dataclass(frozen=True)
+class Scaling:
+    """``x → clip((x - low) × factor, 0, 255)`` per band; ``low`` None: no stretch."""
+
+    low: np.ndarray | None
+    factor: np.ndarray | None
+    clip: bool
+
+
+@dataclass(frozen=True)
 class BandScaling:
     """Linear map of one band's values to 0–255: ``(v - low) / (high - low) * 255``."""
 
@@ -107,7 +116,11 @@ def open_raster(path: str | Path) -> rasterio.DatasetReader:
 
 
 def mask_kind(flags) -> str:
-    """How one band marks invalid pixels: "none", "nodata" (a value) or "mask"."""
+    """How one band marks invalid pixels: "none", "nodata" (a value) or "mask".
+
+    A nodata *value* marks a pixel invalid only where every such band holds it, so a real 0 in
+    one band survives ``nodata=0``. Masks and alpha bands are explicit: any masked band counts.
+    """
     if MaskFlags.all_valid in flags:
         return "none"
     if MaskFlags.nodata in flags:
@@ -115,20 +128,12 @@ def mask_kind(flags) -> str:
     return "mask"  # per-dataset mask, alpha band, or a per-band mask
 
 
-def combine_masks(valid: np.ndarray, kinds: list[str]) -> np.ndarray:
-    """Per-pixel validity from per-band masks (bands×h×w bool).
-
-    A nodata *value* marks a pixel invalid only where every such band holds it, so a real 0 in
-    one band survives ``nodata=0``. Masks and alpha bands are explicit: any masked band counts.
-    """
-    out = np.ones(valid.shape[1:], dtype=bool)
-    by_value = [i for i, k in enumerate(kinds) if k == "nodata"]
-    if by_value:
-        out &= valid[by_value].any(axis=0)
-    for i, k in enumerate(kinds):
-        if k == "mask":
-            out &= valid[i]
-    return out
+def _equals_nodata(band: np.ndarray, nodata: float | None) -> np.ndarray:
+    if nodata is None:
+        return np.zeros(band.shape, dtype=bool)
+    if np.isnan(nodata):
+        return np.isnan(band)
+    return band == np.asarray(nodata).astype(band.dtype)
 
 
 def check_readable(src, bands: list[int] | None = None) -> None:
@@ -247,6 +252,7 @@ class SceneReader:
         self.bands = list(bands)
         self.dtype = np.result_type(*[np.dtype(src.dtypes[b - 1]) for b in self.bands])
         self._mask_kinds = [mask_kind(src.mask_flag_enums[b - 1]) for b in self.bands]
+        self._nodata = [src.nodatavals[b - 1] for b in self.bands]
         self.crs = src.crs
         self.transform = src.transform
         gcps, gcp_crs = src.gcps
@@ -291,14 +297,29 @@ class SceneReader:
 
     def read_tile(self, tile: Tile) -> tuple[np.ndarray, np.ndarray]:
         """(3×h×w float32 on 0–255, h×w bool valid) for ``tile``."""
-        return self.read_window(tile.y, tile.x, tile.h, tile.w)
+        data, valid = self.read_raw(tile.y, tile.x, tile.h, tile.w)
+        return self.to_model_scale(data, valid), valid
 
     def read_window(self, y: int, x: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+        data, valid = self.read_raw(y, x, h, w)
+        return self.to_model_scale(data, valid), valid
+
+    def read_raw(self, y: int, x: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+        """(3×h×w in the file's dtype, h×w bool valid): one read, masks derived from it."""
         src = self._src()
         window = Window(x, y, w, h)
         try:
-            data = src.read(self.bands, window=window, out_dtype="float32")
-            masks = src.read_masks(self.bands, window=window)
+            data = src.read(self.bands, window=window, out_dtype=self.dtype)
+            valid = np.ones((h, w), dtype=bool)
+            by_value = [i for i, k in enumerate(self._mask_kinds) if k == "nodata"]
+            if by_value:  # nodata only where every such band holds its nodata value
+                hit = np.ones((h, w), dtype=bool)
+                for i in by_value:
+                    hit &= _equals_nodata(data[i], self._nodata[i])
+                valid &= ~hit
+            for i, kind in enumerate(self._mask_kinds):
+                if kind == "mask":  # per-dataset / per-band mask or alpha: GDAL reads it
+                    valid &= src.read_masks(self.bands[i], window=window) > 0
         except RasterioIOError as exc:
             raise InputError(
                 f"read failed at rows {y}-{y + h}, columns {x}-{x + w}: the file is truncated "
@@ -306,19 +327,34 @@ class SceneReader:
                 path=self.path,
                 hint="copy or download it again",
             ) from exc
-        valid = combine_masks(masks > 0, self._mask_kinds)
         if self.dtype.kind == "f":
-            valid &= np.all(np.isfinite(data), axis=0)
-        if self.scaling is not None:
-            for i, s in enumerate(self.scaling):
-                band = data[i]
-                band -= s.low
-                band *= 255.0 / (s.high - s.low)
-                np.clip(band, 0.0, 255.0, out=band)
-        elif self.dtype != np.uint8:
-            np.clip(data, 0.0, 255.0, out=data)
-        data[:, ~valid] = 0.0
+            valid &= np.isfinite(data).all(axis=0)
         return data, valid
+
+    def to_model_scale(self, data: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        """Raw pixels → float32 on the 0–255 scale, invalid pixels 0 (numpy, for one tile)."""
+        out = data.astype(np.float32)
+        out[:, ~valid] = 0.0
+        low, factor = self.scale_params()
+        if low is not None:
+            out -= low[:, None, None]
+            out *= factor[:, None, None]
+        if low is not None or self.dtype != np.uint8:
+            np.clip(out, 0.0, 255.0, out=out)
+        return out
+
+    def scale_params(self) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Per-band (low, 255 / (high - low)), or (None, None) when values are used as is."""
+        s = self.model_scaling()
+        return s.low, s.factor
+
+    def model_scaling(self) -> Scaling:
+        """How raw values become the model's 0–255, as the engine applies it to batches."""
+        if self.scaling is None:
+            return Scaling(None, None, clip=self.dtype != np.uint8)
+        low = np.array([s.low for s in self.scaling], dtype=np.float32)
+        factor = np.array([255.0 / (s.high - s.low) for s in self.scaling], dtype=np.float32)
+        return Scaling(low, factor, clip=True)
 
     def close(self) -> None:
         with self._lock:
@@ -379,3 +415,83 @@ def scene_percentiles(src, bands: list[int]) -> list[BandScaling]:
 def cpu_io_threads() -> int:
     """Reader threads: two are enough to hide reads behind compute on most disks."""
     return max(1, min(4, (os.cpu_count() or 2) // 2))
+
+
+class StripFeed:
+    """Feeds a scene's tiles row by row from full-width strips of rows, each pixel read once.
+
+    Tile rows overlap vertically and tiles overlap horizontally; reading tile windows would
+    decompress most pixels 2-3 times. Instead the feed keeps a strip of ``tile`` rows in the
+    file's dtype, reads only the rows the next tile row adds (in column chunks, in parallel, in
+    the background while the current row is being processed) and hands out tiles as views.
+
+    Memory: ``tile × width × (bands × bytes per sample + 1)`` for the strip, twice at most.
+    """
+
+    def __init__(self, reader: SceneReader, grid: list[list[Tile]], pool, chunks: int = 2):
+        self.reader, self.grid, self.pool = reader, grid, pool
+        self.chunks = max(1, chunks)
+        self._next: tuple[int, list] | None = None  # (first tile row index, futures)
+        self._row = 0
+        self._data: np.ndarray | None = None
+        self._valid: np.ndarray | None = None
+        self._top = 0
+
+    def _submit(self, r: int) -> None:
+        """Start reading the rows tile row ``r`` adds to the strip."""
+        tile = self.grid[r][0]
+        start = tile.y if r == 0 else max(tile.y, self.grid[r - 1][0].y + tile.h)
+        end = tile.y + tile.h
+        futures = []
+        if end > start:
+            w = self.reader.width
+            step = -(-w // self.chunks)
+            for x in range(0, w, step):
+                futures.append(self.pool.submit(
+                    self.reader.read_raw, start, x, end - start, min(step, w - x)))
+        self._next = (r, start, futures)
+
+    def prime(self) -> StripFeed:
+        if self._next is None and self._row < len(self.grid):
+            self._submit(self._row)
+        return self
+
+    def _advance(self) -> None:
+        r, _, futures = self._next
+        parts = [f.result() for f in futures]
+        self._next = None
+        tile = self.grid[r][0]
+        if r + 1 < len(self.grid):
+            self._submit(r + 1)
+        keep = 0
+        if self._data is not None:
+            keep = max(self._top + self._data.shape[1] - tile.y, 0)
+        new_data = np.concatenate([p[0] for p in parts], axis=2) if parts else None
+        new_valid = np.concatenate([p[1] for p in parts], axis=1) if parts else None
+        if keep:
+            old_d = self._data[:, self._data.shape[1] - keep :]
+            old_v = self._valid[self._valid.shape[0] - keep :]
+            if new_data is not None:
+                self._data = np.concatenate([old_d, new_data], axis=1)
+                self._valid = np.concatenate([old_v, new_valid], axis=0)
+            else:
+                self._data, self._valid = old_d, old_v
+        else:
+            self._data, self._valid = new_data, new_valid
+        self._top = tile.y
+
+    def __iter__(self):
+        self.prime()
+        while self._row < len(self.grid):
+            self._advance()
+            for t in self.grid[self._row]:
+                rows = slice(t.y - self._top, t.y - self._top + t.h)
+                cols = slice(t.x, t.x + t.w)
+                yield t, self._data[:, rows, cols], self._valid[rows, cols]
+            self._row += 1
+
+    def cancel(self) -> None:
+        if self._next is not None:
+            for f in self._next[2]:
+                f.cancel()
+            self._next = None

@@ -14,6 +14,7 @@ import os
 import uuid
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -180,6 +181,10 @@ class GeoTiffSink:
         self._pending: list[tuple[int, np.ndarray]] = []
         self._pending_rows = 0
         self._next_row = 0
+        # GDAL compresses in a background thread (rasterio releases the GIL), so encoding one
+        # block row overlaps the model's work on the next; at most one write is in flight.
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="crossearth-write")
+        self._inflight: Future | None = None
         profile = dict(
             driver="GTiff",
             width=width,
@@ -231,19 +236,32 @@ class GeoTiffSink:
         # write whole block rows now, keep the remainder for the next call
         n = block.shape[1]
         full = n if self._next_row == self.height else (n // BLOCK) * BLOCK
-        try:
-            self.ds.write(block[:, :full], window=Window(0, y0, self.width, full))
-        except Exception as exc:
-            raise_for_os_error(exc, self.final)
-            raise
+        self._wait()
+        data = np.ascontiguousarray(block[:, :full])
+        self._inflight = self._writer.submit(
+            self.ds.write, data, window=Window(0, y0, self.width, full)
+        )
         rest = block[:, full:]
         self._pending = [(y0 + full, rest)] if rest.shape[1] else []
         self._pending_rows = rest.shape[1]
+
+    def _wait(self) -> None:
+        """Finish the write in flight, turning disk errors into clear ones."""
+        fut, self._inflight = self._inflight, None
+        if fut is None:
+            return
+        try:
+            fut.result()
+        except Exception as exc:
+            raise_for_os_error(exc, self.final)
+            raise
 
     def commit(self) -> Path:
         """Close, convert to COG if asked, and rename into place."""
         try:
             self._flush()
+            self._wait()
+            self._writer.shutdown()
             if self._next_row != self.height:
                 raise RuntimeError(f"only {self._next_row} of {self.height} rows were written")
             self.ds.close()
@@ -279,6 +297,9 @@ class GeoTiffSink:
         self._cleanup()
 
     def _cleanup(self) -> None:
+        writer = getattr(self, "_writer", None)
+        if writer is not None:
+            writer.shutdown(wait=True, cancel_futures=True)
         ds = getattr(self, "ds", None)
         if ds is not None and not ds.closed:
             try:
