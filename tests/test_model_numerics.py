@@ -372,3 +372,15 @@ def test_tiny_inputs_are_padded_and_malformed_ones_rejected(tiny):
             assert got.shape == (1, 6, h, w) and torch.isfinite(got).all()
     with pytest.raises(ValueError, match="B×3×H×W"):
         tiny(torch.zeros(1, 4, 64, 64))
+
+
+def test_convolving_before_the_pyramid_resize_equals_the_reference_order(tiny):
+    """The head runs its 1×1 convs on the stride-16 maps and resizes after; the reference
+    resizes the 1024-channel maps first. Both orders must give the same class scores."""
+    x = torch.randn(2, 3, 128, 96, generator=seeded(21))
+    with torch.inference_mode():
+        feats, queries = tiny.backbone(x)  # reference order: resized maps
+        ref_cls, ref_masks = tiny.decode_head(feats, queries)
+        cls, masks = tiny.forward_logits(x)  # conv first, resize after
+    torch.testing.assert_close(cls, ref_cls, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(masks, ref_masks, atol=1e-4, rtol=1e-4)

@@ -89,6 +89,16 @@ def interpolate_pos_embed(pos_embed: torch.Tensor, gh: int, gw: int) -> torch.Te
     return torch.cat([cls_pos, patch_pos], dim=1)
 
 
+FEATURE_SCALES = (4.0, 2.0, 1.0, 0.5)  # blocks 7, 11, 15, 23 → strides 4, 8, 16, 32
+
+
+def resize(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """The reference's pyramid resize: bilinear, ``scale_factor``, align_corners=False."""
+    if scale == 1:
+        return x
+    return F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
+
+
 class ReinsDinoVisionTransformer(nn.Module):
     def __init__(self, config: CrossEarthConfig) -> None:
         super().__init__()
@@ -151,14 +161,15 @@ class ReinsDinoVisionTransformer(nn.Module):
                     outs.append(t[:, 1:].transpose(1, 2).reshape(b, -1, gh, gw))
         return outs
 
+    def forward_maps(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """-> (the 4 maps at stride 16, before their ×4, ×2, ×1, ×0.5 resize), queries T×Q.
+
+        The pixel decoder applies its 1×1 convolutions first and resizes after: bilinear resizing
+        and a 1×1 convolution commute, and 256 channels are 4× cheaper to resize than 1024.
+        """
+        return self.forward_features(x), self.reins.queries()
+
     def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """-> ([s4, s8, s16, s32] maps, each B×C×·×·), Rein queries T×Q."""
-        f7, f11, f15, f23 = self.forward_features(x)
-        up = partial(F.interpolate, mode="bilinear", align_corners=False)
-        feats = [  # strides 4, 8, 16, 32
-            up(f7, scale_factor=4.0),
-            up(f11, scale_factor=2.0),
-            f15,
-            up(f23, scale_factor=0.5),
-        ]
-        return feats, self.reins.queries()
+        """-> ([s4, s8, s16, s32] maps, each B×C×·×·), Rein queries T×Q (reference order)."""
+        maps, queries = self.forward_maps(x)
+        return [resize(m, s) for m, s in zip(maps, FEATURE_SCALES)], queries

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crossearth_cli.model.backbone import ReinsDinoVisionTransformer
+from crossearth_cli.model.backbone import FEATURE_SCALES, ReinsDinoVisionTransformer
 from crossearth_cli.model.config import CheckpointInfo, CrossEarthConfig
 from crossearth_cli.model.head import ReinMask2FormerHead, semantic_scores
 
@@ -51,8 +51,8 @@ class CrossEarth(nn.Module):
 
         x must already be a multiple of the patch size on both sides.
         """
-        feats, queries = self.backbone(x)
-        return self.decode_head(feats, queries)
+        maps, queries = self.backbone.forward_maps(x)
+        return self.decode_head(maps, queries, FEATURE_SCALES)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != 3:

@@ -62,10 +62,14 @@ class ReinMask2FormerHead(nn.Module):
         return allowed[:, None]  # B×1×Q×hw, broadcast over the heads
 
     def forward(
-        self, feats: list[torch.Tensor], queries: torch.Tensor
+        self,
+        feats: list[torch.Tensor],
+        queries: torch.Tensor,
+        scales: tuple[float, ...] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """feats [s4, s8, s16, s32], queries Q×D -> (cls logits B×Q×(C+1), masks B×Q×H4×W4)."""
-        mask_features, mems = self.pixel_decoder(feats)
+        """feats [s4, s8, s16, s32] (or stride-16 maps with their ``scales``), queries Q×D
+        -> (cls logits B×Q×(C+1), masks B×Q×H4×W4)."""
+        mask_features, mems = self.pixel_decoder(feats, scales)
         b = mask_features.shape[0]
         d = self.querys2feat.in_features
         memories, memory_pos, sizes = [], [], []

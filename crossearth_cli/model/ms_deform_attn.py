@@ -33,8 +33,11 @@ def ms_deform_attn_core(
     out_dtype = value.dtype
     value = value.float()
     grids = (2 * sampling_locations.float() - 1).transpose(1, 2).flatten(0, 1)  # (B·h)×Nq×L×P×2
-    sampled = []
+    w = attention_weights.float().transpose(1, 2).reshape(b * nh, nq, nl, npts)
+    out = None
     start = 0
+    # Level by level: sample, then weight and sum the points at once; never materialise all
+    # levels' samples together (that stack dominated the pixel decoder's GPU time).
     for lvl, (hl, wl) in enumerate(spatial_shapes):
         v = value[:, start : start + hl * wl]  # B×HW×h×d
         start += hl * wl
@@ -42,11 +45,9 @@ def ms_deform_attn_core(
         s = F.grid_sample(
             v, grids[:, :, lvl], mode="bilinear", padding_mode="zeros", align_corners=False
         )  # (B·h)×d×Nq×P
-        sampled.append(s)
-    sampled_all = torch.stack(sampled, dim=-2).flatten(-2)  # (B·h)×d×Nq×(L·P)
-    w = attention_weights.float().transpose(1, 2).reshape(b * nh, 1, nq, nl * npts)
-    out = (sampled_all * w).sum(-1)  # (B·h)×d×Nq
-    out = out.view(b, nh * d, nq).transpose(1, 2)  # B×Nq×(h·d)
+        part = torch.einsum("bdqp,bqp->bdq", s, w[:, :, lvl])  # (B·h)×d×Nq
+        out = part if out is None else out.add_(part)
+    out = out.reshape(b, nh * d, nq).transpose(1, 2)  # B×Nq×(h·d)
     return out.to(out_dtype)
 
 

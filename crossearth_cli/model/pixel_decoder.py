@@ -27,8 +27,14 @@ class ConvGN(nn.Module):
         self.gn = nn.GroupNorm(groups, cout, eps=1e-5)
         self.relu = relu
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.gn(self.conv(x))
+    def forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """``scale``: bilinear resize between the convolution and the norm (see
+        ``ReinsDinoVisionTransformer.forward_maps``: for a 1×1 convolution this equals resizing
+        the input first)."""
+        x = self.conv(x)
+        if scale != 1:
+            x = F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
+        x = self.gn(x)
         return F.relu(x) if self.relu else x
 
 
@@ -112,13 +118,20 @@ class PixelDecoder(nn.Module):
         )
         self.mask_feature = nn.Conv2d(feat_channels, mask_channels, 1)
 
-    def forward(self, feats: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """feats: [s4, s8, s16, s32] -> (mask features B×M×H/4×W/4, [s32, s16, s8] memories)."""
-        levels = [feats[3], feats[2], feats[1]]  # coarse → fine; input_convs[i] ↔ level i
+    def forward(
+        self, feats: list[torch.Tensor], scales: tuple[float, ...] | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """feats: [s4, s8, s16, s32] -> (mask features B×M×H/4×W/4, [s32, s16, s8] memories).
+
+        With ``scales``, feats are the backbone's stride-16 maps and each is resized by its
+        scale after its 1×1 convolution instead of before (same result, far less work).
+        """
+        scales = scales or (1.0,) * len(feats)
+        levels = [(feats[3], scales[3]), (feats[2], scales[2]), (feats[1], scales[1])]
         b = feats[0].shape[0]
         tokens, poses, shapes = [], [], []
-        for i, f in enumerate(levels):
-            x = self.input_convs[i](f)  # B×D×h×w
+        for i, (f, scale) in enumerate(levels):  # coarse → fine; input_convs[i] ↔ level i
+            x = self.input_convs[i](f, scale)  # B×D×h×w
             hl, wl = x.shape[-2:]
             pos = sine_position_encoding(hl, wl, self.feat_channels // 2, device=x.device)
             pos = pos + self.level_encoding.weight[i].float().view(1, -1, 1, 1)
@@ -135,7 +148,7 @@ class PixelDecoder(nn.Module):
         for hl, wl in shapes:  # back to maps: [s32, s16, s8]
             mems.append(x[:, start : start + hl * wl].transpose(1, 2).reshape(b, -1, hl, wl))
             start += hl * wl
-        y = self.lateral_convs[0](feats[0])
+        y = self.lateral_convs[0](feats[0], scales[0])
         y = y + F.interpolate(mems[-1], size=y.shape[-2:], mode="bilinear", align_corners=False)
         y = self.output_convs[0](y)
         return self.mask_feature(y), mems
