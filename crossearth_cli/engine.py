@@ -88,6 +88,7 @@ class SegmentSettings:
     overwrite: bool = False
     compress: str = "deflate"
     io_threads: int | None = None
+    compile: bool = False  # torch.compile the model (measure first: see docs/performance.md)
 
     def outputs(self) -> list[Path]:
         return [p for p in (self.output, self.confidence, self.probabilities) if p is not None]
@@ -268,11 +269,10 @@ class Predictor:
         return low, factor, scaling.clip
 
     def _to_device(self, images: torch.Tensor, valid: torch.Tensor):
-        if not self.cuda:
-            # work on a reused copy: the staged batch stays intact for out-of-memory retries
+        if not self.cuda:  # the staged batch stays intact for out-of-memory retries
             if self._work is None or self._work.shape != images.shape:
                 self._work = torch.empty_like(images)
-            return self._work.copy_(images), valid
+            return images, valid
         with torch.cuda.stream(self.copy_stream):
             x = images.to(self.device, non_blocking=True)
             v = valid.to(self.device, non_blocking=True)
@@ -282,16 +282,32 @@ class Predictor:
         v.record_stream(compute)
         return x, v
 
-    def _forward(self, images: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        x, v = self._to_device(images, valid)
-        if self._scaling is not None:  # per-scene stretch to 0-255, on the device
+    def _normalise(self, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Raw values → (clip(stretch) − mean) / std, as few passes over the batch as possible.
+
+        On the CPU the result goes to a reused work buffer (the staged batch stays intact for
+        out-of-memory retries); on the GPU the fresh device copy is modified in place.
+        """
+        out = self._work if not self.cuda else x
+        inv_std = 1.0 / self.std
+        if self._scaling is None:  # 8-bit data as is: x / std - mean / std in one pass
+            torch.addcmul(-self.mean * inv_std, x, inv_std, out=out)
+        else:
             low, factor, clip = self._scaling
             if low is not None:
-                x.sub_(low).mul_(factor)
+                torch.sub(x, low, out=out).mul_(factor)
+            elif out is not x:
+                out.copy_(x)
             if clip:
-                x.clamp_(0.0, 255.0)
-        x.sub_(self.mean).div_(self.std)
-        x.masked_fill_(~v.unsqueeze(1), 0.0)  # nodata (NaN too) becomes the mean colour
+                out.clamp_(0.0, 255.0)
+            out.sub_(self.mean).mul_(inv_std)
+        if not bool(v.all()):
+            out.masked_fill_(~v.unsqueeze(1), 0.0)  # nodata (NaN too) becomes the mean colour
+        return out
+
+    def _forward(self, images: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        x, v = self._to_device(images, valid)
+        x = self._normalise(x, v)
         dtype = _PRECISIONS[self.precision]
         with torch.inference_mode(), torch.autocast(
             self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None
@@ -461,11 +477,17 @@ class Session:
     """What stays loaded across scenes: the model on its device, the predictor, reader threads."""
 
     def __init__(self, spec: ModelSpec, device: str = "auto", precision: str = "auto",
-                 batch_size: int | str = 4, io_threads: int | None = None):
+                 batch_size: int | str = 4, io_threads: int | None = None,
+                 compile: bool = False):
         self.spec = spec
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
+        configure_cpu_threads(self.device, io_threads)
         spec.module = spec.module.to(self.device).eval()
+        if compile:
+            # Tiles have one size per scene, so shapes are static apart from a last, smaller
+            # batch: a couple of compilations per run.
+            spec.module = torch.compile(spec.module, dynamic=False)
         self.predictor = Predictor(spec, self.device, self.precision, batch_size)
         self.io_threads = io_threads or cpu_io_threads()
         self.pool = ThreadPoolExecutor(self.io_threads, thread_name_prefix="crossearth-read")
@@ -518,7 +540,7 @@ def segment(
 ) -> SegmentResult:
     """Segment one scene. Raises :class:`UserError` for anything the user can fix."""
     with Session(spec, settings.device, settings.precision, settings.batch_size,
-                 settings.io_threads) as session:
+                 settings.io_threads, settings.compile) as session:
         return session.run(session.prepare(settings, part, reader), events)
 
 
@@ -633,9 +655,19 @@ def _run_tiles(predictor, feed, acc, sinks, y0, scaling, emit):
     return counts, skipped
 
 
+def configure_cpu_threads(device: torch.device, io_threads: int | None) -> None:
+    """On the CPU, leave a core to the reader/writer threads when there are cores to spare.
+
+    torch's intra-op pool defaults to every core; GDAL decompression and compression run in
+    our threads beside it. With 2 cores both stay with torch (I/O mostly waits on the disk).
+    """
+    if device.type != "cpu" or os.environ.get("OMP_NUM_THREADS"):
+        return
+    cores = os.cpu_count() or 1
+    if cores > 4:
+        torch.set_num_threads(max(1, cores - (io_threads or cpu_io_threads()) // 2))
+
+
 def default_output_path(input_path: Path, suffix: str = "_classes") -> Path:
     return input_path.with_name(f"{input_path.stem}{suffix}.tif")
 
-
-def cpu_threads() -> int:
-    return max(1, os.cpu_count() or 1)

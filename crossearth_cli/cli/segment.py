@@ -81,6 +81,10 @@ def segment_command(
         None, "--vector", help="Also vectorize to a GeoPackage with the preset's defaults "
         "(buildings regularized, roads as centerlines + polygons): a path or 'auto'."
     ),
+    compile: bool = typer.Option(
+        False, "--compile", help="torch.compile the model (pays a compile on start; see "
+        "docs/performance.md for when it helps)."
+    ),
     cog: bool = typer.Option(False, "--cog", help="Write Cloud-Optimized GeoTIFFs with overviews."),
     compress: str = typer.Option("deflate", "--compress", help="deflate | zstd | lzw | none."),
     overwrite: bool = typer.Option(
@@ -112,6 +116,7 @@ def segment_command(
         blend=blend, batch_size=batch_size, device=device, precision=precision,
         confidence=confidence, probabilities=probabilities,
         probabilities_dtype=probabilities_dtype, vector=vector, cog=cog, compress=compress,
+        compile=compile,
         overwrite=overwrite, summary=summary, vrt=vrt, allow_random=allow_random_weights,
         rank=rank,
     )
@@ -142,7 +147,7 @@ class _Job:
             batch_size=_parse_batch_size(self.batch_size),
             device=self.device, precision=self.precision,
             probabilities_dtype=self.probabilities_dtype.lower(), cog=self.cog,
-            overwrite=self.overwrite, compress=self.compress.lower(),
+            overwrite=self.overwrite, compress=self.compress.lower(), compile=self.compile,
         )
 
     def load_model(self, device: str):
@@ -220,7 +225,8 @@ class _Job:
             check_output_path(vec, self.overwrite, inputs=[src], what="vector output")
         spec = self.load_model(self.device)
         self.finish_settings(settings, spec)
-        with Session(spec, settings.device, settings.precision, settings.batch_size) as session:
+        with Session(spec, settings.device, settings.precision, settings.batch_size,
+                     compile=settings.compile) as session:
             scene = session.prepare(settings)
             with progress_events(src.name) as events:
                 result = session.run(scene, events=events)
@@ -262,7 +268,7 @@ class _Job:
         result = None
         try:
             with Session(spec, part_settings.device, settings.precision,
-                         settings.batch_size) as session:
+                         settings.batch_size, compile=settings.compile) as session:
                 scene = session.prepare(part_settings, part=RowPart(rank.rank, rank.world))
                 with progress_events(f"{src.name} [rank {rank.rank}]") as events:
                     result = session.run(scene, events=events if rank.rank == 0 else None)
@@ -354,7 +360,8 @@ class _Job:
             if "vector" in outs:
                 self.vectorize(spec, outs["classes"], outs["vector"], outs.get("confidence"))
 
-        with Session(spec, device, template.precision, template.batch_size) as session:
+        with Session(spec, device, template.precision, template.batch_size,
+                     compile=template.compile) as session:
             with _BatchProgress(len(todo), rank, manifest) as events:
                 result = run_batch(mine, outdir, template, session, kinds, key, manifest,
                                    after_scene=after_scene, events=events)

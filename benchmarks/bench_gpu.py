@@ -1,0 +1,229 @@
+"""(d) The GPU benchmark behind benchmarks/gpu.sh: ViT-L model-only and end-to-end figures.
+
+Reports, for a random-weight ViT-L CrossEarth (the real architecture; weights do not change
+the work):
+- model-only tiles/s at 512 and 1024 in bf16 autocast and fp32, with achieved TFLOP/s from
+  the reference's 0.89 TFLOP per 512² tile and 4.8 TFLOP per 1024² tile, and peak memory;
+- the top CUDA kernels of one bf16 batch (where the time goes);
+- torch.compile against eager for 512 bf16 (when time allows);
+- end-to-end Mpx/s of `segment` on a synthetic 16k² scene, against model-only at the same
+  batch and precision.
+Each step is written to the JSON as soon as it finishes, so a cut-off run keeps what it did.
+
+    python benchmarks/bench_gpu.py --json $OUT/gpu.json
+    python benchmarks/bench_gpu.py --cpu-smoke --json /tmp/smoke.json   # tiny model on CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+from scenes import machine, write_scene
+
+TFLOP_PER_TILE = {512: 0.89, 1024: 4.8}  # reference §3.5 (2 × MACs)
+
+
+def build(tiny: bool, size: int, device: str):
+    from crossearth_cli.model import CrossEarth
+    from crossearth_cli.model.random_init import random_state_dict, tiny_config, vit_large_config
+
+    config = tiny_config(img_size=size) if tiny else vit_large_config(6, img_size=size)
+    with torch.device("meta"):
+        net = CrossEarth(config)
+    net.load_state_dict(random_state_dict(config, seed=0), assign=True)
+    return net.to(device).eval()
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(net, x, precision: str, device: str, seconds: float, warmup: int = 2) -> dict:
+    dev = torch.device(device).type
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    ctx = torch.autocast(dev, dtype=dtype) if dtype else torch.autocast(dev, enabled=False)
+    if dev == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    with torch.inference_mode(), ctx:
+        for _ in range(warmup):
+            net(x)
+        sync(device)
+        n, t0 = 0, time.perf_counter()
+        while True:
+            net(x)
+            n += 1
+            if n >= 2 and time.perf_counter() - t0 > seconds:
+                sync(device)
+                if time.perf_counter() - t0 > seconds:
+                    break
+        sync(device)
+        elapsed = time.perf_counter() - t0
+    row = {"precision": precision, "batch": x.shape[0], "batches": n,
+           "tiles_per_s": round(n * x.shape[0] / elapsed, 3)}
+    if dev == "cuda":
+        row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return row
+
+
+def kernel_profile(net, x, device: str, top: int = 15) -> list[dict]:
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with torch.inference_mode(), torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        net(x)
+        sync(device)
+        with profile(activities=acts) as prof:
+            net(x)
+            sync(device)
+    def self_time(e) -> float:
+        if device.startswith("cuda"):
+            return getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
+        return e.self_cpu_time_total
+
+    rows = []
+    for e in sorted(prof.key_averages(), key=self_time, reverse=True)[:top]:
+        rows.append({"name": e.key[:80], "ms": round(self_time(e) / 1000, 3), "calls": e.count})
+    return rows
+
+
+def end_to_end(net, size: int, device: str, batch: int, precision: str, work: Path,
+               tile: int) -> dict:
+    from crossearth_cli.engine import ModelSpec, SegmentSettings, segment
+
+    src = work / f"scene_{size}.tif"
+    t0 = time.perf_counter()
+    if not src.exists():
+        write_scene(src, size)
+    make_s = time.perf_counter() - t0
+    spec = ModelSpec(module=net, class_names=[f"c{i}" for i in range(net.num_classes)],
+                     crop=tile, stride=round(tile * 2 / 3), label="random ViT-L")
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    r = segment(SegmentSettings(input=src, output=work / "classes.tif", overwrite=True,
+                                batch_size=batch, device=device, precision=precision), spec)
+    seconds = time.perf_counter() - t0
+    row = {"scene": f"{size}x{size}", "scene_write_s": round(make_s, 1),
+           "seconds": round(seconds, 2), "tiles": r.tiles,
+           "tiles_per_s": round(r.tiles / seconds, 3), "mpx_per_s": round(r.mpx_per_s, 2),
+           "batch": r.batch_size, "precision": r.precision}
+    if device.startswith("cuda"):
+        row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cpu-smoke", action="store_true",
+                    help="dry run on the CPU with the tiny model and small sizes")
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--budget", type=float, default=270, help="seconds; later steps are skipped")
+    ap.add_argument("--e2e-size", type=int, default=16384)
+    ap.add_argument("--quick", action="store_true",
+                    help="only model-only and the 16k² end-to-end run (no profile, compile)")
+    args = ap.parse_args()
+    t_start = time.perf_counter()
+    smoke = args.cpu_smoke
+    device = "cpu" if smoke else "cuda"
+    if not smoke and not torch.cuda.is_available():
+        raise SystemExit("no CUDA GPU here: run with --cpu-smoke for a dry run")
+    sizes = [64, 128] if smoke else [512, 1024]
+    seconds = 0.2 if smoke else 4.0
+    report: dict = {"benchmark": "gpu (d)", "machine": machine(), "smoke": smoke,
+                    "torch": torch.__version__, "steps": {}, "errors": {}}
+    if not smoke:
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 runs as TF32 matmuls, as users get
+        torch.backends.cudnn.allow_tf32 = True
+        report["gpu"] = torch.cuda.get_device_name(0)
+
+    def save() -> None:
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+    def step(name: str, fn):
+        if time.perf_counter() - t_start > args.budget:
+            report["errors"][name] = "skipped: out of time budget"
+            save()
+            return None
+        t0 = time.perf_counter()
+        try:
+            out = fn()
+        except Exception as exc:  # noqa: BLE001 - a benchmark reports and goes on
+            report["errors"][name] = f"{type(exc).__name__}: {exc}"
+            traceback.print_exc()
+            out = None
+        else:
+            report["steps"][name] = out
+        report.setdefault("step_seconds", {})[name] = round(time.perf_counter() - t0, 1)
+        save()
+        print(f"[{time.perf_counter() - t_start:6.1f}s] {name}: {json.dumps(out)}", flush=True)
+        return out
+
+    batches = {512: {"bf16": 16, "fp32": 8}, 1024: {"bf16": 4, "fp32": 2}}
+    e2e_net = None
+    for size in sizes:
+        t0 = time.perf_counter()
+        net = build(smoke, size, device)
+        report["steps"][f"build_{size}"] = {
+            "parameters": sum(p.numel() for p in net.parameters()),
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+        for precision in ("bf16", "fp32"):
+            b = 2 if smoke else batches[size][precision]
+            x = torch.randn(b, 3, size, size, device=device)
+            row = step(f"model_{size}_{precision}",
+                       lambda n=net, x=x, p=precision: timed(n, x, p, device, seconds))
+            if row and not smoke:
+                tflops = row["tiles_per_s"] * TFLOP_PER_TILE[size]
+                row["tflop_s"] = round(tflops, 1)
+                save()
+            del x
+        if size == sizes[0]:
+            b = 2 if smoke else batches[size]["bf16"]
+            x = torch.randn(b, 3, size, size, device=device)
+            if not args.quick:
+                step("kernels_512_bf16", lambda n=net, x=x: kernel_profile(n, x, device))
+            e2e_net = net
+        else:
+            del net
+            if not smoke:
+                torch.cuda.empty_cache()
+    e2e = args.e2e_size if not smoke else 128
+    work = Path(tempfile.mkdtemp(prefix="crossearth-gpu-"))
+    b = 2 if smoke else batches[sizes[0]]["bf16"]
+    step("end_to_end", lambda: end_to_end(e2e_net, e2e, device, b, "bf16", work, sizes[0]))
+    if not args.quick:
+        step("end_to_end_batch_auto",
+             lambda: end_to_end(e2e_net, 4096 if not smoke else 96, device, "auto", "bf16",
+                                work, sizes[0]))
+    model_row = report["steps"].get(f"model_{sizes[0]}_bf16")
+    e2e_row = report["steps"].get("end_to_end")
+    if model_row and e2e_row:
+        report["end_to_end_vs_model_only"] = round(
+            e2e_row["tiles_per_s"] / model_row["tiles_per_s"], 3)
+    if not smoke and not args.quick:
+        x = torch.randn(batches[512]["bf16"], 3, 512, 512, device=device)
+
+        def compiled():
+            t0 = time.perf_counter()
+            c = torch.compile(e2e_net, dynamic=False)
+            row = timed(c, x, "bf16", device, seconds, warmup=2)
+            row["compile_and_warmup_s"] = round(time.perf_counter() - t0 - seconds, 1)
+            return row
+
+        step("compiled_512_bf16", compiled)
+    report["total_seconds"] = round(time.perf_counter() - t_start, 1)
+    save()
+    print(json.dumps({k: v for k, v in report.items() if k != "steps"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""(b) Against the original approach: mmseg-style evaluation vs `crossearth segment`.
+
+The naive side is a faithful re-implementation of how the original code evaluates a scene:
+read the whole scene into memory, normalise it, slide one window at a time (batch 1, fp32)
+over it, add each window's scores into a scene-sized float32 canvas and a count canvas,
+divide, argmax, write. `segment` runs the same tiny random-weight CrossEarth (same weights,
+same windows) with its defaults. Each run is a fresh process so its peak RSS is its own.
+Also the issue-3 memory benchmark: peak RSS of `segment` must stay flat (within 1.2×) from 2k²
+to 16k², while the naive approach grows with the area.
+
+    python benchmarks/bench_naive.py                         # 2048, 8192, 16384
+    python benchmarks/bench_naive.py --sizes 2048,4096 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+from scenes import machine, tiny_checkpoint, write_scene
+
+HERE = Path(__file__).resolve().parent
+
+NAIVE = textwrap.dedent(
+    """
+    import json, resource, sys, time
+    sys.path.insert(0, {here!r})
+    import numpy as np, rasterio, torch
+    from scenes import ROOT
+    from crossearth_cli.model import load_checkpoint
+    t0 = time.perf_counter()
+    model = load_checkpoint({ckpt!r})
+    with rasterio.open({src!r}) as ds:
+        img = ds.read().astype(np.float32)          # the whole scene in memory
+        profile = ds.profile
+    mean = np.array([123.675, 116.28, 103.53], np.float32)[:, None, None]
+    std = np.array([58.395, 57.12, 57.375], np.float32)[:, None, None]
+    x = torch.from_numpy((img - mean) / std)[None]  # 1×3×H×W, normalised in one go
+    del img
+    _, _, h, w = x.shape
+    crop, stride = {crop}, {stride}
+    c = model.num_classes
+    preds = torch.zeros(1, c, h, w)                 # scene-sized float32 canvases
+    count = torch.zeros(1, 1, h, w)
+    hg = max(h - crop + stride - 1, 0) // stride + 1
+    wg = max(w - crop + stride - 1, 0) // stride + 1
+    with torch.no_grad():
+        for i in range(hg):
+            for j in range(wg):
+                y1, x1 = i * stride, j * stride
+                y2, x2 = min(y1 + crop, h), min(x1 + crop, w)
+                y1, x1 = max(y2 - crop, 0), max(x2 - crop, 0)
+                preds[:, :, y1:y2, x1:x2] += model(x[:, :, y1:y2, x1:x2])  # batch 1, fp32
+                count[:, :, y1:y2, x1:x2] += 1
+    classes = (preds / count).argmax(1)[0].numpy().astype(np.uint8)
+    profile.update(count=1, dtype="uint8", nodata=255)
+    with rasterio.open({out!r}, "w", **profile) as dst:
+        dst.write(classes, 1)
+    seconds = time.perf_counter() - t0
+    print("RESULT " + json.dumps({{"seconds": seconds,
+          "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+    """
+)
+
+OURS = textwrap.dedent(
+    """
+    import json, resource, sys, time
+    sys.path.insert(0, {here!r})
+    from pathlib import Path
+    from scenes import ROOT
+    from crossearth_cli.engine import SegmentSettings
+    from crossearth_cli.loading import resolve_model
+    from crossearth_cli.engine import segment
+    t0 = time.perf_counter()
+    spec = resolve_model(checkpoint=Path({ckpt!r}))
+    r = segment(SegmentSettings(input=Path({src!r}), output=Path({out!r}), overwrite=True,
+                                tile={crop}, stride={stride}, device="cpu"), spec)
+    seconds = time.perf_counter() - t0
+    print("RESULT " + json.dumps({{"seconds": seconds,
+          "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+    """
+)
+
+
+def run(code: str) -> dict:
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed"}
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="2048,8192,16384")
+    ap.add_argument("--crop", type=int, default=512)
+    ap.add_argument("--stride", type=int, default=341)
+    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="crossearth-naive-"))
+    work.mkdir(parents=True, exist_ok=True)
+    ckpt = tiny_checkpoint(work / "tiny.pth")
+    rows = []
+    for size in (int(s) for s in args.sizes.split(",")):
+        src = work / f"scene_{size}.tif"
+        if not src.exists():
+            write_scene(src, size)
+        kw = dict(here=str(HERE), ckpt=str(ckpt), src=str(src), crop=args.crop,
+                  stride=args.stride)
+        ours = run(OURS.format(out=str(work / f"ours_{size}.tif"), **kw))
+        naive = run(NAIVE.format(out=str(work / f"naive_{size}.tif"), **kw))
+        row = {"size": size, "mpx": size * size / 1e6, "ours": ours, "naive": naive}
+        if "seconds" in ours and "seconds" in naive:
+            row["speedup"] = round(naive["seconds"] / ours["seconds"], 2)
+            row["rss_ratio_naive_over_ours"] = round(
+                naive["peak_rss_mb"] / ours["peak_rss_mb"], 2)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    ok = [r for r in rows if "seconds" in r["ours"]]
+    flat = (max(r["ours"]["peak_rss_mb"] for r in ok) / min(r["ours"]["peak_rss_mb"] for r in ok)
+            if ok else None)
+    print(f"\n{'scene':>8} {'ours s':>8} {'naive s':>8} {'speedup':>8} {'ours MB':>8} "
+          f"{'naive MB':>9}")
+    for r in rows:
+        o, n = r["ours"], r["naive"]
+        print(f"{r['size']:>7}² {o.get('seconds', float('nan')):>8.1f} "
+              f"{n.get('seconds', float('nan')):>8.1f} {r.get('speedup', float('nan')):>7.2f}× "
+              f"{o.get('peak_rss_mb', float('nan')):>8.0f} "
+              f"{n.get('peak_rss_mb', float('nan')):>9.0f}"
+              + (f"  naive: {n['error']}" if "error" in n else ""))
+    if flat:
+        print(f"segment's peak RSS across sizes: max/min = {flat:.2f}× ({machine()})")
+    if args.json:
+        args.json.write_text(json.dumps({"benchmark": "against the naive approach (b)",
+                                         "machine": machine(), "rows": rows,
+                                         "ours_rss_max_over_min": flat}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
