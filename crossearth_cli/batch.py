@@ -164,7 +164,9 @@ class Manifest:
     def files(self) -> list[Path]:
         return sorted(self.outdir.glob(f"{MANIFEST_PREFIX}*.jsonl"))
 
-    def _load(self) -> None:
+    def read_all(self) -> list[Record]:
+        """Every record in every manifest file of the folder (all ranks, all runs)."""
+        records = []
         for f in self.files():
             try:
                 lines = f.read_text().splitlines()
@@ -172,12 +174,16 @@ class Manifest:
                 continue
             for line in lines:
                 try:
-                    rec = Record(**json.loads(line))
+                    records.append(Record(**json.loads(line)))
                 except (ValueError, TypeError):
                     continue  # a line cut short by a kill: ignore it
-                old = self.records.get(rec.input)
-                if old is None or rec.finished >= old.finished:
-                    self.records[rec.input] = rec
+        return records
+
+    def _load(self) -> None:
+        for rec in self.read_all():
+            old = self.records.get(rec.input)
+            if old is None or rec.finished >= old.finished:
+                self.records[rec.input] = rec
 
     def key(self, item: BatchInput) -> str:
         return item.rel.as_posix()

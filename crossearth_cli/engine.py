@@ -198,15 +198,22 @@ class Predictor:
         if self.cuda:  # torch's caching host allocator reuses pinned blocks once copies finish
             return torch.empty(shape, dtype=dtype, pin_memory=True)
         buf = self._host.get(name)
-        if buf is None or buf.shape[1:] != shape[1:] or buf.shape[0] < shape[0]:
+        if (buf is None or buf.dtype != dtype or buf.shape[1:] != shape[1:]
+                or buf.shape[0] < shape[0]):
             buf = torch.empty(shape, dtype=dtype)
             self._host[name] = buf
         return buf[: shape[0]]
 
+    # pixel types staged as they are (converted on the device, 1/4 of the float32 bytes for
+    # 8-bit data); others (uint16, uint32, ...) are widened to float32 on the host
+    _STAGE_AS_IS = {np.dtype(t): getattr(torch, t) for t in
+                    ("uint8", "int8", "int16", "int32", "float32", "float64")}
+
     def stage(self, images: list[np.ndarray], valid: list[np.ndarray]):
-        """Stack tiles (3×h×w in the file's dtype, h×w bool) into one float32 host batch."""
+        """Stack tiles (3×h×w in the file's dtype, h×w bool) into one host batch."""
         n = len(images)
-        x = self._buffer("images", (n, *images[0].shape), torch.float32)
+        dtype = self._STAGE_AS_IS.get(images[0].dtype, torch.float32)
+        x = self._buffer("images", (n, *images[0].shape), dtype)
         v = self._buffer("valid", (n, *valid[0].shape), torch.bool)
         xn = x.numpy()
         for i, img in enumerate(images):
@@ -271,7 +278,7 @@ class Predictor:
     def _to_device(self, images: torch.Tensor, valid: torch.Tensor):
         if not self.cuda:  # the staged batch stays intact for out-of-memory retries
             if self._work is None or self._work.shape != images.shape:
-                self._work = torch.empty_like(images)
+                self._work = torch.empty(images.shape, dtype=torch.float32)
             return images, valid
         with torch.cuda.stream(self.copy_stream):
             x = images.to(self.device, non_blocking=True)
@@ -285,10 +292,16 @@ class Predictor:
     def _normalise(self, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Raw values → (clip(stretch) − mean) / std, as few passes over the batch as possible.
 
-        On the CPU the result goes to a reused work buffer (the staged batch stays intact for
-        out-of-memory retries); on the GPU the fresh device copy is modified in place.
+        The input may still be in the file's integer type; the result is float32 in a reused
+        work buffer on the CPU (the staged batch stays intact for out-of-memory retries) or in
+        place on the GPU when the copy is already float32.
         """
-        out = self._work if not self.cuda else x
+        if not self.cuda:
+            out = self._work
+        elif x.dtype == torch.float32:
+            out = x
+        else:
+            out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
         inv_std = 1.0 / self.std
         if self._scaling is None:  # 8-bit data as is: x / std - mean / std in one pass
             torch.addcmul(-self.mean * inv_std, x, inv_std, out=out)
@@ -297,7 +310,7 @@ class Predictor:
             if low is not None:
                 torch.sub(x, low, out=out).mul_(factor)
             elif out is not x:
-                out.copy_(x)
+                out.copy_(x)  # converts to float32
             if clip:
                 out.clamp_(0.0, 255.0)
             out.sub_(self.mean).mul_(inv_std)

@@ -45,3 +45,50 @@ class OutputError(UserError):
 
 class ConfigError(UserError):
     """Options that contradict each other or are out of range."""
+
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
+EXIT_TERMINATED = 143  # 128 + SIGTERM
+
+
+class Interrupted(KeyboardInterrupt):
+    """Stop requested by a signal (Ctrl-C: SIGINT; ``kill``, schedulers: SIGTERM).
+
+    A KeyboardInterrupt, so every ``except Exception`` lets it through and every clean-up that
+    already handles Ctrl-C (temporary outputs, reader threads) handles SIGTERM the same way.
+    """
+
+    def __init__(self, signum: int):
+        import signal
+
+        self.signum = int(signum)
+        try:
+            self.signal_name = signal.Signals(self.signum).name
+        except ValueError:
+            self.signal_name = f"signal {self.signum}"
+        super().__init__(self.signal_name)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+def from_os_error(exc: BaseException) -> UserError | None:
+    """A user-facing error for OS failures that are never bugs (disk full, quota, read-only
+    file system, permission denied), or None. Used by the CLI as a last resort, so a full disk
+    hit anywhere (a manifest, a GeoPackage, a summary) is one clear line, not a traceback."""
+    import errno
+
+    if not isinstance(exc, OSError):
+        return None
+    path = exc.filename
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        what = "no space left on the device" if exc.errno == errno.ENOSPC else "disk quota exceeded"
+        return OutputError(f"{what} while writing", path=path, hint="free some space")
+    if exc.errno == errno.EROFS:
+        return OutputError("cannot write: read-only file system", path=path,
+                           hint="choose another output folder")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return UserError(f"permission denied ({exc.strerror})", path=path,
+                         hint="check the permissions or choose another path")
+    return None

@@ -59,6 +59,13 @@ def resolve_model(
         notes.extend(info.warnings)
         label = preset.name if preset else Path(checkpoint).name
     n = module.num_classes
+    if preset is not None and not random_weights and n != len(preset.classes):
+        # the file's own class names must not hide that it is not the preset's model
+        raise ConfigError(
+            f"the checkpoint {Path(checkpoint).name} has {n} classes but preset {preset.name} "
+            f"has {len(preset.classes)} ({', '.join(preset.classes)})",
+            hint="use the preset that matches the file, or pass it alone with --checkpoint",
+        )
     names = (info.classes if info and info.classes else None) or (
         list(preset.classes) if preset else None
     )

@@ -1,34 +1,185 @@
 """Command-line entry point: ``crossearth``.
 
-Each command lives in its own module and registers itself on :data:`app`. This module turns
-user errors into one line on stderr and a documented exit code.
+Each command lives in its own module and registers itself on :data:`app`. This module owns the
+way a run ends: user errors become one line on stderr and exit code 2 (``--debug`` adds the
+traceback), Ctrl-C (SIGINT) and SIGTERM remove temporary outputs and exit 130 / 143 with one
+line, and output locks are released.
+
+The Typer app runs with ``standalone_mode=False``: in standalone mode click (and Typer) catch
+KeyboardInterrupt and usage errors themselves and exit before we can clean up or print our line.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 import traceback
+import warnings
 
 from crossearth_cli.cli import convert, models, segment, vectorize  # noqa: F401  (register)
 from crossearth_cli.cli.app import app
-from crossearth_cli.errors import UserError
+from crossearth_cli.errors import (
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    Interrupted,
+    UserError,
+    from_os_error,
+)
 
 __all__ = ["app", "main"]
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = sys.argv[1:] if argv is None else list(argv)
-    debug = "--debug" in args or os.environ.get("CROSSEARTH_DEBUG") == "1"
+class _Signals:
+    """SIGINT and SIGTERM raise :class:`Interrupted` in the main thread.
+
+    The first signal stops the run: the exception unwinds through the clean-up code (temporary
+    outputs aborted, threads joined). A second one during that clean-up is ignored so it cannot
+    cut the clean-up short; a third quits at once (hidden temporaries of a killed run are removed
+    by the next run anyway).
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.count = 0
+        self.previous: dict[int, object] = {}
+
+    def handler(self, signum, frame) -> None:
+        self.count += 1
+        if self.count == 1:
+            self.received = signum
+            raise Interrupted(signum)
+        if self.count >= 3:
+            os._exit(128 + signum)
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signals can only be handled in the main thread
+        defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+        for sig, default in defaults.items():
+            current = signal.getsignal(sig)
+            if current is default:  # an ignored SIGINT (nohup, `cmd &`) stays ignored
+                self.previous[sig] = current
+                signal.signal(sig, self.handler)
+
+    def restore(self) -> None:
+        for sig, previous in self.previous.items():
+            signal.signal(sig, previous)
+        self.previous.clear()
+
+
+def _error_line(message: str) -> None:
+    print(f"crossearth: error: {message}", file=sys.stderr, flush=True)
+
+
+def _interrupted(signals: _Signals, exc: BaseException | None, debug: bool) -> int:
+    if debug and exc is not None:
+        traceback.print_exception(exc)
+    signum = signals.received
+    if signum is None and isinstance(exc, Interrupted):
+        signum = exc.signum
+    name = signal.Signals(signum).name if signum else "SIGINT"
+    print(f"crossearth: interrupted ({name}); temporary files removed, nothing incomplete "
+          "was left", file=sys.stderr, flush=True)
+    return 128 + signum if signum else EXIT_INTERRUPTED
+
+
+def _click_exceptions():
+    """The click exception classes Typer raises (Typer ≥ 0.20 vendors its own click)."""
+    import typer
+
+    module = sys.modules[typer.BadParameter.__module__]
+    return module.ClickException, getattr(module, "Abort", None) or typer.Abort
+
+
+def _run(args: list[str], debug: bool, signals: _Signals) -> int:
+    click_exception, click_abort = _click_exceptions()
     try:
-        app(args=args, prog_name="crossearth")
+        rv = app(args=args, prog_name="crossearth", standalone_mode=False)
     except UserError as exc:
         if debug:
             traceback.print_exc()
-        print(f"crossearth: error: {exc.one_line()}", file=sys.stderr)
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
+        _error_line(exc.one_line())
+        return exc.exit_code
+    except click_exception as exc:  # usage errors: one line, exit 2
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            return exc.exit_code  # the help was printed when the error was made
         if debug:
             traceback.print_exc()
-        print("crossearth: interrupted; temporary files removed", file=sys.stderr)
-        sys.exit(130)
+        ctx = getattr(exc, "ctx", None)
+        see = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        _error_line(" ".join(exc.format_message().split()) + see)
+        return exc.exit_code
+    except click_abort as exc:
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, KeyboardInterrupt):
+            return _interrupted(signals, cause, debug)
+        _error_line("aborted")
+        return 1
+    except KeyboardInterrupt as exc:
+        return _interrupted(signals, exc, debug)
+    except (OSError, MemoryError, RuntimeError) as exc:
+        user = _environment_error(exc)
+        if user is None:
+            raise  # a bug: crash loudly, with the traceback
+        if debug:
+            traceback.print_exc()
+        _error_line(user.one_line())
+        return user.exit_code
+    if signals.received is not None or rv == EXIT_INTERRUPTED:
+        # Typer turns KeyboardInterrupt into ``Exit(130)`` before we can see it
+        return _interrupted(signals, None, debug)
+    return rv if isinstance(rv, int) else 0
+
+
+def _environment_error(exc: BaseException) -> UserError | None:
+    """Failures of the machine rather than the code: a full disk, no permission, no memory."""
+    import re
+
+    if isinstance(exc, OSError):
+        return from_os_error(exc)
+    text = str(exc)
+    if isinstance(exc, MemoryError) or "can't allocate memory" in text or (
+        "out of memory" in text.lower()
+    ):
+        m = re.search(r"allocate ([\d.]+)\s*(bytes|[KMGT]i?B)", text)
+        if m:
+            scale = {"bytes": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40,
+                     "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}.get(m.group(2), 1)
+            what = f"out of memory ({float(m.group(1)) * scale / 1e9:.1f} GB asked for at once)"
+        else:
+            what = "out of memory"
+        return UserError(what, hint="memory grows with the scene width times --tile, and with "
+                         "--batch-size: use a smaller --tile or --batch-size")
+    return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI and exit: 0 done, 1 some files of a batch failed, 2 usage or input error,
+    130 Ctrl-C, 143 SIGTERM."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in args or os.environ.get("CROSSEARTH_DEBUG") == "1"
+    if not debug:
+        # GDAL prints warnings about odd files ("Warning 1: TIFFReadDirectory...") straight to
+        # stderr; our one line says what matters. Must be set before GDAL's first message.
+        os.environ.setdefault("CPL_LOG", os.devnull)
+    signals = _Signals()
+    signals.install()
+    code = EXIT_USAGE
+    try:
+        with warnings.catch_warnings():
+            if not debug:  # library warnings are for developers; users get notes and errors
+                warnings.simplefilter("ignore")
+            try:
+                code = _run(args, debug, signals)
+            except KeyboardInterrupt as exc:  # a signal during the error handling itself
+                code = _interrupted(signals, exc, debug)
+            finally:
+                writer = sys.modules.get("crossearth_cli.raster.writer")
+                if writer is not None:  # whatever an interrupted clean-up could not reach
+                    writer.remove_own_temporaries()
+                    writer.release_output_locks()
+    finally:
+        signals.restore()
+    sys.exit(code)

@@ -332,6 +332,10 @@ class _Job:
                                              ("vector", self.vector)) if v]
         key = settings_hash(self.request_key(kinds))
         manifest = Manifest(outdir, rank.rank, rank.world)
+        from crossearth_cli.raster.writer import ensure_writable_folder, lock_output
+
+        ensure_writable_folder(manifest.path)
+        lock_output(manifest.path)  # a second run into this folder is refused, not raced
         todo = [it for it in items
                 if self.overwrite or not manifest.is_current(it, key, it.outputs(outdir, kinds))]
         if not todo:  # every rank sees the same manifests: nothing to load, nothing to run
@@ -473,7 +477,7 @@ def _print_result(result, vector: Path | None) -> None:
         f"{result.output}{extra}: {result.width}x{result.height} px "
         f"({result.pixels / 1e6:.2f} Mpx) in {result.seconds:.1f} s, "
         f"{result.mpx_per_s:.2f} Mpx/s on {result.device} ({result.precision}); "
-        f"{shares}{nodata}",
+        f"{shares}{nodata}" if shares else nodata[2:],  # all nodata: no "; , nodata"
         highlight=False,
     )
 
@@ -523,20 +527,8 @@ class _BatchProgress:
         return self.events
 
     def _poll(self, start: float) -> None:
-        import json
-
         while not self._stop.wait(1.0):
-            n = 0
-            for f in self.manifest.files():
-                try:
-                    lines = f.read_text().splitlines()
-                except OSError:
-                    continue
-                for line in lines:
-                    try:
-                        n += json.loads(line).get("finished", 0) >= start
-                    except ValueError:
-                        pass
+            n = sum(rec.finished >= start for rec in self.manifest.read_all())
             self.progress.update(self.task, completed=n)
 
     def events(self, kind: str, data: dict) -> None:

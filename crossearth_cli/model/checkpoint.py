@@ -213,13 +213,19 @@ def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
             hint="pass a CrossEarth .pth or .safetensors file",
         )
     zip_format = kind == "torch-zip"
-    if zip_format and not zipfile.is_zipfile(path):
+    try:
+        is_zip = zipfile.is_zipfile(path)
+    except (zipfile.BadZipFile, OSError, ValueError):  # a mangled end-of-archive record
+        is_zip = False
+    if zip_format and not is_zip:
         raise truncated
     try:
         obj = _torch_load(path, zip_format)
     except CheckpointError:
         raise
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as exc:
+    except Exception as exc:  # noqa: BLE001 - a damaged pickle fails in many ways (struct
+        # errors, TypeErrors from mangled calls, assertions in torch): all mean "corrupt";
+        # weights_only=True guarantees that none of it ran code from the file
         raise truncated from exc
     return _extract(obj, path)
 
@@ -628,9 +634,20 @@ def read_checkpoint(
         )
     sd = _drop_extras(raw, info)
     sd = _complete_backbone(sd, path, backbone, info, hints.get("img_size"))
-    config = infer_config(sd, path)
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in CrossEarth(config).state_dict().items()}
+    try:
+        config = infer_config(sd, path)
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in CrossEarth(config).state_dict().items()}
+    except CheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - tensors of impossible shapes (a damaged file)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"does not match the CrossEarth architecture (its tensor shapes are inconsistent: "
+            f"{first[:120]})",
+            path=path,
+            hint="the file is damaged or not a CrossEarth checkpoint; download it again",
+        ) from exc
     _check_keys(expected, sd, path)
     sd = _check_values(sd, path, info)
     if info.classes is not None and len(info.classes) != config.num_classes:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from crossearth_cli import presets
 from crossearth_cli.model.config import CrossEarthConfig, default_out_indices
 
 __all__ = [
@@ -28,15 +29,8 @@ __all__ = [
     "ISPRS_PALETTE",
 ]
 
-ISPRS_CLASSES = ["impervious_surface", "building", "low_vegetation", "tree", "car", "clutter"]
-ISPRS_PALETTE = [
-    (255, 255, 255),
-    (0, 0, 255),
-    (0, 255, 255),
-    (0, 255, 0),
-    (255, 255, 0),
-    (255, 0, 0),
-]
+ISPRS_CLASSES = list(presets.ISPRS_CLASSES)
+ISPRS_PALETTE = list(presets.ISPRS_PALETTE)
 
 
 def tiny_config(num_classes: int = 6, **overrides) -> CrossEarthConfig:

@@ -5,8 +5,8 @@ Tiles arrive in row-major order. The band holds the rows covered by the current 
 its top edge is final: those rows are turned into classes (and confidence / probabilities),
 handed back as small uint8 arrays, and the band slides down.
 
-Memory, in bytes: ``(C + 2) × 4 × tile × width`` on the accumulating device (scores, weights,
-valid mask), independent of the scene height.
+Memory, in bytes: ``(4·C + 1) × tile × width`` on the accumulating device (C float32 scores
+and a valid flag per pixel), independent of the scene height.
 
 The band lives on the model's device; only uint8 (or float16) rows come back to the host.
 """
@@ -43,6 +43,11 @@ class RowBandAccumulator:
 
     ``blend="mean"`` sums raw scores with weight 1 (mmseg's ``slide_inference``); smooth modes
     normalise each pixel's scores to probabilities first and weight them with the taper.
+
+    No weight band is kept: the grid is a product of row and column windows, so the total
+    weight at a pixel is ``Σ_rows(taper) × Σ_cols(taper)``, known in advance. Smooth blends do
+    not even need it (dividing by a positive weight keeps the argmax, and probabilities are
+    renormalised per pixel); ``mean`` divides by the window count as mmseg does.
     """
 
     def __init__(
@@ -68,16 +73,20 @@ class RowBandAccumulator:
         band = min(tile, height)
         self.band_h = band
         self.scores = torch.zeros(num_classes, band, width, dtype=torch.float32, device=self.device)
-        self.weight = torch.zeros(band, width, dtype=torch.float32, device=self.device)
         self.valid = torch.zeros(band, width, dtype=torch.bool, device=self.device)
+        # band rows that received scores; the others are all zero (nodata), which lets empty
+        # stretches of a sparse scene skip the band arithmetic entirely
+        self._touched = np.zeros(band, dtype=bool)
         self.top, self.y0, self.y1 = rows if rows is not None else (0, 0, height)
         self._ys = tuple(window_starts(height, tile, stride))
         self._xs = tuple(window_starts(width, tile, stride))
         self._weights: dict[tuple, torch.Tensor] = {}
+        self._counts: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @staticmethod
     def band_bytes(width: int, tile: int, num_classes: int) -> int:
-        return (num_classes + 2) * 4 * tile * width
+        """Device memory of the band: C float32 scores and a valid flag per pixel."""
+        return (4 * num_classes + 1) * tile * width
 
     def _tile_weight(self, tile: Tile) -> torch.Tensor:
         # Tiles with the same overlaps on each side share one weight map (a handful per scene).
@@ -90,6 +99,20 @@ class RowBandAccumulator:
             w = torch.from_numpy(np.outer(wy, wx).astype(np.float32)).to(self.device)
             self._weights[(oy, ox)] = w
         return w
+
+    def _window_counts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Windows covering each scene row and each column (mean mode's divisor)."""
+        if self._counts is None:
+            th, tw = min(self.tile, self.height), min(self.tile, self.width)
+            cy = np.zeros(self.height, np.float32)
+            for y in self._ys:
+                cy[y : y + th] += 1
+            cx = np.zeros(self.width, np.float32)
+            for x in self._xs:
+                cx[x : x + tw] += 1
+            self._counts = (torch.from_numpy(cy).to(self.device),
+                            torch.from_numpy(cx).to(self.device))
+        return self._counts
 
     def add(
         self, tile: Tile, scores: torch.Tensor | None, valid: torch.Tensor | None
@@ -104,15 +127,13 @@ class RowBandAccumulator:
         scores = scores.to(device=self.device, dtype=torch.float32)
         if self.blend == "mean":
             self.scores[:, rows, cols] += scores
-            self.weight[rows, cols] += 1.0
         else:
             # probabilities times the taper in one pass: s * (w / sum_c s), no C×h×w temporary
-            w = self._tile_weight(tile)
-            factor = w / scores.sum(dim=0).clamp_min_(_EPS)
+            factor = self._tile_weight(tile) / scores.sum(dim=0).clamp_min_(_EPS)
             self.scores[:, rows, cols].addcmul_(scores, factor)
-            self.weight[rows, cols] += w
         if valid is not None:
             self.valid[rows, cols] |= valid.to(self.device)
+        self._touched[rows] = True
         return finished
 
     def finish(self) -> list[FinishedRows]:
@@ -131,14 +152,20 @@ class RowBandAccumulator:
             raise ValueError("tiles skipped rows: stride larger than tile")
         rows = self._emit(d)
         keep = max(self.band_h - d, 0)
-        # slide the band up by d rows and clear the freed rows
-        if keep:
-            self.scores[:, :keep] = self.scores[:, d:].clone()
-            self.weight[:keep] = self.weight[d:].clone()
-            self.valid[:keep] = self.valid[d:].clone()
-        self.scores[:, keep:].zero_()
-        self.weight[keep:].zero_()
-        self.valid[keep:] = False
+        if self._touched.any():
+            if keep and self._touched[d:].any():
+                # slide the band up by d rows in place, in chunks of at most d rows so source
+                # and destination never overlap (one chunk when the overlap is below 50 %)
+                for i in range(0, keep, d):
+                    j = min(i + d, keep)
+                    self.scores[:, i:j].copy_(self.scores[:, d + i : d + j])
+                    self.valid[i:j].copy_(self.valid[d + i : d + j])
+                self.scores[:, keep:].zero_()
+                self.valid[keep:] = False
+            else:
+                self.scores.zero_()
+                self.valid.fill_(False)
+        self._touched = np.concatenate([self._touched[d:], np.zeros(min(d, self.band_h), bool)])
         self.top = y
         return [rows] if rows is not None else []
 
@@ -148,35 +175,60 @@ class RowBandAccumulator:
         b = max(min(self.y1 - self.top, n), a)
         if a == b:
             return None
-        weight = self.weight[a:b]
-        valid = self.valid[a:b] & (weight > 0)
+        if not self._touched[a:b].any():
+            return self._empty_rows(self.top + a, b - a)
+        valid = self.valid[a:b]
         if self.blend == "mean":  # mmseg: average of raw scores, then argmax
-            scores = self.scores[:, a:b] / weight.clamp_min(_EPS)
-        else:  # weighted sums of probabilities; dividing by the weight keeps the argmax
+            cy, cx = self._window_counts()
+            count = torch.outer(cy[self.top + a : self.top + b], cx)
+            scores = self.scores[:, a:b] / count
+        else:  # weighted sums of probabilities: their argmax is the blended argmax
             scores = self.scores[:, a:b]
         top, classes = scores.max(dim=0)  # max(dim) is several times faster than argmax(dim)
         classes = classes.to(torch.uint8)
-        classes[~valid] = CLASS_NODATA
-        counts = torch.bincount(classes[valid].flatten().long(), minlength=self.num_classes)
+        classes.masked_fill_(~valid, CLASS_NODATA)
+        # nodata lands in bin 255: no boolean indexing (a copy) needed to leave it out
+        counts = torch.bincount(classes.flatten(), minlength=256)[: self.num_classes]
         result = FinishedRows(
             y=self.top + a,
             classes=classes.cpu().numpy(),
-            class_counts=counts[: self.num_classes].cpu().numpy(),
+            class_counts=counts.cpu().numpy(),
         )
         if self.want_confidence or self.want_probabilities:
             total = scores.sum(dim=0).clamp_min_(_EPS)
             if self.want_confidence:
                 conf = (top / total).mul_(255.0).round_().clamp_(1, 255).to(torch.uint8)
-                conf[~valid] = CONFIDENCE_NODATA
+                conf.masked_fill_(~valid, CONFIDENCE_NODATA)
                 result.confidence = conf.cpu().numpy()
             if self.want_probabilities:
                 scores = scores / total
             if self.want_probabilities == "uint8":
                 p = (scores * PROBABILITY_SCALE_U8).round_().to(torch.uint8)
-                p[:, ~valid] = PROBABILITY_NODATA_U8
+                p.masked_fill_(~valid, PROBABILITY_NODATA_U8)
                 result.probabilities = p.cpu().numpy()
             elif self.want_probabilities in ("float16", "float32"):  # writer stores the width
-                p = scores
-                p[:, ~valid] = float("nan")
-                result.probabilities = p.cpu().numpy()
+                scores.masked_fill_(~valid, float("nan"))
+                result.probabilities = scores.cpu().numpy()
+        return result
+
+    def _empty_rows(self, y: int, h: int) -> FinishedRows:
+        """Rows no tile with data reached: all nodata, without touching the band.
+
+        The arrays are read-only broadcast views of one value (no memory): the writer sees the
+        zero strides and leaves those blocks unwritten (sparse output, read back as nodata).
+        """
+        shape = (h, self.width)
+        result = FinishedRows(
+            y=y,
+            classes=np.broadcast_to(np.uint8(CLASS_NODATA), shape),
+            class_counts=np.zeros(self.num_classes, dtype=np.int64),
+        )
+        if self.want_confidence:
+            result.confidence = np.broadcast_to(np.uint8(CONFIDENCE_NODATA), shape)
+        if self.want_probabilities == "uint8":
+            result.probabilities = np.broadcast_to(
+                np.uint8(PROBABILITY_NODATA_U8), (self.num_classes, *shape))
+        elif self.want_probabilities in ("float16", "float32"):
+            result.probabilities = np.broadcast_to(
+                np.float32(np.nan), (self.num_classes, *shape))
         return result

@@ -9,6 +9,11 @@ Scaling is decided once per scene, never per tile (a per-tile stretch makes seam
 is used as is, anything else is stretched linearly from robust percentiles of a decimated
 read (overviews when the file has them, otherwise a sparse grid of small windows).
 
+A paletted raster (one band of colour-table indices) is expanded to the RGB of its colour
+table; palette entries with alpha 0 are nodata. Sparse GeoTIFFs (blocks never written, which
+GDAL reads as nodata) are not read at all where every selected band is sparse: a huge, mostly
+empty mosaic costs what its data costs.
+
 rasterio dataset handles are not thread-safe, so each reader thread opens its own.
 """
 
@@ -23,11 +28,16 @@ from pathlib import Path
 import numpy as np
 import rasterio
 from rasterio.enums import ColorInterp, MaskFlags
-from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.windows import Window
 
 from crossearth_cli.errors import ConfigError, InputError
 from crossearth_cli.raster.windows import Tile
+
+try:  # GDAL errors that rasterio raises as they are
+    from rasterio._err import CPLE_BaseError
+except ImportError:  # pragma: no cover - rasterio always has it; be safe across versions
+    CPLE_BaseError = RasterioError
 
 PERCENTILES = (2.0, 98.0)
 _SAMPLE_GRID = 12  # windows per axis when the file has no overviews
@@ -95,6 +105,11 @@ def open_raster(path: str | Path) -> rasterio.DatasetReader:
     """Open ``path`` for reading, turning every failure into one clear line."""
     p = Path(path)
     if not p.exists():
+        if p.is_symlink():
+            raise InputError(
+                "is a symbolic link that leads nowhere (a broken link or a loop of links)",
+                path=p, hint="fix or remove the link",
+            )
         raise InputError("no such file", path=p, hint="check the path")
     if p.is_dir():
         raise InputError("is a folder, not a raster", path=p)
@@ -102,9 +117,9 @@ def open_raster(path: str | Path) -> rasterio.DatasetReader:
         raise InputError("is an empty file (0 bytes), not a raster", path=p)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            return rasterio.open(p)
-    except RasterioIOError as exc:
+            warnings.simplefilter("ignore")  # not georeferenced, odd TIFF tags: not errors
+            src = rasterio.open(p)
+    except (RasterioError, CPLE_BaseError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else "unreadable"
         raise InputError(
             f"not a readable raster ({first})",
@@ -113,6 +128,24 @@ def open_raster(path: str | Path) -> rasterio.DatasetReader:
         ) from exc
     except MemoryError as exc:
         raise InputError("raster header asks for more memory than exists", path=p) from exc
+    try:
+        _check_header(src)
+    except BaseException:
+        src.close()
+        raise
+    return src
+
+
+def _check_header(src) -> None:
+    """Refuse what GDAL opens but nothing can segment (so it fails before any output)."""
+    if src.count < 1 or src.width < 1 or src.height < 1:
+        raise InputError(
+            f"has no pixels ({src.width}x{src.height}, {src.count} band(s))", path=src.name
+        )
+    try:
+        src.dtypes, src.block_shapes, src.mask_flag_enums  # noqa: B018 - probe the header
+    except (RasterioError, CPLE_BaseError, ValueError, KeyError) as exc:
+        raise InputError(f"has an unreadable header ({exc})", path=src.name) from exc
 
 
 def mask_kind(flags) -> str:
@@ -143,7 +176,7 @@ def check_readable(src, bands: list[int] | None = None) -> None:
                     min(h, src.height))
     try:
         src.read(bands or 1, window=window)
-    except RasterioIOError as exc:
+    except (RasterioError, CPLE_BaseError) as exc:
         raise InputError(
             "cannot be read to the end: the file is truncated or corrupt",
             path=src.name,
@@ -204,6 +237,67 @@ def default_bands(src, order: str) -> tuple[list[int], str | None]:
     )
 
 
+def _is_paletted(src) -> bool:
+    """One band of colour-table indices (a paletted GeoTIFF, PNG or GIF)."""
+    try:
+        if src.colorinterp[0] != ColorInterp.palette or src.dtypes[0] not in ("uint8", "uint16"):
+            return False
+        return bool(src.colormap(1))
+    except (ValueError, RasterioError, CPLE_BaseError):
+        return False
+
+
+class _SparseBlocks:
+    """Which blocks of a tiled or stripped GeoTIFF were never written (sparse files).
+
+    GDAL reads such a block as the band's nodata value without touching the disk. When every
+    selected band marks nodata by value, a region whose blocks are all unwritten in every band
+    is all nodata: it is neither read nor sent to the model. Block rows are looked up lazily
+    (``BLOCK_OFFSET_x_y`` in GDAL's TIFF metadata domain) and cached.
+    """
+
+    def __init__(self, bands: list[int], block_h: int, block_w: int, width: int):
+        self.bands, self.block_h, self.block_w = bands, block_h, block_w
+        self.n_cols = -(-width // block_w)
+        self._rows: dict[int, bool] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def for_reader(cls, src, bands: list[int], kinds: list[str]) -> _SparseBlocks | None:
+        if src.driver != "GTiff" or any(k != "nodata" for k in kinds):
+            return None  # without a nodata value an unwritten block reads as real zeros
+        shapes = {src.block_shapes[b - 1] for b in bands}
+        if len(shapes) != 1:
+            return None
+        (bh, bw), = shapes
+        if bh < 1 or bw < 1:
+            return None
+        return cls(sorted(set(bands)), bh, bw, src.width)
+
+    def _block_row_empty(self, src, row: int) -> bool:
+        with self._lock:
+            cached = self._rows.get(row)
+        if cached is not None:
+            return cached
+        empty = True
+        for col in range(self.n_cols):
+            for b in self.bands:
+                if src.get_tag_item(f"BLOCK_OFFSET_{col}_{row}", "TIFF", bidx=b) is not None:
+                    empty = False
+                    break
+            if not empty:
+                break
+        with self._lock:
+            self._rows[row] = empty
+        return empty
+
+    def rows_empty(self, src, y: int, h: int) -> bool:
+        if h <= 0:
+            return False
+        first, last = y // self.block_h, (y + h - 1) // self.block_h
+        return all(self._block_row_empty(src, r) for r in range(first, last + 1))
+
+
 class SceneReader:
     """Reads tiles of one scene; safe to call from several threads at once."""
 
@@ -238,10 +332,20 @@ class SceneReader:
                 hint="convert to amplitude first, e.g. with gdal_calc or gdal_translate",
             )
         self.notes: list[str] = []
-        if bands is None:
+        self.palette: np.ndarray | None = None  # 3×N uint8 colour table of band 1
+        self._palette_nodata: np.ndarray | None = None  # N bool: entries with alpha 0
+        if bands is None and _is_paletted(src):
+            self._use_palette(src, band_order)
+            bands = [1, 1, 1]
+        elif bands is None:
             bands, note = default_bands(src, band_order)
             if note:
                 self.notes.append(note)
+        elif _is_paletted(src) and 1 in bands:
+            self.notes.append(
+                "band 1 is paletted: --bands reads its colour-table indices, not colours "
+                "(leave out --bands to use the colours)"
+            )
         for b in bands:
             if not 1 <= b <= src.count:
                 raise InputError(
@@ -250,24 +354,52 @@ class SceneReader:
                     hint=f"pass --bands with numbers from 1 to {src.count}",
                 )
         self.bands = list(bands)
-        self.dtype = np.result_type(*[np.dtype(src.dtypes[b - 1]) for b in self.bands])
-        self._mask_kinds = [mask_kind(src.mask_flag_enums[b - 1]) for b in self.bands]
-        self._nodata = [src.nodatavals[b - 1] for b in self.bands]
+        # what is read from the file: band 1 once for a palette, else the selected bands
+        self._read_bands = [1] if self.palette is not None else self.bands
+        read_dtype = np.result_type(*[np.dtype(src.dtypes[b - 1]) for b in self._read_bands])
+        self._read_dtype = read_dtype
+        self.dtype = np.dtype(np.uint8) if self.palette is not None else read_dtype
+        self._mask_kinds = [mask_kind(src.mask_flag_enums[b - 1]) for b in self._read_bands]
+        self._nodata = [src.nodatavals[b - 1] for b in self._read_bands]
         self.crs = src.crs
         self.transform = src.transform
         gcps, gcp_crs = src.gcps
         self.gcps = (gcps, gcp_crs) if gcps else None
         self.profile = src.profile
         if src.crs is None and self.gcps is None:
-            self.notes.append("the raster has no CRS: the outputs will have none either")
+            if src.transform.is_identity:
+                self.notes.append(
+                    "the raster has no georeferencing (no CRS, no geotransform), e.g. a plain "
+                    "PNG or JPEG: the outputs are in pixel coordinates, without a CRS"
+                )
+            else:
+                self.notes.append("the raster has no CRS: the outputs will have none either")
+        self._sparse = _SparseBlocks.for_reader(src, self._read_bands, self._mask_kinds)
         self.scaling = self._resolve_scaling(src, value_range)
         self._check_readable(src)
+
+    def _use_palette(self, src, band_order: str) -> None:
+        cmap = src.colormap(1)
+        size = 256 if src.dtypes[0] == "uint8" else 65536
+        lut = np.zeros((4, size), dtype=np.uint8)
+        lut[3] = 255
+        for i, rgba in cmap.items():
+            if 0 <= i < size:
+                lut[:, i] = [int(v) for v in (tuple(rgba) + (255,))[:4]]
+        self.palette = np.ascontiguousarray(lut[:3])
+        self._palette_nodata = lut[3] == 0
+        note = "paletted raster: its colour table is expanded to red, green, blue"
+        if band_order == "IRRG":
+            note += "; the model expects near-infrared, red, green, so results may be poor"
+        self.notes.append(note)
 
     def _resolve_scaling(self, src, value_range) -> list[BandScaling] | None:
         if isinstance(value_range, list):
             if len(value_range) != len(self.bands):
                 raise ConfigError(f"--range gives {len(value_range)} bands, expected 3")
             return value_range
+        if self.palette is not None:
+            return None  # colours from the table are 8-bit already
         all_uint8 = all(src.dtypes[b - 1] == "uint8" for b in self.bands)
         if value_range == "none" or (value_range is None and all_uint8):
             return None
@@ -280,7 +412,7 @@ class SceneReader:
         return scaling
 
     def _check_readable(self, src) -> None:
-        check_readable(src, self.bands)
+        check_readable(src, self._read_bands)
 
     # -- reading ------------------------------------------------------------------------
 
@@ -295,6 +427,12 @@ class SceneReader:
             self._local.src = src
         return src
 
+    def rows_empty(self, y: int, h: int) -> bool:
+        """Whether rows ``y .. y+h`` hold no data at all: every selected band's blocks there
+        were never written (sparse GeoTIFF) and read as nodata. Answered from the TIFF's block
+        table, without reading or decompressing anything."""
+        return self._sparse is not None and self._sparse.rows_empty(self._src(), y, h)
+
     def read_tile(self, tile: Tile) -> tuple[np.ndarray, np.ndarray]:
         """(3×h×w float32 on 0–255, h×w bool valid) for ``tile``."""
         data, valid = self.read_raw(tile.y, tile.x, tile.h, tile.w)
@@ -305,11 +443,11 @@ class SceneReader:
         return self.to_model_scale(data, valid), valid
 
     def read_raw(self, y: int, x: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-        """(3×h×w in the file's dtype, h×w bool valid): one read, masks derived from it."""
+        """(3×h×w in :attr:`dtype`, h×w bool valid): one read, masks derived from it."""
         src = self._src()
         window = Window(x, y, w, h)
         try:
-            data = src.read(self.bands, window=window, out_dtype=self.dtype)
+            data = src.read(self._read_bands, window=window, out_dtype=self._read_dtype)
             valid = np.ones((h, w), dtype=bool)
             by_value = [i for i, k in enumerate(self._mask_kinds) if k == "nodata"]
             if by_value:  # nodata only where every such band holds its nodata value
@@ -319,14 +457,19 @@ class SceneReader:
                 valid &= ~hit
             for i, kind in enumerate(self._mask_kinds):
                 if kind == "mask":  # per-dataset / per-band mask or alpha: GDAL reads it
-                    valid &= src.read_masks(self.bands[i], window=window) > 0
-        except RasterioIOError as exc:
+                    valid &= src.read_masks(self._read_bands[i], window=window) > 0
+        except (RasterioError, CPLE_BaseError) as exc:
             raise InputError(
                 f"read failed at rows {y}-{y + h}, columns {x}-{x + w}: the file is truncated "
                 "or corrupt",
                 path=self.path,
                 hint="copy or download it again",
             ) from exc
+        if self.palette is not None:
+            index = data[0]
+            if self._palette_nodata.any():
+                valid &= ~self._palette_nodata[index]
+            return self.palette[:, index], valid
         if self.dtype.kind == "f":
             valid &= np.isfinite(data).all(axis=0)
         return data, valid
@@ -425,66 +568,110 @@ class StripFeed:
     file's dtype, reads only the rows the next tile row adds (in column chunks, in parallel, in
     the background while the current row is being processed) and hands out tiles as views.
 
+    Rows a sparse GeoTIFF never wrote (:meth:`SceneReader.rows_empty`) are not read: while the
+    whole strip is empty, tiles come out as shared all-nodata arrays, and nothing is allocated.
+
     Memory: ``tile × width × (bands × bytes per sample + 1)`` for the strip, twice at most.
     """
 
     def __init__(self, reader: SceneReader, grid: list[list[Tile]], pool, chunks: int = 2):
         self.reader, self.grid, self.pool = reader, grid, pool
         self.chunks = max(1, chunks)
-        self._next: tuple[int, list] | None = None  # (first tile row index, futures)
+        # (tile row index, first row, end row, futures; None when the rows are all empty)
+        self._next: tuple[int, int, int, list | None] | None = None
         self._row = 0
         self._data: np.ndarray | None = None
         self._valid: np.ndarray | None = None
+        self._h = 0  # rows in the strip
+        self._empty = False  # the strip holds only nodata (and _data/_valid are None)
         self._top = 0
+        self._blank: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
 
     def _submit(self, r: int) -> None:
         """Start reading the rows tile row ``r`` adds to the strip."""
         tile = self.grid[r][0]
         start = tile.y if r == 0 else max(tile.y, self.grid[r - 1][0].y + tile.h)
         end = tile.y + tile.h
-        futures = []
-        if end > start:
+        futures: list | None = []
+        if end > start and self.reader.rows_empty(start, end - start):
+            futures = None
+        elif end > start:
             w = self.reader.width
             step = -(-w // self.chunks)
             for x in range(0, w, step):
                 futures.append(self.pool.submit(
                     self.reader.read_raw, start, x, end - start, min(step, w - x)))
-        self._next = (r, start, futures)
+        self._next = (r, start, end, futures)
 
     def prime(self) -> StripFeed:
         if self._next is None and self._row < len(self.grid):
             self._submit(self._row)
         return self
 
+    def _zeros(self, h: int) -> tuple[np.ndarray, np.ndarray]:
+        w = self.reader.width
+        return (np.zeros((len(self.reader.bands), h, w), dtype=self.reader.dtype),
+                np.zeros((h, w), dtype=bool))
+
     def _advance(self) -> None:
-        r, _, futures = self._next
-        parts = [f.result() for f in futures]
+        r, start, end, futures = self._next
+        parts = [f.result() for f in futures] if futures else []
         self._next = None
         tile = self.grid[r][0]
         if r + 1 < len(self.grid):
             self._submit(r + 1)
-        keep = 0
-        if self._data is not None:
-            keep = max(self._top + self._data.shape[1] - tile.y, 0)
-        new_data = np.concatenate([p[0] for p in parts], axis=2) if parts else None
-        new_valid = np.concatenate([p[1] for p in parts], axis=1) if parts else None
-        if keep:
-            old_d = self._data[:, self._data.shape[1] - keep :]
-            old_v = self._valid[self._valid.shape[0] - keep :]
-            if new_data is not None:
-                self._data = np.concatenate([old_d, new_data], axis=1)
-                self._valid = np.concatenate([old_v, new_valid], axis=0)
-            else:
-                self._data, self._valid = old_d, old_v
+        keep = max(self._top + self._h - tile.y, 0) if self._h else 0
+        n_new = max(end - start, 0)
+        new_empty = futures is None
+        if keep and not self._empty and not self._valid[self._h - keep :].any():
+            self._empty, self._data, self._valid = True, None, None  # kept rows: all nodata
+        if (keep == 0 or self._empty) and (n_new == 0 or new_empty):
+            self._data = self._valid = None  # nothing but nodata: no arrays at all
+            self._empty = True
         else:
-            self._data, self._valid = new_data, new_valid
+            pieces_d, pieces_v = [], []
+            if keep:
+                if self._empty:
+                    old_d, old_v = self._zeros(keep)
+                else:
+                    old_d, old_v = self._data[:, self._h - keep :], self._valid[self._h - keep :]
+                pieces_d.append(old_d)
+                pieces_v.append(old_v)
+            if n_new:
+                if new_empty:
+                    new_d, new_v = self._zeros(n_new)
+                else:
+                    new_d = np.concatenate([p[0] for p in parts], axis=2)
+                    new_v = np.concatenate([p[1] for p in parts], axis=1)
+                pieces_d.append(new_d)
+                pieces_v.append(new_v)
+            if len(pieces_d) == 1:
+                self._data, self._valid = pieces_d[0], pieces_v[0]
+            else:
+                self._data = np.concatenate(pieces_d, axis=1)
+                self._valid = np.concatenate(pieces_v, axis=0)
+            self._empty = False
+        self._h = keep + n_new
         self._top = tile.y
+
+    def _blank_tile(self, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+        """Shared read-only all-nodata arrays for a tile of an empty strip."""
+        blank = self._blank.get((h, w))
+        if blank is None:
+            data = np.zeros((len(self.reader.bands), h, w), dtype=self.reader.dtype)
+            valid = np.zeros((h, w), dtype=bool)
+            data.flags.writeable = valid.flags.writeable = False
+            blank = self._blank[(h, w)] = (data, valid)
+        return blank
 
     def __iter__(self):
         self.prime()
         while self._row < len(self.grid):
             self._advance()
             for t in self.grid[self._row]:
+                if self._empty:
+                    yield (t, *self._blank_tile(t.h, t.w))
+                    continue
                 rows = slice(t.y - self._top, t.y - self._top + t.h)
                 cols = slice(t.x, t.x + t.w)
                 yield t, self._data[:, rows, cols], self._valid[rows, cols]
@@ -492,6 +679,6 @@ class StripFeed:
 
     def cancel(self) -> None:
         if self._next is not None:
-            for f in self._next[2]:
+            for f in self._next[3] or []:
                 f.cancel()
             self._next = None

@@ -8,9 +8,13 @@ GDAL compresses each tile exactly once.
 
 from __future__ import annotations
 
+import atexit
 import errno
 import json
 import os
+import socket
+import threading
+import time
 import uuid
 import warnings
 from collections.abc import Sequence
@@ -34,6 +38,41 @@ TEMP_SUFFIX = ".crossearth-tmp"
 def temp_path_for(final: Path) -> Path:
     tag = f"{os.getpid()}.{uuid.uuid4().hex[:8]}"
     return final.with_name(f"{TEMP_PREFIX}{final.name}.{tag}{TEMP_SUFFIX}")
+
+
+# Temporaries this process has created and not yet renamed or removed. A signal can land
+# between two bytecodes anywhere (say, after a sink created its file but before the engine
+# recorded the sink); the CLI removes whatever is still listed when it exits.
+_live_temps: set[Path] = set()
+_live_guard = threading.Lock()
+
+
+def _track(path: Path) -> Path:
+    with _live_guard:
+        _live_temps.add(path)
+    return path
+
+
+def _untrack(path: Path) -> None:
+    with _live_guard:
+        _live_temps.discard(path)
+
+
+def remove_own_temporaries() -> list[Path]:
+    """Delete the temporaries of this process that are still on disk (end of a CLI run)."""
+    with _live_guard:
+        paths = sorted(_live_temps)
+        _live_temps.clear()
+    removed = []
+    for p in paths:
+        try:
+            p.unlink()
+            removed.append(p)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            pass
+    return removed
 
 
 def stale_temps(final: Path) -> list[Path]:
@@ -72,7 +111,8 @@ def remove_stale_temps(final: Path) -> list[Path]:
 def check_output_path(
     path: Path, overwrite: bool, inputs: Sequence[Path] = (), what: str = "output"
 ) -> Path:
-    """Refuse outputs that exist, equal an input, or sit in a folder we cannot write."""
+    """Refuse outputs that exist, equal an input, sit in a folder we cannot write, or that
+    another run is writing right now; then hold the output's lock (see :func:`lock_output`)."""
     path = Path(path)
     for inp in inputs:
         if _same_file(path, Path(inp)):
@@ -84,6 +124,7 @@ def check_output_path(
     if path.exists() and not overwrite:
         raise OutputError(f"{what} exists", path=path, hint="pass --overwrite to replace it")
     ensure_writable_folder(path)
+    lock_output(path)
     return path
 
 
@@ -107,11 +148,12 @@ def ensure_writable_folder(path: Path) -> None:
         raise OutputError(
             f"cannot create the output folder ({exc.strerror})", path=folder
         ) from None
-    probe = temp_path_for(path)
+    probe = _track(temp_path_for(path))
     try:
         with open(probe, "wb"):
             pass
         probe.unlink()
+        _untrack(probe)
     except OSError as exc:
         raise OutputError(
             f"cannot write in the output folder ({exc.strerror or exc})",
@@ -120,18 +162,180 @@ def ensure_writable_folder(path: Path) -> None:
         ) from None
 
 
+def _chain(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _free_bytes(folder: Path) -> int | None:
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+LOW_SPACE = 16 << 20  # after a failed write, less free space than this means "disk full"
+
+
 def raise_for_os_error(exc: BaseException, path: Path) -> None:
-    """Turn a disk-full or permission error while writing into a clear OutputError."""
-    err = exc if isinstance(exc, OSError) else None
-    text = str(exc)
-    if (err is not None and err.errno == errno.ENOSPC) or "No space left" in text:
+    """Turn a disk-full or permission error while writing into a clear OutputError.
+
+    GDAL reports a full disk as "Write failed" (libtiff's ENOSPC text goes to stderr, not into
+    the exception), so after a failed write the free space of the folder decides.
+    """
+    path = Path(path)
+    chain = list(_chain(exc))
+    errnos = {e.errno for e in chain if isinstance(e, OSError)}
+    text = " ".join(str(e) for e in chain)
+    gdal_failed = any(isinstance(e, RasterioIOError) for e in chain) or "Write failed" in text
+    free = _free_bytes(path.parent) if gdal_failed else None
+    if (errnos & {errno.ENOSPC, errno.EDQUOT} or "No space left" in text
+            or "Disk quota" in text or (free is not None and free < LOW_SPACE)):
         raise OutputError(
             "no space left on the device while writing", path=path, hint="free some space"
         ) from exc
-    if err is not None and err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        raise OutputError(f"cannot write ({err.strerror})", path=path) from exc
-    if isinstance(exc, RasterioIOError):
-        raise OutputError(f"write failed ({text.splitlines()[0]})", path=path) from exc
+    for e in chain:
+        if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise OutputError(f"cannot write ({e.strerror})", path=path) from exc
+    if gdal_failed:
+        first = next((str(e).splitlines()[0] for e in chain if str(e).strip()), "unknown")
+        raise OutputError(f"write failed ({first})", path=path) from exc
+
+
+# -- one writer per output: a lock file beside it ----------------------------------------------
+
+LOCK_SUFFIX = ".lock"
+_locks: dict[str, tuple[int, Path]] = {}
+_locks_guard = threading.RLock()
+
+
+def lock_path_for(final: Path) -> Path:
+    return final.with_name(f"{TEMP_PREFIX}{final.name}{LOCK_SUFFIX}")
+
+
+def _job_id() -> str | None:
+    """Processes of one ``torchrun`` job share their outputs (rank 0 merges the parts)."""
+    run = os.environ.get("TORCHELASTIC_RUN_ID")
+    if not run:
+        return None
+    return f"{run}@{os.environ.get('MASTER_ADDR', '')}:{os.environ.get('MASTER_PORT', '')}"
+
+
+def _holder(lock: Path) -> dict:
+    """What the process holding ``lock`` wrote into it (it may not have written yet)."""
+    deadline = time.monotonic() + 2.0
+    while True:
+        try:
+            text = lock.read_text()
+            if text.strip():
+                return json.loads(text)
+        except (OSError, ValueError):
+            pass
+        if time.monotonic() > deadline:
+            return {}
+        time.sleep(0.02)
+
+
+def lock_output(final: Path) -> None:
+    """Hold an exclusive lock for writing ``final`` until :func:`release_output_lock`.
+
+    ``fcntl.flock`` on ``.NAME.lock`` beside the output, taken without waiting: a second run
+    writing the same output is refused at once (OutputError naming the other process) instead
+    of racing it. The kernel drops the lock when its process dies, so the lock file of a killed
+    run never blocks anyone; the next run takes it over and removes it. Re-entrant within a
+    process. On a file system without locks, outputs are written unlocked.
+    """
+    import fcntl
+
+    final = Path(final)
+    key = os.path.abspath(final)
+    with _locks_guard:
+        if key in _locks:
+            return
+        lock = lock_path_for(final)
+        for _ in range(20):
+            writable = True
+            try:
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            except PermissionError:  # another user's lock file: flock needs no write access
+                writable = False
+                try:
+                    fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
+                except OSError as exc:
+                    raise OutputError(
+                        f"cannot open the lock file {lock.name} ({exc.strerror})",
+                        path=final.parent, hint="choose a folder you can write to",
+                    ) from None
+            except OSError as exc:
+                raise OutputError(
+                    f"cannot create the lock file {lock.name} ({exc.strerror})",
+                    path=final.parent, hint="choose a folder you can write to",
+                ) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                holder = _holder(lock)
+                job = _job_id()
+                if job is not None and holder.get("job") == job:
+                    return  # another rank of this torchrun job: rank 0 writes the final file
+                who = f"pid {holder['pid']}" if holder.get("pid") else "another process"
+                if holder.get("host") and holder.get("host") != socket.gethostname():
+                    who += f" on {holder['host']}"
+                raise OutputError(
+                    f"another crossearth run ({who}) is writing this output right now",
+                    path=final, hint="wait for it to finish, or choose another output",
+                ) from None
+            except OSError:  # ENOLCK / EOPNOTSUPP: no locking on this file system
+                os.close(fd)
+                return
+            try:  # a run releasing it may have removed the file we just locked: retry
+                same = os.path.samestat(os.fstat(fd), os.stat(lock))
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            if writable:
+                info = {"pid": os.getpid(), "host": socket.gethostname(), "job": _job_id(),
+                        "output": final.name, "since": round(time.time(), 3)}
+                os.ftruncate(fd, 0)
+                os.write(fd, json.dumps(info).encode())
+            _locks[key] = (fd, lock)
+            return
+        raise OutputError("cannot take the output's lock (it keeps changing)", path=final)
+
+
+def release_output_lock(final: Path) -> None:
+    """Release and remove the lock :func:`lock_output` took for ``final`` (no-op otherwise)."""
+    with _locks_guard:
+        held = _locks.pop(os.path.abspath(Path(final)), None)
+    if held is None:
+        return
+    fd, lock = held
+    try:  # remove it while still holding it, so a waiter can tell it went stale
+        if os.path.samestat(os.fstat(fd), os.stat(lock)):
+            lock.unlink()
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def release_output_locks() -> None:
+    """Release every lock this process holds (end of a CLI run, interpreter exit)."""
+    with _locks_guard:
+        keys = list(_locks)
+    for key in keys:
+        release_output_lock(Path(key))
+
+
+atexit.register(release_output_locks)
+atexit.register(remove_own_temporaries)
 
 
 @dataclass
@@ -161,6 +365,9 @@ def _creation_options(spec: RasterSpec) -> dict:
         "compress": compress,
         "bigtiff": "IF_SAFER",
         "interleave": "band" if spec.count > 1 else "pixel",
+        # blocks that are entirely nodata are not written at all (they read back as nodata):
+        # a mostly-empty scene gives a small file, written fast
+        "sparse_ok": True,
     }
     if compress in ("deflate", "zstd", "lzw"):
         opts["predictor"] = 3 if np.dtype(spec.dtype).kind == "f" else 2
@@ -177,7 +384,7 @@ class GeoTiffSink:
     def __init__(self, spec: RasterSpec, height: int, width: int, crs, transform, gcps=None):
         self.spec, self.height, self.width = spec, height, width
         self.final = Path(spec.path)
-        self.tmp = temp_path_for(self.final)
+        self.tmp = _track(temp_path_for(self.final))
         self._pending: list[tuple[int, np.ndarray]] = []
         self._pending_rows = 0
         self._next_row = 0
@@ -211,9 +418,10 @@ class GeoTiffSink:
                 self.ds.set_band_description(i, desc)
             if spec.scales:
                 self.ds.scales = spec.scales
-        except Exception as exc:
+        except BaseException as exc:  # Ctrl-C / SIGTERM too: the file exists already
             self._cleanup()
-            raise_for_os_error(exc, self.final)
+            if isinstance(exc, Exception):
+                raise_for_os_error(exc, self.final)
             raise
 
     def write_rows(self, y: int, rows: np.ndarray) -> None:
@@ -228,14 +436,28 @@ class GeoTiffSink:
         if self._pending_rows >= BLOCK or self._next_row == self.height:
             self._flush()
 
+    def _is_blank(self, rows: np.ndarray) -> bool:
+        """A broadcast view of the nodata value (the accumulator's rows without data)."""
+        if rows.size == 0 or any(st != 0 for st in rows.strides):
+            return False
+        v, nd = rows.flat[0], self.spec.nodata
+        return nd is not None and (v == nd or (np.isnan(nd) and np.isnan(v)))
+
     def _flush(self) -> None:
         if not self._pending:
             return
         y0 = self._pending[0][0]
-        block = np.concatenate([r for _, r in self._pending], axis=1)
+        n = self._pending_rows
         # write whole block rows now, keep the remainder for the next call
-        n = block.shape[1]
         full = n if self._next_row == self.height else (n // BLOCK) * BLOCK
+        if all(self._is_blank(r) for _, r in self._pending):
+            # nothing but nodata: leave the blocks unwritten (SPARSE_OK reads them as nodata)
+            first = self._pending[0][1]
+            rest = np.broadcast_to(first.flat[0], (first.shape[0], n - full, self.width))
+            self._pending = [(y0 + full, rest)] if rest.shape[1] else []
+            self._pending_rows = rest.shape[1]
+            return
+        block = np.concatenate([r for _, r in self._pending], axis=1)
         self._wait()
         data = np.ascontiguousarray(block[:, :full])
         self._inflight = self._writer.submit(
@@ -268,21 +490,24 @@ class GeoTiffSink:
             if self.spec.cog:
                 self._to_cog()
             os.replace(self.tmp, self.final)
+            _untrack(self.tmp)
         except BaseException as exc:
             self._cleanup()
             if isinstance(exc, Exception):
                 raise_for_os_error(exc, self.final)
             raise
+        release_output_lock(self.final)
         return self.final
 
     def _to_cog(self) -> None:
-        cog_tmp = temp_path_for(self.final)
+        cog_tmp = _track(temp_path_for(self.final))
         opts = dict(
             driver="COG",
             compress=self.spec.compress.upper(),
             blocksize=BLOCK,
             overview_resampling=self.spec.overview_resampling.upper(),
             bigtiff="IF_SAFER",
+            sparse_ok=True,
         )
         if self.spec.compress.lower() in ("deflate", "zstd", "lzw"):
             opts["predictor"] = "YES"
@@ -290,11 +515,14 @@ class GeoTiffSink:
             rasterio.shutil.copy(self.tmp, cog_tmp, **opts)
         except BaseException:
             cog_tmp.unlink(missing_ok=True)
+            _untrack(cog_tmp)
             raise
         os.replace(cog_tmp, self.tmp)
+        _untrack(cog_tmp)
 
     def abort(self) -> None:
         self._cleanup()
+        release_output_lock(self.final)
 
     def _cleanup(self) -> None:
         writer = getattr(self, "_writer", None)
@@ -307,6 +535,7 @@ class GeoTiffSink:
             except Exception:  # noqa: BLE001 - already failing; just release the handle
                 pass
         self.tmp.unlink(missing_ok=True)
+        _untrack(self.tmp)
 
 
 def palette_colormap(palette: Sequence[Sequence[int]] | None) -> dict | None:

@@ -1,0 +1,314 @@
+"""Runs that are stopped or run short of memory lose nothing and leave nothing broken; errors
+read as one line (docs/reliability.md)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from helpers import PerPixelModel, per_pixel_spec, random_scene, run_cli, write_tif
+from reliability_helpers import (
+    assert_nothing_written,
+    assert_user_error,
+    cli,
+    error_lines,
+    hidden_leftovers,
+    real_env,
+    snapshot,
+    tiny_checkpoint,
+)
+
+from crossearth_cli.engine import SegmentSettings, segment
+from crossearth_cli.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pth", num_classes=4)
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory) -> Path:
+    return write_tif(tmp_path_factory.mktemp("big") / "big.tif", random_scene(1600, 1600))
+
+
+def _start(args: list, folder: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "crossearth_cli", *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=real_env())
+
+
+def _wait_for_temporaries(proc: subprocess.Popen, folder: Path, pattern: str) -> None:
+    deadline = time.time() + 180
+    while not list(folder.glob(pattern)):
+        if proc.poll() is not None:
+            pytest.fail(f"finished before it could be stopped: {proc.communicate()}")
+        if time.time() > deadline:
+            proc.kill()
+            pytest.fail("never saw the output being written")
+        time.sleep(0.02)
+
+
+# -- signals -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sig,code,name", [(signal.SIGINT, 130, "SIGINT"),
+                                           (signal.SIGTERM, 143, "SIGTERM")],
+                         ids=["SIGINT", "SIGTERM"])
+def test_sigint_and_sigterm_mid_write(tmp_path, ckpt, big, sig, code, name):
+    out = tmp_path / "out.tif"
+    proc = _start(["segment", big, "-c", ckpt, "-o", out, "--tile", "128",
+                   "--confidence", "auto", "--probabilities", "auto"], tmp_path)
+    try:
+        _wait_for_temporaries(proc, tmp_path, ".out*.crossearth-tmp")
+        time.sleep(0.2)  # some rows written
+        t0 = time.perf_counter()
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == code, err
+    assert time.perf_counter() - t0 < 30
+    assert "Traceback" not in err
+    assert error_lines(err) == [
+        f"crossearth: interrupted ({name}); temporary files removed, nothing incomplete was "
+        "left"], err
+    assert list(tmp_path.iterdir()) == [], "no output, no temporary, no lock file"
+
+
+def test_sigterm_in_a_batch_keeps_what_is_done_and_a_rerun_finishes(tmp_path, capfd, ckpt):
+    tiles = tmp_path / "tiles"
+    tiles.mkdir()
+    for i in range(3):
+        write_tif(tiles / f"s{i}.tif", random_scene(900, 900, seed=i))
+    out = tmp_path / "out"
+    args = ["segment", tiles, "-o", out, "-c", ckpt, "--tile", "128"]
+    proc = _start(args, tmp_path)
+    try:
+        _wait_for_temporaries(proc, out, ".s1_classes.tif.*.crossearth-tmp")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143 and "Traceback" not in err, err
+    assert sorted(p.name for p in out.iterdir()) == ["crossearth-manifest.jsonl",
+                                                     "s0_classes.tif"]
+    with rasterio.open(out / "s0_classes.tif") as ds:
+        ds.read()
+    summary = tmp_path / "s.json"
+    code, _, err = cli(capfd, *args, "--summary", summary)
+    assert code == 0, err
+    data = json.loads(summary.read_text())
+    assert data["done"] == ["s1.tif", "s2.tif"] and data["skipped"] == ["s0.tif"]
+    assert not hidden_leftovers(tmp_path)
+
+
+def test_sigkill_mid_write_then_a_rerun_finishes(tmp_path, capfd, ckpt, big):
+    """(Batch runs: test_batch.py::test_sigkill_mid_file_...) A single scene killed with
+    SIGKILL: nothing under the final name; its hidden temporary and lock file do not stop the
+    next run, which removes them."""
+    out = tmp_path / "out.tif"
+    proc = _start(["segment", big, "-c", ckpt, "-o", out, "--tile", "128"], tmp_path)
+    try:
+        _wait_for_temporaries(proc, tmp_path, ".out.tif.*.crossearth-tmp")
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not out.exists()
+    assert hidden_leftovers(tmp_path), "a killed run cannot clean up: hidden files remain"
+    code, _, err = cli(capfd, "segment", big, "-c", ckpt, "-o", out, "--tile", "128")
+    assert code == 0, err
+    with rasterio.open(out) as ds:
+        assert ds.read(1).shape == (1600, 1600)
+    assert not hidden_leftovers(tmp_path)
+
+
+@pytest.mark.parametrize("where", ["while-a-sink-opens", "right-after-a-sink-opened"])
+def test_interrupt_at_the_worst_moment_leaves_nothing(tmp_path, capfd, ckpt, monkeypatch,
+                                                      where):
+    """A signal can land between any two bytecodes: inside a sink's set-up (its file exists,
+    the sink does not yet), or after the sink exists but before the engine recorded it. The
+    run still exits 130 with nothing left (the CLI removes the process's own temporaries)."""
+    from crossearth_cli import engine
+    from crossearth_cli.raster import writer
+
+    if where == "while-a-sink-opens":
+        def interrupted(self, *args, **kwargs):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(rasterio.io.DatasetWriter, "update_tags", interrupted)
+    else:
+        class Sink(writer.GeoTiffSink):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                raise KeyboardInterrupt  # as if SIGINT arrived on the way out
+
+        monkeypatch.setattr(engine, "GeoTiffSink", Sink)
+    src = write_tif(tmp_path / "s.tif", random_scene(64, 64))
+    before = snapshot(tmp_path)
+    code, _, err = cli(capfd, "segment", src, "-c", ckpt, "-o", tmp_path / "o.tif",
+                       "--confidence", "auto")
+    assert code == 130 and "Traceback" not in err, err
+    assert error_lines(err)[-1].startswith("crossearth: interrupted (SIGINT)")
+    assert_nothing_written(tmp_path, before)
+
+
+def test_signal_handler_semantics(monkeypatch):
+    """First signal: Interrupted (a KeyboardInterrupt) carrying the signal; second, during the
+    clean-up: ignored; third: immediate exit. An ignored SIGINT stays ignored."""
+    import crossearth_cli.cli as cli_mod
+    from crossearth_cli.errors import Interrupted
+
+    signals = cli_mod._Signals()
+    with pytest.raises(Interrupted) as exc:
+        signals.handler(signal.SIGTERM, None)
+    assert isinstance(exc.value, KeyboardInterrupt) and exc.value.exit_code == 143
+    assert signals.handler(signal.SIGTERM, None) is None  # ignored: clean-up goes on
+    exits = []
+    monkeypatch.setattr(cli_mod.os, "_exit", exits.append)
+    signals.handler(signal.SIGINT, None)
+    assert exits == [130]
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        s = cli_mod._Signals()
+        s.install()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) == s.handler
+        s.restore()
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+# -- out of memory ----------------------------------------------------------------------------
+
+
+class OomAboveBatch(PerPixelModel):
+    """Raises CUDA's out-of-memory error for batches larger than ``limit`` tiles."""
+
+    def __init__(self, limit: int, **kw):
+        super().__init__(**kw)
+        self.limit = limit
+        self.batches: list[int] = []
+
+    def forward(self, x):
+        self.batches.append(x.shape[0])
+        if x.shape[0] > self.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return super().forward(x)
+
+
+def test_out_of_memory_halves_the_batch_and_loses_nothing(tmp_path):
+    from crossearth_cli.engine import Session
+
+    src = write_tif(tmp_path / "s.tif", random_scene(300, 260))
+    results = {}
+    for name, limit in (("never", 10**6), ("oom", 3)):
+        spec = per_pixel_spec(num_classes=5, crop=64, stride=48)
+        spec.module = OomAboveBatch(limit, num_classes=5)
+        out = tmp_path / f"{name}.tif"
+        settings = SegmentSettings(input=src, output=out, confidence=tmp_path / f"{name}_c.tif",
+                                   probabilities=tmp_path / f"{name}_p.tif", batch_size=16)
+        with Session(spec, batch_size=16) as session:
+            res = session.run(session.prepare(settings))
+            halvings = session.predictor.halvings
+        with rasterio.open(out) as a, rasterio.open(tmp_path / f"{name}_p.tif") as p:
+            results[name] = (a.read(), p.read(), res, spec.module.batches, halvings)
+    never, oom = results["never"], results["oom"]
+    np.testing.assert_array_equal(never[0], oom[0])  # classes: identical
+    np.testing.assert_array_equal(never[1], oom[1])  # probabilities: identical
+    assert never[2].tiles == oom[2].tiles and never[2].class_pixels.sum() == 300 * 260
+    assert never[4] == 0
+    # the run that hit out-of-memory halved its batch 16 -> 8 -> 4 -> 2 and went on with it
+    assert oom[4] == 3 and oom[2].batch_size == 2
+    assert oom[3][:4] == [16, 8, 4, 2] and max(oom[3][4:]) == 2
+    assert not hidden_leftovers(tmp_path)
+
+
+def test_out_of_memory_with_one_tile_is_a_clear_error(tmp_path):
+    src = write_tif(tmp_path / "s.tif", random_scene(100, 100))
+    spec = per_pixel_spec(crop=64, stride=48)
+    spec.module = OomAboveBatch(0)
+    before = snapshot(tmp_path)
+    with pytest.raises(UserError, match="out of memory even with batch size 1"):
+        segment(SegmentSettings(input=src, output=tmp_path / "o.tif", batch_size=4), spec)
+    assert_nothing_written(tmp_path, before)
+
+
+def test_out_of_memory_elsewhere_is_one_line(tmp_path, capfd, ckpt, monkeypatch):
+    """Host memory running out (torch's allocator, numpy's MemoryError) outside the batch
+    loop: one line with a hint, exit 2."""
+    from crossearth_cli import engine
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:118] data. DefaultCPUAllocator: "
+                           "can't allocate memory: you tried to allocate 68719476736 bytes.")
+
+    monkeypatch.setattr(engine, "RowBandAccumulator", no_memory)
+    src = write_tif(tmp_path / "s.tif", random_scene(64, 64))
+    before = snapshot(tmp_path)
+    code, _, err = cli(capfd, "segment", src, "-c", ckpt, "-o", tmp_path / "o.tif")
+    assert_user_error(code, err, "out of memory", "--tile")
+    assert_nothing_written(tmp_path, before)
+
+
+# -- how errors read ---------------------------------------------------------------------------
+
+
+def test_debug_shows_the_traceback(tmp_path, capfd, ckpt):
+    args = ("segment", tmp_path / "missing.tif", "-c", ckpt)
+    code, _, err = cli(capfd, *args)
+    assert_user_error(code, err, "missing.tif", "no such file")
+    code, _, err = cli(capfd, "--debug", *args)
+    assert code == 2
+    assert "Traceback (most recent call last)" in err and "InputError" in err
+    assert error_lines(err)[-1].startswith("crossearth: error: ")
+    proc = run_cli(*args, env=real_env(CROSSEARTH_DEBUG="1"))
+    assert proc.returncode == 2 and "Traceback" in proc.stderr
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["segment", "--no-such-option", "x.tif"], "no such option"),
+    (["segment", "x.tif", "--tile", "abc"], "--tile"),
+    (["segment"], "missing argument"),
+    (["no-such-command"], "no such command"),
+    (["vectorize", "c.tif"], "missing option"),
+], ids=["unknown-option", "bad-number", "missing-argument", "unknown-command", "missing-option"])
+def test_usage_errors_are_one_line(capfd, args, needle):
+    code, _, err = cli(capfd, *args)
+    line = assert_user_error(code, err, needle)
+    assert "--help" in line
+
+
+def test_no_arguments_prints_the_help(capfd):
+    code, out, err = cli(capfd)
+    assert code == 2 and "Usage" in out + err and "Traceback" not in out + err
+
+
+def test_a_bug_still_crashes_loudly(tmp_path, capfd, ckpt, monkeypatch):
+    """Only user and environment errors are turned into one line: a bug keeps its traceback
+    (so it gets reported), it is not dressed up as the user's fault."""
+    from crossearth_cli import engine
+
+    def bug(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(engine, "tile_grid", bug)
+    src = write_tif(tmp_path / "s.tif", random_scene(64, 64))
+    with pytest.raises(ZeroDivisionError):
+        cli(capfd, "segment", src, "-c", ckpt, "-o", tmp_path / "o.tif")
+    assert not hidden_leftovers(tmp_path)

@@ -1,0 +1,354 @@
+"""Paths users have: odd names, links, read-only or full disks, two runs at once
+(docs/reliability.md)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from helpers import random_scene, write_tif
+from reliability_helpers import (
+    assert_nothing_written,
+    assert_user_error,
+    cli,
+    error_lines,
+    hidden_leftovers,
+    real_env,
+    snapshot,
+    tiny_checkpoint,
+)
+
+from crossearth_cli.raster import writer as writer_mod
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pth", num_classes=4)
+
+
+@pytest.fixture()
+def scene(tmp_path) -> Path:
+    return write_tif(tmp_path / "scene.tif", random_scene(96, 80))
+
+
+def valid_raster(path: Path) -> np.ndarray:
+    with rasterio.open(path) as ds:
+        return ds.read()
+
+
+# -- names ------------------------------------------------------------------------------------
+
+
+def test_spaces_and_non_ascii_names(tmp_path, capfd, ckpt):
+    folder = tmp_path / "my scenes" / "été 東京"
+    folder.mkdir(parents=True)
+    src = write_tif(folder / "scène 1 (copy).tif", random_scene(64, 72))
+    out = tmp_path / "sorties ü" / "résultat 1.tif"
+    code, stdout, err = cli(capfd, "segment", src, "-c", ckpt, "-o", out, "--tile", "64",
+                            "--confidence", "auto", "--vector", "auto")
+    assert code == 0, err
+    assert valid_raster(out).shape == (1, 64, 72)
+    assert (out.parent / "résultat 1_confidence.tif").exists()
+    assert (out.parent / "résultat 1.gpkg").exists()
+    # a folder of them: outputs mirror the odd names, and a rerun skips them all
+    write_tif(tmp_path / "my scenes" / "naïve ñ.tif", random_scene(64, 64, seed=1))
+    outdir = tmp_path / "résultats 2"
+    for expect_done in (2, 0):
+        summary = tmp_path / f"s{expect_done}.json"
+        code, _, err = cli(capfd, "segment", tmp_path / "my scenes", "-o", outdir, "-c", ckpt,
+                           "--tile", "64", "--summary", summary)
+        assert code == 0, err
+        assert json.loads(summary.read_text())["files_done"] == expect_done
+    assert sorted(p.relative_to(outdir).as_posix() for p in outdir.rglob("*.tif")) == [
+        "naïve ñ_classes.tif", "été 東京/scène 1 (copy)_classes.tif"]
+    assert not hidden_leftovers(tmp_path)
+
+
+# -- links --------------------------------------------------------------------------------------
+
+
+def test_symlink_loops_and_dangling_links_in_a_batch_folder(tmp_path, capfd, ckpt):
+    """Folder loops are covered by test_batch.py; here: links to files that loop or lead
+    nowhere. They fail with a clear reason, the rest of the folder is done, exit code 1."""
+    tiles = tmp_path / "tiles"
+    tiles.mkdir()
+    write_tif(tiles / "good.tif", random_scene(64, 64))
+    (tiles / "loop_a.tif").symlink_to(tiles / "loop_b.tif")
+    (tiles / "loop_b.tif").symlink_to(tiles / "loop_a.tif")
+    (tiles / "gone.tif").symlink_to(tiles / "deleted.tif")
+    (tiles / "again").symlink_to(tiles, target_is_directory=True)
+    summary = tmp_path / "s.json"
+    code, stdout, err = cli(capfd, "segment", tiles, "-o", tmp_path / "out", "-c", ckpt,
+                            "--tile", "64", "--summary", summary)
+    assert code == 1, err
+    assert "Traceback" not in err and "Traceback" not in stdout
+    data = json.loads(summary.read_text())
+    assert data["done"] == ["good.tif"]
+    reasons = {f["input"]: f["reason"] for f in data["failed"]}
+    assert set(reasons) == {"gone.tif", "loop_a.tif", "loop_b.tif"}
+    assert all("leads nowhere" in r for r in reasons.values()), reasons
+    assert not hidden_leftovers(tmp_path)
+
+
+def test_output_that_is_the_input_through_a_link(tmp_path, capfd, ckpt, scene):
+    before = scene.read_bytes()
+    (tmp_path / "alias.tif").symlink_to(scene)
+    os.link(scene, tmp_path / "hard.tif")
+    for out in (tmp_path / "alias.tif", tmp_path / "hard.tif"):
+        code, _, err = cli(capfd, "segment", scene, "-c", ckpt, "-o", out, "--overwrite")
+        assert_user_error(code, err, "input file itself")
+    assert scene.read_bytes() == before
+    assert not hidden_leftovers(tmp_path)
+
+
+# -- folders we cannot write ------------------------------------------------------------------
+
+
+def test_read_only_output_folder_simulated(tmp_path, capfd, ckpt, scene, monkeypatch):
+    """Tests run as root, who ignores permission bits: the folder refuses file creation as a
+    read-only one would (EACCES from open)."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real_open = open
+
+    def refusing_open(file, *args, **kwargs):
+        if Path(file).parent == ro:
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(writer_mod, "open", refusing_open, raising=False)
+    before = snapshot(tmp_path)
+    code, _, err = cli(capfd, "segment", scene, "-c", ckpt, "-o", ro / "out.tif")
+    assert_user_error(code, err, "cannot write in the output folder", "permission denied")
+    assert_nothing_written(tmp_path, before)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_output_folder_chmod(tmp_path, capfd, ckpt, scene):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    try:
+        code, _, err = cli(capfd, "segment", scene, "-c", ckpt, "-o", ro / "out.tif")
+        assert_user_error(code, err, "cannot write")
+        assert list(ro.iterdir()) == []
+    finally:
+        ro.chmod(stat.S_IRWXU)
+
+
+def _mount_tmpfs(path: Path, options: str) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        return False
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+                          capture_output=True)
+    return proc.returncode == 0
+
+
+def _umount(path: Path) -> None:
+    subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def test_read_only_file_system_even_for_root(tmp_path, capfd, ckpt, scene):
+    """A read-only mount stops root too (EROFS). Needs root and mount rights: skipped
+    elsewhere (the simulated test above covers the same path)."""
+    ro = tmp_path / "rofs"
+    if not _mount_tmpfs(ro, "ro,size=1m"):
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        code, _, err = cli(capfd, "segment", scene, "-c", ckpt, "-o", ro / "out.tif")
+        assert_user_error(code, err, "cannot write in the output folder", "read-only")
+    finally:
+        _umount(ro)
+
+
+# -- full disk -----------------------------------------------------------------------------------
+
+
+def _fail_second_write(monkeypatch, exc_factory):
+    calls = []
+    real = rasterio.io.DatasetWriter.write
+
+    def write(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) >= 2:
+            raise exc_factory(self.name)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(rasterio.io.DatasetWriter, "write", write)
+    return calls
+
+
+def test_disk_full_while_writing(tmp_path, capfd, ckpt, monkeypatch):
+    """ENOSPC on a block write (the second one: a partly written temporary exists)."""
+    src = write_tif(tmp_path / "big.tif", random_scene(1100, 300))
+    calls = _fail_second_write(
+        monkeypatch, lambda name: OSError(errno.ENOSPC, "No space left on device", name))
+    before = snapshot(tmp_path)
+    code, _, err = cli(capfd, "segment", src, "-c", ckpt, "-o", tmp_path / "out.tif",
+                       "--tile", "128", "--confidence", "auto")
+    line = assert_user_error(code, err, "no space left")
+    assert "out.tif" in line or "out_confidence.tif" in line  # names the file it was writing
+    assert len(calls) >= 2
+    assert_nothing_written(tmp_path, before)
+
+
+def test_disk_full_as_gdal_reports_it(tmp_path, capfd, ckpt, monkeypatch):
+    """GDAL says only "Write failed" (libtiff prints the ENOSPC text itself): the free space
+    of the folder tells us the disk is full."""
+    from rasterio.errors import RasterioIOError
+
+    src = write_tif(tmp_path / "big.tif", random_scene(1100, 300))
+    _fail_second_write(
+        monkeypatch, lambda name: RasterioIOError("Write failed. See previous exception for "
+                                                  "details."))
+    real_statvfs = os.statvfs
+
+    class Full:
+        f_bavail, f_frsize = 3, 4096
+
+    monkeypatch.setattr(writer_mod.os, "statvfs",
+                        lambda p: Full() if Path(p) == tmp_path else real_statvfs(p))
+    before = snapshot(tmp_path)
+    code, _, err = cli(capfd, "segment", src, "-c", ckpt, "-o", tmp_path / "out.tif",
+                       "--tile", "128")
+    assert_user_error(code, err, "no space left")
+    assert_nothing_written(tmp_path, before)
+
+
+def test_disk_full_when_recording_the_manifest(tmp_path, capfd, ckpt, monkeypatch):
+    """A full disk outside the raster writer (here the batch manifest) is one line too; the
+    outputs already renamed are complete, and the next run recomputes what is not recorded."""
+    from crossearth_cli import batch
+
+    tiles = tmp_path / "tiles"
+    tiles.mkdir()
+    write_tif(tiles / "a.tif", random_scene(64, 64))
+
+    def full(self, rec):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+
+    monkeypatch.setattr(batch.Manifest, "append", full)
+    code, _, err = cli(capfd, "segment", tiles, "-o", tmp_path / "out", "-c", ckpt, "--tile",
+                       "64")
+    assert_user_error(code, err, "crossearth-manifest.jsonl", "no space left")
+    for p in (tmp_path / "out").glob("*.tif"):
+        valid_raster(p)
+    assert not hidden_leftovers(tmp_path)
+
+
+def test_really_full_disk(tmp_path, ckpt):
+    """A 300 KB tmpfs as the output folder (needs root and mount rights; skipped elsewhere).
+    GDAL's TIFF library may print its own 'No space left on device' line first; our line is
+    the last, and nothing is left under a final name."""
+    full = tmp_path / "full"
+    if not _mount_tmpfs(full, "size=300k"):
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        src = write_tif(tmp_path / "noise.tif",
+                        np.random.default_rng(0).integers(0, 255, (3, 600, 600), np.uint8))
+        from helpers import run_cli
+
+        proc = run_cli("segment", src, "-c", ckpt, "-o", full / "out.tif", "--tile", "128",
+                       "--probabilities", "auto", "--probabilities-dtype", "float32",
+                       "--compress", "none", env=real_env())
+        assert proc.returncode == 2, proc.stderr
+        assert "Traceback" not in proc.stderr
+        last = error_lines(proc.stderr)[-1]
+        assert last.startswith("crossearth: error: ") and "no space left" in last, last
+        assert [p.name for p in full.iterdir()] == []
+    finally:
+        _umount(full)
+
+
+# -- two runs, one output ---------------------------------------------------------------------
+
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from crossearth_cli.raster.writer import lock_output
+lock_output(Path(sys.argv[1]))
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def _hold_lock(path: Path) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(path)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_second_run_on_the_same_output_is_refused_and_stale_locks_do_not_block(
+        tmp_path, capfd, ckpt, scene):
+    out = tmp_path / "out.tif"
+    holder = _hold_lock(out)
+    try:
+        before = snapshot(tmp_path)
+        code, _, err = cli(capfd, "segment", scene, "-c", ckpt, "-o", out)
+        line = assert_user_error(code, err, "out.tif", "another crossearth run")
+        assert f"pid {holder.pid}" in line
+        assert_nothing_written(tmp_path, before)
+    finally:
+        holder.send_signal(signal.SIGKILL)  # dies holding it: the lock file stays behind
+        holder.wait(10)
+    assert (tmp_path / ".out.tif.lock").exists()
+    code, _, err = cli(capfd, "segment", scene, "-c", ckpt, "-o", out)
+    assert code == 0, err
+    valid_raster(out)
+    assert not hidden_leftovers(tmp_path)  # the stale lock file was taken over and removed
+
+
+def test_two_real_runs_at_once(tmp_path, capfd, ckpt):
+    """A real run writing an output; a second one started meanwhile refuses at once, and the
+    first finishes undisturbed."""
+    src = write_tif(tmp_path / "big.tif", random_scene(1200, 1200))
+    out = tmp_path / "out.tif"
+    first = subprocess.Popen(
+        [sys.executable, "-m", "crossearth_cli", "segment", str(src), "-c", str(ckpt), "-o",
+         str(out), "--tile", "128"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=real_env())
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / ".out.tif.lock").exists():
+            assert first.poll() is None, first.communicate()
+            assert time.time() < deadline
+            time.sleep(0.02)
+        t0 = time.perf_counter()
+        code, _, err = cli(capfd, "segment", src, "-c", ckpt, "-o", out, "--overwrite")
+        assert_user_error(code, err, "another crossearth run", f"pid {first.pid}")
+        assert time.perf_counter() - t0 < 30  # refused, not queued
+        stdout, stderr = first.communicate(timeout=240)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 0, stderr
+    assert valid_raster(out).shape == (1, 1200, 1200)
+    assert not hidden_leftovers(tmp_path)
+
+
+def test_second_batch_into_the_same_folder_is_refused(tmp_path, capfd, ckpt):
+    tiles = tmp_path / "tiles"
+    tiles.mkdir()
+    write_tif(tiles / "a.tif", random_scene(64, 64))
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    holder = _hold_lock(outdir / "crossearth-manifest.jsonl")
+    try:
+        code, _, err = cli(capfd, "segment", tiles, "-o", outdir, "-c", ckpt, "--tile", "64")
+        assert_user_error(code, err, "crossearth-manifest.jsonl", "another crossearth run")
+        assert not list(outdir.glob("*.tif"))
+    finally:
+        holder.kill()
+        holder.wait(10)
