@@ -1,0 +1,84 @@
+"""Issue 5: a folder of small tiles with next-file prefetch, against a strict one-by-one loop.
+
+Both sides load the model once. The loop opens each file, reads it, runs it and writes it
+before it touches the next; `run_batch` (what `crossearth segment FOLDER` runs) opens the next
+file and starts reading its first rows while the current one is on the model, and keeps the
+manifest. Interleaved repeats, best of each.
+
+    python benchmarks/bench_batch.py                    # 50 tiles of 512², tiny model
+    python benchmarks/bench_batch.py --model zero --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from scenes import ZeroCostHead, machine, tiny_checkpoint, write_scene
+
+
+def main() -> None:
+    from crossearth_cli.batch import Manifest, expand_inputs, run_batch
+    from crossearth_cli.engine import ModelSpec, SegmentSettings, Session
+    from crossearth_cli.loading import resolve_model
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--files", type=int, default=50)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--model", choices=["tiny", "zero"], default="tiny")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="crossearth-batch-"))
+    tiles = work / "tiles"
+    tiles.mkdir()
+    for i in range(args.files):
+        write_scene(tiles / f"tile_{i:03d}.tif", args.size, seed=i, block=256)
+    if args.model == "tiny":
+        spec = resolve_model(checkpoint=tiny_checkpoint(work / "tiny.pth"))
+    else:
+        spec = ModelSpec(module=ZeroCostHead(6), class_names=[f"c{i}" for i in range(6)])
+    items = expand_inputs([str(tiles)])
+    template = SegmentSettings(input=Path("."), output=Path("x.tif"), device="cpu",
+                               overwrite=True)
+    loop_s, batch_s = [], []
+    with Session(spec, "cpu", "fp32", 4) as session:
+        for _ in range(args.repeats):
+            out = work / "loop"
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir()
+            t0 = time.perf_counter()
+            for it in items:
+                s = SegmentSettings(input=it.path, output=out / f"{it.path.stem}_classes.tif",
+                                    device="cpu", overwrite=True)
+                session.run(session.prepare(s))
+            loop_s.append(time.perf_counter() - t0)
+
+            out = work / "batch"
+            shutil.rmtree(out, ignore_errors=True)
+            t0 = time.perf_counter()
+            result = run_batch(items, out, template, session, ["classes"], "bench",
+                               Manifest(out))
+            batch_s.append(time.perf_counter() - t0)
+            assert len(result.done) == len(items), result.failed
+    loop, batch = min(loop_s), min(batch_s)
+    report = {"benchmark": "batch prefetch (issue 5)", "machine": machine(),
+              "files": args.files, "size": args.size, "model": args.model,
+              "loop_s": round(loop, 3), "batch_s": round(batch, 3),
+              "speedup": round(loop / batch, 3), "all_loop_s": loop_s, "all_batch_s": batch_s}
+    print(f"{'approach':<40} {'seconds':>8} {'files/s':>8}")
+    print(f"{'one file after another (model loaded once)':<40} {loop:>8.2f} "
+          f"{args.files / loop:>8.2f}")
+    print(f"{'run_batch with next-file prefetch':<40} {batch:>8.2f} {args.files / batch:>8.2f}")
+    print(f"prefetch: {loop / batch:.2f}× ({args.model} model, {machine()})")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
