@@ -102,6 +102,7 @@ def main() -> None:
     ap.add_argument("--stride", type=int, default=341)
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--skip-naive", action="store_true", help="only time `segment`")
     args = ap.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="crossearth-naive-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -114,7 +115,8 @@ def main() -> None:
         kw = dict(here=str(HERE), ckpt=str(ckpt), src=str(src), crop=args.crop,
                   stride=args.stride)
         ours = run(OURS.format(out=str(work / f"ours_{size}.tif"), **kw))
-        naive = run(NAIVE.format(out=str(work / f"naive_{size}.tif"), **kw))
+        naive = ({"error": "skipped"} if args.skip_naive
+                 else run(NAIVE.format(out=str(work / f"naive_{size}.tif"), **kw)))
         row = {"size": size, "mpx": size * size / 1e6, "ours": ours, "naive": naive}
         if "seconds" in ours and "seconds" in naive:
             row["speedup"] = round(naive["seconds"] / ours["seconds"], 2)

@@ -35,7 +35,13 @@ from crossearth_cli.raster.reader import (
     StripFeed,
     cpu_io_threads,
 )
-from crossearth_cli.raster.windows import BLEND_MODES, Tile, tile_grid
+from crossearth_cli.raster.windows import (
+    BLEND_MODES,
+    ColumnStripe,
+    Tile,
+    column_stripes,
+    tile_grid,
+)
 from crossearth_cli.raster.writer import (
     GeoTiffSink,
     RasterSpec,
@@ -46,6 +52,9 @@ from crossearth_cli.raster.writer import (
 )
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
+# Scenes wider than this are run in vertical stripes of at most this many output columns, so
+# the row band's memory stops growing with the width (tiles at stripe edges run twice: ~3 %).
+STRIPE_WIDTH = 8192
 IMAGENET_STD = (58.395, 57.12, 57.375)
 
 Events = Callable[[str, dict], None]
@@ -474,12 +483,17 @@ class PreparedScene:
     tile: int
     stride: int
     rows: PartRange
-    feed: StripFeed
+    stripes: list[ColumnStripe]
+    feed: StripFeed  # of the first stripe, already reading
+
+    def stripe_grid(self, stripe: ColumnStripe) -> list[list[Tile]]:
+        """This part's tile rows, restricted to the stripe's tile columns."""
+        return [row[stripe.first_col : stripe.end_col]
+                for row in self.grid[self.rows.first_tile_row : self.rows.end_tile_row]]
 
     @property
-    def tiles(self) -> list[Tile]:
-        return [t for row in self.grid[self.rows.first_tile_row : self.rows.end_tile_row]
-                for t in row]
+    def tile_count(self) -> int:
+        return sum(len(row) for s in self.stripes for row in self.stripe_grid(s))
 
     def close(self) -> None:
         self.feed.cancel()
@@ -519,12 +533,17 @@ class Session:
                 raise ConfigError(f"stride {stride} is larger than tile {tile}")
             grid = tile_grid(reader.height, reader.width, tile, stride)
             rows = part_range(grid, reader.height, part)
-            feed = StripFeed(reader, grid[rows.first_tile_row : rows.end_tile_row], self.pool,
-                             chunks=self.io_threads).prime()
+            stripes = column_stripes(grid[0], reader.width, max(STRIPE_WIDTH, 2 * tile))
+            scene = PreparedScene(settings, reader, grid, tile, stride, rows, stripes, None)
+            scene.feed = self.feed(scene, stripes[0]).prime()
         except BaseException:
             reader.close()
             raise
-        return PreparedScene(settings, reader, grid, tile, stride, rows, feed)
+        return scene
+
+    def feed(self, scene: PreparedScene, stripe: ColumnStripe) -> StripFeed:
+        return StripFeed(scene.reader, scene.stripe_grid(stripe), self.pool,
+                         chunks=self.io_threads, columns=(stripe.x0, stripe.x1))
 
     def run(self, scene: PreparedScene, events: Events | None = None) -> SegmentResult:
         """Segment a prepared scene and commit its outputs."""
@@ -566,20 +585,8 @@ def _run_scene(session: Session, scene: PreparedScene, emit: Events) -> SegmentR
     settings, reader, spec, rows = scene.settings, scene.reader, session.spec, scene.rows
     for note in reader.notes:
         emit("note", {"message": note})
-    tiles = scene.tiles
-    emit("start", {"tiles": len(tiles), "height": reader.height, "width": reader.width})
-    acc = RowBandAccumulator(
-        reader.height,
-        reader.width,
-        spec.num_classes,
-        scene.tile,
-        scene.stride,
-        settings.blend,
-        device=session.device,
-        confidence=settings.confidence is not None,
-        probabilities=settings.probabilities_dtype if settings.probabilities else None,
-        rows=(scene.grid[rows.first_tile_row][0].y, rows.y0, rows.y1),
-    )
+    n_tiles = scene.tile_count
+    emit("start", {"tiles": n_tiles, "height": reader.height, "width": reader.width})
     tag_notes = {"blend": settings.blend, "tile": str(scene.tile), "stride": str(scene.stride)}
     out_h = rows.y1 - rows.y0
     sinks: list[GeoTiffSink] = []
@@ -587,8 +594,33 @@ def _run_scene(session: Session, scene: PreparedScene, emit: Events) -> SegmentR
         for rs in _raster_specs(settings, spec, tag_notes):
             sinks.append(GeoTiffSink(rs, out_h, reader.width, reader.crs,
                                      _part_transform(reader, rows.y0), reader.gcps))
-        counts, skipped = _run_tiles(session.predictor, scene.feed, acc, sinks, rows.y0,
-                                     reader.model_scaling(), emit)
+        counts = np.zeros(spec.num_classes, dtype=np.int64)
+        skipped = 0
+        for k, stripe in enumerate(scene.stripes):  # one stripe unless the scene is very wide
+            feed = scene.feed if k == 0 else session.feed(scene, stripe).prime()
+            acc = RowBandAccumulator(
+                reader.height,
+                reader.width,
+                spec.num_classes,
+                scene.tile,
+                scene.stride,
+                settings.blend,
+                device=session.device,
+                confidence=settings.confidence is not None,
+                probabilities=settings.probabilities_dtype if settings.probabilities else None,
+                rows=(scene.grid[rows.first_tile_row][0].y, rows.y0, rows.y1),
+                columns=(stripe.x0, stripe.x1, stripe.c0, stripe.c1),
+            )
+            for sink in sinks:
+                sink.start_columns(stripe.c0, stripe.c1)
+            try:
+                c, s = _run_tiles(session.predictor, feed, acc, sinks, rows.y0,
+                                  reader.model_scaling(), emit)
+            finally:
+                feed.cancel()
+            counts += c
+            skipped += s
+            del acc, feed  # free this stripe's band and strips before the next ones
         # auxiliary rasters first: a class raster under its final name means all are done
         for sink in sinks[1:] + sinks[:1]:
             sink.commit()
@@ -602,7 +634,7 @@ def _run_scene(session: Session, scene: PreparedScene, emit: Events) -> SegmentR
         output=settings.output,
         height=out_h,
         width=reader.width,
-        tiles=len(tiles),
+        tiles=n_tiles,
         tiles_skipped=skipped,
         seconds=seconds,
         class_names=list(spec.class_names),

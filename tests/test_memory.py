@@ -37,7 +37,7 @@ def _peak_rss_mb(tmp_path: Path, height: int, width: int) -> tuple[float, int]:
     code = CHILD.format(
         tests=str(Path(__file__).parent), src=str(src), out=str(tmp_path / f"out_{height}.tif")
     )
-    # GDAL's block cache is a fixed-size LRU (64 MB by default here); a small cap keeps it
+    # GDAL's block cache is a fixed-size LRU (32 MB by default here); a small cap keeps it
     # from filling up in the tall scene only, so what remains is the engine's own memory.
     env = {**os.environ, "GDAL_CACHEMAX": "16"}
     proc = subprocess.run(

@@ -90,3 +90,21 @@ def test_stride_from_overlap():
     assert stride_from_overlap(512, 171) == 341
     with pytest.raises(ValueError):
         stride_from_overlap(512, 512)
+
+
+def test_column_stripes_cover_the_width_once_with_block_aligned_edges():
+    from crossearth_cli.raster.windows import column_stripes
+
+    cases = [(20000, 512, 341, 8192), (700, 48, 30, 96), (513, 512, 341, 8192)]
+    for width, tile, stride, max_w in cases:
+        row = tile_grid(64, width, tile, stride)[0]
+        stripes = column_stripes(row, width, max_w, block=16 if tile < 100 else 512)
+        assert stripes[0].c0 == 0 and stripes[-1].c1 == width
+        for a, b in zip(stripes, stripes[1:]):
+            assert a.c1 == b.c0 and a.c1 % (16 if tile < 100 else 512) == 0
+        for s in stripes:
+            tiles = row[s.first_col : s.end_col]
+            assert s.x0 <= s.c0 and s.x1 >= s.c1  # the band covers what the stripe writes
+            # every tile touching the written columns runs, and no other
+            touching = [t for t in row if t.x < s.c1 and t.x + t.w > s.c0]
+            assert tiles == touching

@@ -25,6 +25,7 @@ CONFIDENCE_NODATA = 0  # max probability is >= 1/C > 0, so 0 never occurs on val
 PROBABILITY_NODATA_U8 = 255  # probabilities are stored as round(p * 254)
 PROBABILITY_SCALE_U8 = 254.0
 _EPS = 1e-12
+_EMIT_COLUMNS = 2048  # columns classified at a time on the CPU (bounds the temporaries)
 
 
 @dataclass
@@ -62,18 +63,25 @@ class RowBandAccumulator:
         confidence: bool = False,
         probabilities: str | None = None,  # None | "uint8" | "float16" | "float32"
         rows: tuple[int, int, int] | None = None,
+        columns: tuple[int, int, int, int] | None = None,
     ):
         """``rows=(top, y0, y1)``: the first tile row starts at ``top``; only scene rows
-        ``y0 .. y1`` are emitted (a part of a scene split across processes)."""
+        ``y0 .. y1`` are emitted (a part of a scene split across processes).
+        ``columns=(x0, x1, c0, c1)``: the band spans scene columns ``x0 .. x1`` and only
+        ``c0 .. c1`` are emitted (a vertical stripe of a wide scene)."""
         self.height, self.width, self.num_classes = height, width, num_classes
+        self.x0, self.x1, self.c0, self.c1 = columns if columns is not None else (
+            0, width, 0, width)
         self.tile, self.stride, self.blend = tile, stride, blend
         self.device = torch.device(device)
         self.want_confidence = confidence
         self.want_probabilities = probabilities
         band = min(tile, height)
         self.band_h = band
-        self.scores = torch.zeros(num_classes, band, width, dtype=torch.float32, device=self.device)
-        self.valid = torch.zeros(band, width, dtype=torch.bool, device=self.device)
+        band_w = self.x1 - self.x0
+        self.scores = torch.zeros(num_classes, band, band_w, dtype=torch.float32,
+                                  device=self.device)
+        self.valid = torch.zeros(band, band_w, dtype=torch.bool, device=self.device)
         # band rows that received scores; the others are all zero (nodata), which lets empty
         # stretches of a sparse scene skip the band arithmetic entirely
         self._touched = np.zeros(band, dtype=bool)
@@ -123,7 +131,7 @@ class RowBandAccumulator:
             return finished
         r0 = tile.y - self.top
         rows = slice(r0, r0 + tile.h)
-        cols = slice(tile.x, tile.x + tile.w)
+        cols = slice(tile.x - self.x0, tile.x - self.x0 + tile.w)
         scores = scores.to(device=self.device, dtype=torch.float32)
         if self.blend == "mean":
             self.scores[:, rows, cols] += scores
@@ -170,46 +178,63 @@ class RowBandAccumulator:
         return [rows] if rows is not None else []
 
     def _emit(self, n: int) -> FinishedRows | None:
-        """Rows ``top .. top+n`` are final; return the ones inside ``y0 .. y1``."""
+        """Rows ``top .. top+n`` are final; return the ones inside ``y0 .. y1``.
+
+        On the CPU the rows are classified in chunks of columns, so the temporaries (maxima,
+        int64 indices, probabilities) stay small however wide the band is.
+        """
         a = min(max(self.y0 - self.top, 0), n)
         b = max(min(self.y1 - self.top, n), a)
         if a == b:
             return None
         if not self._touched[a:b].any():
             return self._empty_rows(self.top + a, b - a)
-        valid = self.valid[a:b]
+        c0, c1 = self.c0 - self.x0, self.c1 - self.x0
+        h, w = b - a, c1 - c0
+        result = FinishedRows(y=self.top + a, classes=np.empty((h, w), np.uint8),
+                              class_counts=np.zeros(self.num_classes, np.int64))
+        if self.want_confidence:
+            result.confidence = np.empty((h, w), np.uint8)
+        if self.want_probabilities:
+            dtype = np.uint8 if self.want_probabilities == "uint8" else np.float32
+            result.probabilities = np.empty((self.num_classes, h, w), dtype)
+        step = w if self.device.type != "cpu" else _EMIT_COLUMNS
+        for x in range(c0, c1, step):
+            self._classify(a, b, slice(x, min(x + step, c1)), result, x - c0)
+        return result
+
+    def _classify(self, a: int, b: int, cols: slice, out: FinishedRows, at: int) -> None:
+        """Band rows ``a .. b``, columns ``cols`` → classes (and the rest) into ``out``."""
+        dst = slice(at, at + cols.stop - cols.start)
+        valid = self.valid[a:b, cols]
         if self.blend == "mean":  # mmseg: average of raw scores, then argmax
             cy, cx = self._window_counts()
-            count = torch.outer(cy[self.top + a : self.top + b], cx)
-            scores = self.scores[:, a:b] / count
+            count = torch.outer(cy[self.top + a : self.top + b],
+                                cx[self.x0 + cols.start : self.x0 + cols.stop])
+            scores = self.scores[:, a:b, cols] / count
         else:  # weighted sums of probabilities: their argmax is the blended argmax
-            scores = self.scores[:, a:b]
+            scores = self.scores[:, a:b, cols]
         top, classes = scores.max(dim=0)  # max(dim) is several times faster than argmax(dim)
         classes = classes.to(torch.uint8)
         classes.masked_fill_(~valid, CLASS_NODATA)
         # nodata lands in bin 255: no boolean indexing (a copy) needed to leave it out
-        counts = torch.bincount(classes.flatten(), minlength=256)[: self.num_classes]
-        result = FinishedRows(
-            y=self.top + a,
-            classes=classes.cpu().numpy(),
-            class_counts=counts.cpu().numpy(),
-        )
-        if self.want_confidence or self.want_probabilities:
-            total = scores.sum(dim=0).clamp_min_(_EPS)
-            if self.want_confidence:
-                conf = (top / total).mul_(255.0).round_().clamp_(1, 255).to(torch.uint8)
-                conf.masked_fill_(~valid, CONFIDENCE_NODATA)
-                result.confidence = conf.cpu().numpy()
-            if self.want_probabilities:
-                scores = scores / total
-            if self.want_probabilities == "uint8":
-                p = (scores * PROBABILITY_SCALE_U8).round_().to(torch.uint8)
-                p.masked_fill_(~valid, PROBABILITY_NODATA_U8)
-                result.probabilities = p.cpu().numpy()
-            elif self.want_probabilities in ("float16", "float32"):  # writer stores the width
-                scores.masked_fill_(~valid, float("nan"))
-                result.probabilities = scores.cpu().numpy()
-        return result
+        out.class_counts += torch.bincount(
+            classes.flatten(), minlength=256)[: self.num_classes].cpu().numpy()
+        out.classes[:, dst] = classes.cpu().numpy()
+        if not (self.want_confidence or self.want_probabilities):
+            return
+        total = scores.sum(dim=0).clamp_min_(_EPS)
+        if self.want_confidence:
+            conf = (top / total).mul_(255.0).round_().clamp_(1, 255).to(torch.uint8)
+            conf.masked_fill_(~valid, CONFIDENCE_NODATA)
+            out.confidence[:, dst] = conf.cpu().numpy()
+        if self.want_probabilities == "uint8":
+            p = (scores / total).mul_(PROBABILITY_SCALE_U8).round_().to(torch.uint8)
+            p.masked_fill_(~valid, PROBABILITY_NODATA_U8)
+            out.probabilities[:, :, dst] = p.cpu().numpy()
+        elif self.want_probabilities in ("float16", "float32"):  # the writer stores the width
+            p = (scores / total).masked_fill_(~valid, float("nan"))
+            out.probabilities[:, :, dst] = p.cpu().numpy()
 
     def _empty_rows(self, y: int, h: int) -> FinishedRows:
         """Rows no tile with data reached: all nodata, without touching the band.
@@ -217,7 +242,7 @@ class RowBandAccumulator:
         The arrays are read-only broadcast views of one value (no memory): the writer sees the
         zero strides and leaves those blocks unwritten (sparse output, read back as nodata).
         """
-        shape = (h, self.width)
+        shape = (h, self.c1 - self.c0)
         result = FinishedRows(
             y=y,
             classes=np.broadcast_to(np.uint8(CLASS_NODATA), shape),

@@ -571,12 +571,17 @@ class StripFeed:
     Rows a sparse GeoTIFF never wrote (:meth:`SceneReader.rows_empty`) are not read: while the
     whole strip is empty, tiles come out as shared all-nodata arrays, and nothing is allocated.
 
-    Memory: ``tile × width × (bands × bytes per sample + 1)`` for the strip, twice at most.
+    Memory: ``tile × width × (bands × bytes per sample + 1)`` for the strip, twice at most
+    (``width``: the stripe's, for scenes read in vertical stripes).
     """
 
-    def __init__(self, reader: SceneReader, grid: list[list[Tile]], pool, chunks: int = 2):
+    def __init__(self, reader: SceneReader, grid: list[list[Tile]], pool, chunks: int = 2,
+                 columns: tuple[int, int] | None = None):
+        """``columns=(x0, x1)``: read only these pixel columns (a stripe of a wide scene);
+        ``grid`` then holds only the tiles inside them."""
         self.reader, self.grid, self.pool = reader, grid, pool
         self.chunks = max(1, chunks)
+        self.x0, self.x1 = columns if columns is not None else (0, reader.width)
         # (tile row index, first row, end row, futures; None when the rows are all empty)
         self._next: tuple[int, int, int, list | None] | None = None
         self._row = 0
@@ -596,11 +601,11 @@ class StripFeed:
         if end > start and self.reader.rows_empty(start, end - start):
             futures = None
         elif end > start:
-            w = self.reader.width
+            w = self.x1 - self.x0
             step = -(-w // self.chunks)
             for x in range(0, w, step):
                 futures.append(self.pool.submit(
-                    self.reader.read_raw, start, x, end - start, min(step, w - x)))
+                    self.reader.read_raw, start, self.x0 + x, end - start, min(step, w - x)))
         self._next = (r, start, end, futures)
 
     def prime(self) -> StripFeed:
@@ -609,7 +614,7 @@ class StripFeed:
         return self
 
     def _zeros(self, h: int) -> tuple[np.ndarray, np.ndarray]:
-        w = self.reader.width
+        w = self.x1 - self.x0
         return (np.zeros((len(self.reader.bands), h, w), dtype=self.reader.dtype),
                 np.zeros((h, w), dtype=bool))
 
@@ -673,7 +678,7 @@ class StripFeed:
                     yield (t, *self._blank_tile(t.h, t.w))
                     continue
                 rows = slice(t.y - self._top, t.y - self._top + t.h)
-                cols = slice(t.x, t.x + t.w)
+                cols = slice(t.x - self.x0, t.x - self.x0 + t.w)
                 yield t, self._data[:, rows, cols], self._valid[rows, cols]
             self._row += 1
 

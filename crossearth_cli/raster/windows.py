@@ -128,7 +128,42 @@ def rows_final_after(grid: list[list[Tile]], row: int, height: int) -> int:
     return grid[row + 1][0].y if row + 1 < len(grid) else height
 
 
+@dataclass(frozen=True)
+class ColumnStripe:
+    """Tile columns ``first_col .. end_col`` cover pixel columns ``x0 .. x1`` (the band), and
+    the stripe writes output columns ``c0 .. c1`` (block-aligned, disjoint between stripes)."""
+
+    first_col: int
+    end_col: int
+    x0: int
+    x1: int
+    c0: int
+    c1: int
+
+
+def column_stripes(row: list[Tile], width: int, max_width: int,
+                   block: int = 512) -> list[ColumnStripe]:
+    """Split a wide scene into vertical stripes run one after another, so the row band holds
+    at most ``max_width`` output columns (plus the tiles reaching over its edges).
+
+    Each stripe runs every tile touching its output columns, so a pixel gets the same tiles,
+    added in the same order, as in one pass over the whole width: the result is identical.
+    Boundaries are multiples of ``block`` so each stripe writes whole output blocks.
+    """
+    n = max(1, -(-width // max_width))
+    bounds = sorted({0, width, *(min(width, round(k * width / n / block) * block)
+                                 for k in range(1, n))})
+    stripes = []
+    for c0, c1 in zip(bounds[:-1], bounds[1:]):
+        cols = [t for t in row if t.x < c1 and t.x + t.w > c0]
+        stripes.append(ColumnStripe(cols[0].col, cols[-1].col + 1, cols[0].x,
+                                    cols[-1].x + cols[-1].w, c0, c1))
+    return stripes
+
+
 __all__ = [
+    "ColumnStripe",
+    "column_stripes",
     "BLEND_MODES",
     "Tile",
     "window_starts",

@@ -388,6 +388,8 @@ class GeoTiffSink:
         self._pending: list[tuple[int, np.ndarray]] = []
         self._pending_rows = 0
         self._next_row = 0
+        self._x0, self._w = 0, width  # the column stripe being written (all of it by default)
+        self._columns_done = 0
         # GDAL compresses in a background thread (rasterio releases the GIL), so encoding one
         # block row overlaps the model's work on the next; at most one write is in flight.
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="crossearth-write")
@@ -424,8 +426,24 @@ class GeoTiffSink:
                 raise_for_os_error(exc, self.final)
             raise
 
+    def start_columns(self, x0: int, x1: int) -> None:
+        """Write columns ``x0 .. x1`` next, top to bottom (a stripe of a wide scene)."""
+        self._end_columns()
+        self._x0, self._w = x0, x1 - x0
+        self._next_row = 0
+
+    def _end_columns(self) -> None:
+        if self._next_row == 0:
+            return
+        self._flush()
+        if self._next_row != self.height:
+            raise RuntimeError(f"only {self._next_row} of {self.height} rows were written")
+        self._columns_done += self._w
+        self._next_row = 0
+
     def write_rows(self, y: int, rows: np.ndarray) -> None:
-        """Append rows ``y .. y+h`` (``rows`` is h×W or bands×h×W); rows must come in order."""
+        """Append rows ``y .. y+h`` of the current columns (``rows`` is h×w or bands×h×w);
+        rows must come in order."""
         if y != self._next_row:
             raise ValueError(f"rows out of order: expected {self._next_row}, got {y}")
         if rows.ndim == 2:
@@ -453,7 +471,7 @@ class GeoTiffSink:
         if all(self._is_blank(r) for _, r in self._pending):
             # nothing but nodata: leave the blocks unwritten (SPARSE_OK reads them as nodata)
             first = self._pending[0][1]
-            rest = np.broadcast_to(first.flat[0], (first.shape[0], n - full, self.width))
+            rest = np.broadcast_to(first.flat[0], (first.shape[0], n - full, self._w))
             self._pending = [(y0 + full, rest)] if rest.shape[1] else []
             self._pending_rows = rest.shape[1]
             return
@@ -461,7 +479,7 @@ class GeoTiffSink:
         self._wait()
         data = np.ascontiguousarray(block[:, :full])
         self._inflight = self._writer.submit(
-            self.ds.write, data, window=Window(0, y0, self.width, full)
+            self.ds.write, data, window=Window(self._x0, y0, self._w, full)
         )
         rest = block[:, full:]
         self._pending = [(y0 + full, rest)] if rest.shape[1] else []
@@ -481,11 +499,11 @@ class GeoTiffSink:
     def commit(self) -> Path:
         """Close, convert to COG if asked, and rename into place."""
         try:
-            self._flush()
+            self._end_columns()
             self._wait()
             self._writer.shutdown()
-            if self._next_row != self.height:
-                raise RuntimeError(f"only {self._next_row} of {self.height} rows were written")
+            if self._columns_done != self.width:
+                raise RuntimeError(f"only {self._columns_done} of {self.width} columns written")
             self.ds.close()
             if self.spec.cog:
                 self._to_cog()
