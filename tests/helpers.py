@@ -12,7 +12,6 @@ import torch
 from rasterio.crs import CRS
 from rasterio.transform import Affine, from_origin
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SAMPLE_DATA = Path(__file__).resolve().parents[1] / "sample_data"
 UTM = CRS.from_epsg(32631)
 
