@@ -23,16 +23,10 @@ from reliability_helpers import (
     hidden_leftovers,
     real_env,
     snapshot,
-    tiny_checkpoint,
 )
 
 from crossearth_cli.engine import SegmentSettings, segment
 from crossearth_cli.errors import UserError
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pth", num_classes=4)
 
 
 @pytest.fixture(scope="module")

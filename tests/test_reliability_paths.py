@@ -25,15 +25,9 @@ from reliability_helpers import (
     hidden_leftovers,
     real_env,
     snapshot,
-    tiny_checkpoint,
 )
 
 from crossearth_cli.raster import writer as writer_mod
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pth", num_classes=4)
 
 
 @pytest.fixture()

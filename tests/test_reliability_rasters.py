@@ -22,16 +22,10 @@ from reliability_helpers import (
     hidden_leftovers,
     real_env,
     snapshot,
-    tiny_checkpoint,
     unsort_tiff_tags,
 )
 
 from crossearth_cli.engine import SegmentSettings, segment
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pth", num_classes=4)
 
 
 def read(path: Path) -> tuple[np.ndarray, dict]:
