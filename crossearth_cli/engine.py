@@ -671,8 +671,9 @@ def _run_tiles(predictor, feed, acc, sinks, y0, scaling, emit):
         scores = None
         if data:
             images, valid = predictor.stage([d for d, _ in data], [v for _, v in data])
-            scores = predictor(images, valid, scaling)
+            # one copy of the masks serves the model (no-op move inside) and the band
             valid = valid.to(predictor.device, non_blocking=pin)
+            scores = predictor(images, valid, scaling)
         k = 0
         for t, d, _ in queue:
             if d is None:

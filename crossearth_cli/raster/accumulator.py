@@ -91,11 +91,6 @@ class RowBandAccumulator:
         self._weights: dict[tuple, torch.Tensor] = {}
         self._counts: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    @staticmethod
-    def band_bytes(width: int, tile: int, num_classes: int) -> int:
-        """Device memory of the band: C float32 scores and a valid flag per pixel."""
-        return (4 * num_classes + 1) * tile * width
-
     def _tile_weight(self, tile: Tile) -> torch.Tensor:
         # Tiles with the same overlaps on each side share one weight map (a handful per scene).
         oy = axis_overlaps(self._ys, tile.row, tile.h)

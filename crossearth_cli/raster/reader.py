@@ -433,11 +433,6 @@ class SceneReader:
         table, without reading or decompressing anything."""
         return self._sparse is not None and self._sparse.rows_empty(self._src(), y, h)
 
-    def read_tile(self, tile: Tile) -> tuple[np.ndarray, np.ndarray]:
-        """(3×h×w float32 on 0–255, h×w bool valid) for ``tile``."""
-        data, valid = self.read_raw(tile.y, tile.x, tile.h, tile.w)
-        return self.to_model_scale(data, valid), valid
-
     def read_window(self, y: int, x: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
         data, valid = self.read_raw(y, x, h, w)
         return self.to_model_scale(data, valid), valid
@@ -478,18 +473,13 @@ class SceneReader:
         """Raw pixels → float32 on the 0–255 scale, invalid pixels 0 (numpy, for one tile)."""
         out = data.astype(np.float32)
         out[:, ~valid] = 0.0
-        low, factor = self.scale_params()
-        if low is not None:
-            out -= low[:, None, None]
-            out *= factor[:, None, None]
-        if low is not None or self.dtype != np.uint8:
+        s = self.model_scaling()
+        if s.low is not None:
+            out -= s.low[:, None, None]
+            out *= s.factor[:, None, None]
+        if s.clip:
             np.clip(out, 0.0, 255.0, out=out)
         return out
-
-    def scale_params(self) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """Per-band (low, 255 / (high - low)), or (None, None) when values are used as is."""
-        s = self.model_scaling()
-        return s.low, s.factor
 
     def model_scaling(self) -> Scaling:
         """How raw values become the model's 0–255, as the engine applies it to batches."""

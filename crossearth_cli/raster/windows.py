@@ -123,11 +123,6 @@ def tile_count(height: int, width: int, tile: int, stride: int) -> int:
     return ny * nx
 
 
-def rows_final_after(grid: list[list[Tile]], row: int, height: int) -> int:
-    """First scene row still open once tile row ``row`` is done (rows above it are final)."""
-    return grid[row + 1][0].y if row + 1 < len(grid) else height
-
-
 @dataclass(frozen=True)
 class ColumnStripe:
     """Tile columns ``first_col .. end_col`` cover pixel columns ``x0 .. x1`` (the band), and
@@ -173,5 +168,4 @@ __all__ = [
     "tile_weights",
     "stride_from_overlap",
     "tile_count",
-    "rows_final_after",
 ]

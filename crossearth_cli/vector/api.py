@@ -187,7 +187,8 @@ class _Layers:
             self.names[name] = "*poly"
             self.w.declare(name, self.geom_type, self.poly_fields)
 
-    def write_polygons(self, batch: PolygonBatch) -> None:
+    def _write_by_class(self, batch, layer_of, fields: dict[str, np.ndarray]) -> None:
+        """Write ``batch`` one class at a time into ``layer_of(class_id)`` with ``fields``."""
         if len(batch) == 0:
             return
         for c in np.unique(batch.class_id):
@@ -195,23 +196,18 @@ class _Layers:
             cols = {
                 "class_id": batch.class_id[sel].astype(np.int32),
                 "class_name": np.full(int(sel.sum()), self.src.name_of(int(c)), dtype=object),
-                "area_m2": batch.area_m2[sel],
-                "perimeter_m": batch.perimeter_m[sel],
-                "mean_confidence": batch.mean_confidence[sel],
+                **{name: values[sel] for name, values in fields.items()},
             }
-            self.w.write(self.polygon_layer(int(c)), batch.wkb[sel], cols)
+            self.w.write(layer_of(int(c)), batch.wkb[sel], cols)
+
+    def write_polygons(self, batch: PolygonBatch) -> None:
+        self._write_by_class(batch, self.polygon_layer, {
+            "area_m2": batch.area_m2, "perimeter_m": batch.perimeter_m,
+            "mean_confidence": batch.mean_confidence,
+        })
 
     def write_lines(self, batch: LineBatch) -> None:
-        if len(batch) == 0:
-            return
-        for c in np.unique(batch.class_id):
-            sel = batch.class_id == c
-            cols = {
-                "class_id": batch.class_id[sel].astype(np.int32),
-                "class_name": np.full(int(sel.sum()), self.src.name_of(int(c)), dtype=object),
-                "length_m": batch.length_m[sel],
-            }
-            self.w.write(self.line_layer(int(c)), batch.wkb[sel], cols)
+        self._write_by_class(batch, self.line_layer, {"length_m": batch.length_m})
 
 
 def _results(job: Job, workers: int):
