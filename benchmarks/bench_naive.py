@@ -4,7 +4,11 @@ The naive side is a faithful re-implementation of how the original code evaluate
 read the whole scene into memory, normalise it, slide one window at a time (batch 1, fp32)
 over it, add each window's scores into a scene-sized float32 canvas and a count canvas,
 divide, argmax, write. `segment` runs the same tiny random-weight CrossEarth (same weights,
-same windows) with its defaults. Each run is a fresh process so its peak RSS is its own.
+same windows) with its defaults. Each run is a fresh process so its peak RSS is its own; both
+clocks start after the imports and include loading the checkpoint.
+It also times the model alone at batch 1 and at `segment`'s batch size (interleaved, best of
+4) and prints the ceiling that follows: no pipeline can run the scene's tiles faster than the
+model alone at its batch size, so naive seconds / (tiles × that time) bounds the speed-up.
 Also the issue-3 memory benchmark: peak RSS of `segment` must stay flat (within 1.2×) from 2k²
 to 16k², while the naive approach grows with the area.
 
@@ -23,6 +27,8 @@ import textwrap
 from pathlib import Path
 
 from scenes import machine, tiny_checkpoint, write_scene
+
+from crossearth_cli.raster.windows import tile_count
 
 HERE = Path(__file__).resolve().parent
 
@@ -76,6 +82,7 @@ OURS = textwrap.dedent(
     from crossearth_cli.engine import SegmentSettings
     from crossearth_cli.loading import resolve_model
     from crossearth_cli.engine import segment
+    import crossearth_cli.model  # imported before the clock on both sides (timm: ~1.5 s)
     t0 = time.perf_counter()
     spec = resolve_model(checkpoint=Path({ckpt!r}))
     r = segment(SegmentSettings(input=Path({src!r}), output=Path({out!r}), overwrite=True,
@@ -83,6 +90,31 @@ OURS = textwrap.dedent(
     seconds = time.perf_counter() - t0
     print("RESULT " + json.dumps({{"seconds": seconds,
           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+    """
+)
+
+
+CEILING = textwrap.dedent(
+    """
+    import json, sys, time
+    sys.path.insert(0, {here!r})
+    import torch
+    from scenes import ROOT
+    from crossearth_cli.model import load_checkpoint
+    model = load_checkpoint({ckpt!r})
+    xs = {{b: torch.randn(b, 3, {crop}, {crop}) for b in (1, {batch})}}
+    best = {{b: float("inf") for b in xs}}
+    with torch.inference_mode():
+        for b, x in xs.items():
+            model(x)
+        for _ in range(4):  # interleaved, best of 4: the VM is shared
+            for b, x in xs.items():
+                t = time.perf_counter()
+                for _ in range(max(1, 8 // b)):
+                    model(x)
+                best[b] = min(best[b], (time.perf_counter() - t) / max(1, 8 // b) / b)
+    print("RESULT " + json.dumps({{"batch1_ms_per_tile": best[1] * 1000,
+          "batch_ms_per_tile": best[{batch}] * 1000, "batch": {batch}}}))
     """
 )
 
@@ -103,6 +135,8 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--skip-naive", action="store_true", help="only time `segment`")
+    ap.add_argument("--batch", type=int, default=4,
+                    help="segment's CPU batch size (its default), for the model-only ceiling")
     args = ap.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="crossearth-naive-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -124,6 +158,16 @@ def main() -> None:
                 naive["peak_rss_mb"] / ours["peak_rss_mb"], 2)
         rows.append(row)
         print(json.dumps(row), flush=True)
+    # The model alone: no pipeline can beat tiles × (model time per tile at its batch size).
+    ceiling = run(CEILING.format(here=str(HERE), ckpt=str(ckpt), crop=args.crop,
+                                 batch=args.batch))
+    for r in rows:
+        tiles = tile_count(r["size"], r["size"], args.crop, args.stride)
+        r["tiles"] = tiles
+        if "batch_ms_per_tile" in ceiling and "seconds" in r["naive"]:
+            floor_s = tiles * ceiling["batch_ms_per_tile"] / 1000
+            r["model_only_seconds_at_batch"] = round(floor_s, 2)
+            r["speedup_ceiling"] = round(r["naive"]["seconds"] / floor_s, 2)
     ok = [r for r in rows if "seconds" in r["ours"]]
     flat = (max(r["ours"]["peak_rss_mb"] for r in ok) / min(r["ours"]["peak_rss_mb"] for r in ok)
             if ok else None)
@@ -138,9 +182,16 @@ def main() -> None:
               + (f"  naive: {n['error']}" if "error" in n else ""))
     if flat:
         print(f"segment's peak RSS across sizes: max/min = {flat:.2f}× ({machine()})")
+    if "batch_ms_per_tile" in ceiling:
+        print(f"model alone: {ceiling['batch1_ms_per_tile']:.1f} ms per tile at batch 1, "
+              f"{ceiling['batch_ms_per_tile']:.1f} at batch {args.batch}; a pipeline costing "
+              "nothing but the model would reach at most "
+              + ", ".join(f"{r['speedup_ceiling']:.2f}× at {r['size']}²" for r in rows
+                          if "speedup_ceiling" in r))
     if args.json:
         args.json.write_text(json.dumps({"benchmark": "against the naive approach (b)",
                                          "machine": machine(), "rows": rows,
+                                         "model_only": ceiling,
                                          "ours_rss_max_over_min": flat}, indent=2) + "\n")
 
 

@@ -70,7 +70,13 @@ def test_msda_core_matches_a_per_point_loop():
     # locations spill outside [0, 1] to exercise the zero padding
     loc = torch.rand(b, nq, nh, len(shapes), npts, 2, generator=g) * 1.4 - 0.2
     w = torch.rand(b, nq, nh, len(shapes), npts, generator=g)
-    got = ms_deform_attn_core(value, shapes, loc, w)
+    # the core's queries-last layout: one head per batch entry, grid_sample units
+    nl = len(shapes)
+    value_t = value.permute(0, 2, 3, 1).reshape(b * nh, d, -1)  # (B·h)×d×S
+    grids = (2 * loc - 1).permute(3, 0, 2, 4, 1, 5).reshape(nl, b * nh, npts, nq, 2)
+    w_t = w.permute(0, 2, 3, 4, 1).reshape(b * nh, nl, npts, nq)
+    got = ms_deform_attn_core(value_t, shapes, grids, w_t)  # (B·h)×d×Nq
+    got = got.view(b, nh * d, nq).transpose(1, 2)
     want = naive_msda(value, shapes, loc, w)
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
 

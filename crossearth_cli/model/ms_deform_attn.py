@@ -4,6 +4,11 @@ Each query looks at a few learned points around its reference point on every lev
 at each point is read with bilinear ``grid_sample`` (zero padding, align_corners=False) and the
 points are mixed with softmaxed weights. The CUDA kernel of the original gives the same numbers
 up to rounding. Sampling always runs in float32: bf16 locations would be off by whole pixels.
+
+Layout: everything is kept "queries last" (…×S), so every elementwise step, the softmax over
+the level-point pairs and ``grid_sample`` itself run along the long query axis. With the
+natural B×S×h×L×P layout those steps run along axes of 2 to 12 elements, which on a CPU made
+the whole attention 3× slower (docs/performance.md, "Deformable attention layout").
 """
 
 from __future__ import annotations
@@ -18,37 +23,42 @@ __all__ = ["MSDeformAttn", "ms_deform_attn_core"]
 def ms_deform_attn_core(
     value: torch.Tensor,
     spatial_shapes: list[tuple[int, int]],
-    sampling_locations: torch.Tensor,
-    attention_weights: torch.Tensor,
+    grids: torch.Tensor,
+    weights: torch.Tensor,
 ) -> torch.Tensor:
-    """The sampling and weighted sum.
+    """The sampling and weighted sum, one head per batch entry (N = B·h).
 
-    value: B×S×h×d, S = Σ H_l·W_l, levels flattened row-major in ``spatial_shapes`` order.
-    sampling_locations: B×Nq×h×L×P×2, (x, y) in [0, 1] (cell edges at 0 and 1).
-    attention_weights: B×Nq×h×L×P (already softmaxed over L·P).
-    -> B×Nq×(h·d), in value's dtype.
+    value: N×d×S, S = Σ H_l·W_l, levels flattened row-major in ``spatial_shapes`` order.
+    grids: L×N×P×Q×2, Q queries' sampling points (x, y) in grid_sample units ([-1, 1] = the
+    outer cell edges).
+    weights: N×L×P×Q, already softmaxed over the L·P pairs of each query.
+    -> N×d×Q float32.
     """
-    b, _, nh, d = value.shape
-    _, nq, _, nl, npts, _ = sampling_locations.shape
-    out_dtype = value.dtype
+    n, d, _ = value.shape
     value = value.float()
-    grids = (2 * sampling_locations.float() - 1).transpose(1, 2).flatten(0, 1)  # (B·h)×Nq×L×P×2
-    w = attention_weights.float().transpose(1, 2).reshape(b * nh, nq, nl, npts)
     out = None
     start = 0
-    # Level by level: sample, then weight and sum the points at once; never materialise all
-    # levels' samples together (that stack dominated the pixel decoder's GPU time).
     for lvl, (hl, wl) in enumerate(spatial_shapes):
-        v = value[:, start : start + hl * wl]  # B×HW×h×d
+        v = value[:, :, start : start + hl * wl].reshape(n, d, hl, wl)
         start += hl * wl
-        v = v.permute(0, 2, 3, 1).reshape(b * nh, d, hl, wl)  # (B·h)×d×H×W
-        s = F.grid_sample(
-            v, grids[:, :, lvl], mode="bilinear", padding_mode="zeros", align_corners=False
-        )  # (B·h)×d×Nq×P
-        part = torch.einsum("bdqp,bqp->bdq", s, w[:, :, lvl])  # (B·h)×d×Nq
-        out = part if out is None else out.add_(part)
-    out = out.reshape(b, nh * d, nq).transpose(1, 2)  # B×Nq×(h·d)
-    return out.to(out_dtype)
+        samples = F.grid_sample(
+            v, grids[lvl].float(), mode="bilinear", padding_mode="zeros", align_corners=False
+        )  # N×d×P×S
+        for p in range(samples.shape[2]):
+            w = weights[:, lvl, p, None].float()  # N×1×S
+            if out is None:
+                out = samples[:, :, p] * w
+            else:
+                out.addcmul_(samples[:, :, p], w)
+    return out
+
+
+def _project(linear: nn.Linear, x_t: torch.Tensor, scale: torch.Tensor | None = None):
+    """``linear`` applied to B×C×S columns -> B×N×S (rows optionally scaled by ``scale``)."""
+    weight, bias = linear.weight, linear.bias
+    if scale is not None:
+        weight, bias = weight * scale[:, None], bias * scale
+    return torch.matmul(weight, x_t).add_(bias[:, None].to(weight.dtype))
 
 
 class MSDeformAttn(nn.Module):
@@ -73,18 +83,26 @@ class MSDeformAttn(nn.Module):
         reference_points: (1|B)×S×L×2 normalised (x, y). -> B×S×C = query + attention."""
         b, s, c = query.shape
         h, nl, npts = self.num_heads, self.num_levels, self.num_points
-        q = query + query_pos
-        value = self.value_proj(query).view(b, s, h, c // h)
-        offsets = self.sampling_offsets(q).view(b, s, h, nl, npts, 2)  # heads→levels→points→xy
-        weights = self.attention_weights(q).view(b, s, h, nl * npts).float().softmax(-1)
-        weights = weights.view(b, s, h, nl, npts)
-        # offsets are in cells of each level: divide by (W_l, H_l)
-        normalizer = torch.tensor(
+        q_t = (query + query_pos).transpose(1, 2)  # B×C×S
+        value = _project(self.value_proj, query.transpose(1, 2))  # B×(h·d)×S
+
+        # weights: softmax over each head's L·P pairs, along dim 2 (by hand: torch's softmax
+        # over a last axis of 12 is several times slower on the CPU)
+        logits = _project(self.attention_weights, q_t).float().view(b, h, nl * npts, s)
+        w = logits.sub_(logits.amax(2, keepdim=True)).exp_()
+        w = w.div_(w.sum(2, keepdim=True)).view(b * h, nl, npts, s)
+
+        # points: reference + offset in cells of each level; in grid_sample units the offset
+        # is scaled by 2/size, folded into the projection (rows ordered heads→levels→points→xy)
+        size = torch.tensor(
             [[wl, hl] for hl, wl in spatial_shapes], dtype=torch.float32, device=query.device
-        )  # L×2
-        loc = (
-            reference_points.float()[:, :, None, :, None, :]
-            + offsets.float() / normalizer[None, None, None, :, None, :]
-        )  # B×S×h×L×P×2
-        out = ms_deform_attn_core(value, spatial_shapes, loc, weights)
+        )  # L×2 (x, y)
+        scale = (2.0 / size).view(1, nl, 1, 2).expand(h, nl, npts, 2).reshape(-1)
+        off = _project(self.sampling_offsets, q_t, scale).float().view(b, h, nl, npts, 2, s)
+        ref = reference_points.float().permute(0, 2, 3, 1) * 2 - 1  # (1|B)×L×2×S
+        grids = off.add_(ref[:, None, :, None])  # B×h×L×P×2×S
+        grids = grids.permute(2, 0, 1, 3, 5, 4).reshape(nl, b * h, npts, s, 2)
+
+        out = ms_deform_attn_core(value.view(b * h, c // h, s), spatial_shapes, grids, w)
+        out = out.view(b, c, s).transpose(1, 2).to(query.dtype)  # B×S×C
         return query + self.output_proj(out)
