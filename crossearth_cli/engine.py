@@ -500,6 +500,12 @@ class PreparedScene:
         self.reader.close()
 
 
+# Measured on a 2-core CPU with the tiny model (docs/performance.md): 80 s of compiling, then
+# 3x slower than eager. On an H200 it gave +20 %.
+COMPILE_CPU_NOTE = ("--compile applies to CUDA only and is ignored here: on the CPU "
+                    "torch.compile made the model slower (docs/performance.md)")
+
+
 class Session:
     """What stays loaded across scenes: the model on its device, the predictor, reader threads."""
 
@@ -511,7 +517,10 @@ class Session:
         self.precision = resolve_precision(precision, self.device)
         configure_cpu_threads(self.device, io_threads)
         spec.module = spec.module.to(self.device).eval()
-        if compile:
+        self.notes: list[str] = []  # told once, with the first scene's notes
+        if compile and self.device.type != "cuda":
+            self.notes.append(COMPILE_CPU_NOTE)
+        elif compile:
             # Tiles have one size per scene, so shapes are static apart from a last, smaller
             # batch: a couple of compilations per run.
             spec.module = torch.compile(spec.module, dynamic=False)
@@ -583,8 +592,9 @@ def _part_transform(reader: SceneReader, y0: int):
 def _run_scene(session: Session, scene: PreparedScene, emit: Events) -> SegmentResult:
     t0 = time.perf_counter()
     settings, reader, spec, rows = scene.settings, scene.reader, session.spec, scene.rows
-    for note in reader.notes:
+    for note in session.notes + reader.notes:
         emit("note", {"message": note})
+    session.notes.clear()
     n_tiles = scene.tile_count
     emit("start", {"tiles": n_tiles, "height": reader.height, "width": reader.width})
     tag_notes = {"blend": settings.blend, "tile": str(scene.tile), "stride": str(scene.stride)}

@@ -57,3 +57,27 @@ def test_gpu_script_dry_run_on_the_cpu(tmp_path):
     for name in ("model_64_bf16", "model_64_fp32", "model_128_bf16", "model_128_fp32"):
         assert steps[name]["tiles_per_s"] > 0
     assert steps["end_to_end"]["tiles"] > 1 and steps["end_to_end"]["tiles_per_s"] > 0
+
+
+def test_compile_is_skipped_on_the_cpu_with_one_note(tmp_path, tiny_spec):
+    """torch.compile measured slower on the CPU: --compile keeps the eager model there and
+    says so once per session, not once per file."""
+    import torch
+
+    from crossearth_cli.engine import COMPILE_CPU_NOTE, SegmentSettings, Session
+
+    spec = tiny_spec(tmp_path)
+    notes = []
+
+    def events(kind, data):
+        if kind == "note":
+            notes.append(data["message"])
+
+    with Session(spec, device="cpu", compile=True) as session:
+        assert not isinstance(spec.module, torch._dynamo.eval_frame.OptimizedModule)
+        for name in ("a", "b"):
+            settings = SegmentSettings(input=SAMPLE_DATA / "rgbn_town.tif", bands=[4, 1, 2],
+                                       output=tmp_path / f"{name}.tif", device="cpu",
+                                       compile=True)
+            session.run(session.prepare(settings), events)
+    assert notes.count(COMPILE_CPU_NOTE) == 1

@@ -82,8 +82,8 @@ def segment_command(
         "(buildings regularized, roads as centerlines + polygons): a path or 'auto'."
     ),
     compile: bool = typer.Option(
-        False, "--compile", help="torch.compile the model (pays a compile on start; see "
-        "docs/performance.md for when it helps)."
+        False, "--compile", help="torch.compile the model on CUDA (pays a compile on start; "
+        "see docs/performance.md for when it helps). Ignored on the CPU, where it is slower."
     ),
     cog: bool = typer.Option(False, "--cog", help="Write Cloud-Optimized GeoTIFFs with overviews."),
     compress: str = typer.Option("deflate", "--compress", help="deflate | zstd | lzw | none."),
