@@ -5,6 +5,8 @@ One command, random weights (no download), ratios measured in one run:
     python benchmarks/bench_model.py                      # ViT-L, 512×512, CPU
     python benchmarks/bench_model.py --size 1024 --device cuda --batch 4 --json out.json
     python benchmarks/bench_model.py --model tiny         # the test model, seconds
+    python benchmarks/bench_model.py --model tiny --batch 4 --modes fp32 --compile
+                                              # eager vs torch.compile, with the compile time
 
 Never fails CI: it only measures.
 """
@@ -80,6 +82,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--modes", default="fp32,bf16-autocast")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time torch.compile(model) in each mode (first call = compile)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args()
     if args.threads:
@@ -90,10 +94,17 @@ def main() -> None:
     build_s = time.perf_counter() - t0
     params = sum(p.numel() for p in net.parameters())
     x = torch.randn(args.batch, 3, args.size, args.size, device=args.device)
-    rows = [
-        time_mode(net, x, mode, args.warmup, args.repeats, args.device)
-        for mode in args.modes.split(",")
-    ]
+    rows = []
+    for mode in args.modes.split(","):
+        rows.append(time_mode(net, x, mode, args.warmup, args.repeats, args.device))
+        if args.compile:
+            compiled = torch.compile(net, dynamic=False)
+            t1 = time.perf_counter()
+            row = time_mode(compiled, x, mode, 1, args.repeats, args.device)
+            row["mode"] = f"{mode}+compile"
+            row["compile_seconds"] = time.perf_counter() - t1 - row["seconds_per_batch_mean"] * (
+                args.repeats)  # the warm-up call, i.e. compiling plus one forward
+            rows.append(row)
     base = rows[0]["tiles_per_s"]
     device_name = (
         torch.cuda.get_device_name(args.device)
@@ -105,11 +116,14 @@ def main() -> None:
         f"batch {args.batch}, {args.device} ({device_name}, {torch.get_num_threads()} threads), "
         f"torch {torch.__version__}; model built in {build_s:.1f} s"
     )
-    print(f"{'mode':<15} {'tiles/s':>9} {'s/batch':>9} {'vs fp32':>8}  out")
+    print(f"{'mode':<22} {'tiles/s':>9} {'s/batch':>9} {'vs first':>8}  out")
     for r in rows:
+        compiled = (f"  (compiled in {r['compile_seconds']:.0f} s)"
+                    if "compile_seconds" in r else "")
         print(
-            f"{r['mode']:<15} {r['tiles_per_s']:>9.3f} {r['seconds_per_batch_mean']:>9.2f} "
+            f"{r['mode']:<22} {r['tiles_per_s']:>9.3f} {r['seconds_per_batch_mean']:>9.2f} "
             f"{r['tiles_per_s'] / base:>7.2f}×  {r['out_dtype']}{'' if r['finite'] else ' NaN!'}"
+            + compiled
         )
     if args.json:
         report = {
