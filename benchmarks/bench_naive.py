@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -101,7 +102,9 @@ CEILING = textwrap.dedent(
     sys.path.insert(0, {here!r})
     import torch
     from scenes import ROOT
+    from crossearth_cli.allocator import keep_freed_memory
     from crossearth_cli.model import load_checkpoint
+    keep_freed_memory()  # as `segment` runs the model on the CPU
     model = load_checkpoint({ckpt!r})
     xs = {{b: torch.randn(b, 3, {crop}, {crop}) for b in (1, {batch})}}
     best = {{b: float("inf") for b in xs}}
@@ -120,8 +123,9 @@ CEILING = textwrap.dedent(
 )
 
 
-def run(code: str) -> dict:
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+def run(code: str, env: dict | None = None) -> dict:
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed"}
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
@@ -147,6 +151,9 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--skip-naive", action="store_true", help="only time `segment`")
+    ap.add_argument("--naive-malloc", action="store_true",
+                    help="give the naive side segment's malloc settings too (as environment "
+                         "variables; see crossearth_cli/allocator.py)")
     ap.add_argument("--repeats", type=int, default=1,
                     help="runs per side and size, interleaved; the best time is kept")
     ap.add_argument("--batch", type=int, default=4,
@@ -155,6 +162,12 @@ def main() -> None:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="crossearth-naive-"))
     work.mkdir(parents=True, exist_ok=True)
     ckpt = tiny_checkpoint(work / "tiny.pth")
+    naive_env = None
+    if args.naive_malloc:
+        from crossearth_cli.allocator import MMAP_THRESHOLD, TRIM_THRESHOLD
+
+        naive_env = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD),
+                     "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
     rows = []
     for size in (int(s) for s in args.sizes.split(",")):
         src = work / f"scene_{size}.tif"
@@ -166,7 +179,8 @@ def main() -> None:
         for _ in range(args.repeats):  # interleaved, so both sides see the same machine
             ours_runs.append(run(OURS.format(out=str(work / f"ours_{size}.tif"), **kw)))
             naive_runs.append({"error": "skipped"} if args.skip_naive
-                              else run(NAIVE.format(out=str(work / f"naive_{size}.tif"), **kw)))
+                              else run(NAIVE.format(out=str(work / f"naive_{size}.tif"), **kw),
+                                       naive_env))
         ours, naive = best_of(ours_runs), best_of(naive_runs)
         row = {"size": size, "mpx": size * size / 1e6, "ours": ours, "naive": naive}
         if "seconds" in ours and "seconds" in naive:

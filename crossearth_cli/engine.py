@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from rasterio.transform import Affine
 
+from crossearth_cli.allocator import keep_freed_memory
 from crossearth_cli.errors import ConfigError, UserError
 from crossearth_cli.raster.accumulator import (
     CLASS_NODATA,
@@ -712,12 +713,16 @@ def _run_tiles(predictor, feed, acc, sinks, y0, scaling, emit):
 
 
 def configure_cpu_threads(device: torch.device, io_threads: int | None) -> None:
-    """On the CPU, leave a core to the reader/writer threads when there are cores to spare.
+    """On the CPU: keep freed model temporaries for reuse (:mod:`crossearth_cli.allocator`),
+    and leave a core to the reader/writer threads when there are cores to spare.
 
     torch's intra-op pool defaults to every core; GDAL decompression and compression run in
     our threads beside it. With 2 cores both stay with torch (I/O mostly waits on the disk).
     """
-    if device.type != "cpu" or os.environ.get("OMP_NUM_THREADS"):
+    if device.type != "cpu":
+        return
+    keep_freed_memory()
+    if os.environ.get("OMP_NUM_THREADS"):
         return
     cores = os.cpu_count() or 1
     if cores > 4:

@@ -81,3 +81,41 @@ def test_compile_is_skipped_on_the_cpu_with_one_note(tmp_path, tiny_spec):
                                        compile=True)
             session.run(session.prepare(settings), events)
     assert notes.count(COMPILE_CPU_NOTE) == 1
+
+
+ALLOCATOR_PROBE = """
+import ctypes
+from crossearth_cli.allocator import keep_freed_memory
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                               "usmblks", "fsmblks", "uordblks", "fordblks",
+                                               "keepcost")]
+
+applied = keep_freed_memory()
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+block = libc.malloc(16 << 20)
+mapped = libc.mallinfo2().hblkhd >= 16 << 20  # served by its own mmap
+libc.free(block)
+kept = libc.mallinfo2().fordblks >= 16 << 20  # still in the heap after free, for reuse
+print(applied, mapped, kept)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
+def test_cpu_runs_keep_freed_model_temporaries_in_the_heap():
+    """A 16 MB block (the size of the model's temporaries) comes from the heap and stays
+    there after free; the user's own MALLOC_* setting wins over ours."""
+    def probe(**env):
+        proc = subprocess.run([sys.executable, "-c", ALLOCATOR_PROBE], capture_output=True,
+                              text=True, env={**os.environ, **env}, timeout=120)
+        if "mallinfo2" in proc.stderr:
+            pytest.skip("not glibc ≥ 2.33")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout.split()
+
+    assert probe() == ["True", "False", "True"]
+    assert probe(MALLOC_MMAP_THRESHOLD_="131072") == ["False", "True", "False"]
