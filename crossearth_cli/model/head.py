@@ -109,15 +109,17 @@ def semantic_scores(
     ``crop`` keeps only the top-left (h, w) of the result (padding removal) before the einsum.
     Runs in float32 whatever the autocast state; B×Q×(C+1), B×Q×h×w -> B×C×h×w float32.
     """
-    dev = mask_logits.device.type
-    with torch.autocast(device_type=dev, enabled=False):
+    dev = mask_logits.device
+    with torch.autocast(device_type=dev.type, enabled=False):
         probs = cls_logits.float().softmax(dim=-1)[..., :-1]  # B×Q×C
-        out = []
-        for i in range(mask_logits.shape[0]):  # one image at a time bounds Q×H×W memory
+        b, q, c = probs.shape
+        h, w = crop if crop is not None else size
+        out = torch.empty(b, c, h, w, dtype=torch.float32, device=dev)
+        for i in range(b):  # one image at a time bounds Q×H×W memory
             m = F.interpolate(
                 mask_logits[i : i + 1].float(), size=size, mode="bilinear", align_corners=False
-            )
-            if crop is not None:
-                m = m[..., : crop[0], : crop[1]]
-            out.append(torch.einsum("bqc,bqhw->bchw", probs[i : i + 1], m.sigmoid()))
-        return torch.cat(out, dim=0)
+            )[0]  # Q×H×W, a fresh tensor: sigmoid in place unless cropped (a view)
+            m = m[:, :h, :w].sigmoid() if crop is not None else m.sigmoid_()
+            # Σ_q probs[q, c] · m[q] for every class, straight into the output
+            torch.matmul(probs[i].t(), m.reshape(q, h * w), out=out[i].view(c, h * w))
+        return out
