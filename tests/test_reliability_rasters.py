@@ -64,6 +64,13 @@ def _unreadable(tmp: Path, kind: str) -> Path:
         return classic_tiff(tmp / "huge_tiled.tif", 2**31 - 1, 2**31 - 1, tiled=True)
     if kind == "huge-one-band":
         return classic_tiff(tmp / "huge_1band.tif", 4_000_000, 4_000_000, bands=1)
+    if kind == "bigtiff-ifd-out-of-reach":  # found by tests/test_fuzz.py: libtiff's seek fails
+        path = write_tif(tmp / "far_ifd.tif", random_scene(32, 32), BIGTIFF="YES")
+        data = bytearray(path.read_bytes())
+        assert data[:4] == b"II+\x00"
+        data[8:16] = (0x0001_0003_0100_0012).to_bytes(8, "little")  # first IFD at ~281 TB
+        path.write_bytes(bytes(data))
+        return path
     raise AssertionError(kind)
 
 
@@ -75,6 +82,9 @@ def _unreadable(tmp: Path, kind: str) -> Path:
     pytest.param("huge-tiled", ("huge_tiled.tif", "not a readable raster"), id="huge-tiled"),
     pytest.param("huge-one-band", ("huge_1band.tif", "truncated or corrupt"),
                  id="huge-one-band"),
+    # libtiff also writes "_tiffSeekProc: Invalid argument." straight to fd 2 for this one
+    pytest.param("bigtiff-ifd-out-of-reach", ("far_ifd.tif", "not a readable raster"),
+                 id="bigtiff-ifd-out-of-reach"),
 ])
 def test_unreadable_inputs_fail_fast_with_one_line(tmp_path, capfd, ckpt, kind, needles):
     src = _unreadable(tmp_path, kind)

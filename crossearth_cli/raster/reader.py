@@ -20,8 +20,10 @@ rasterio dataset handles are not thread-safe, so each reader thread opens its ow
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,6 +103,35 @@ def parse_bands(text: str | None) -> list[int] | None:
     return bands
 
 
+@contextmanager
+def _quiet_c_stderr():
+    """Drop what C code writes straight to file descriptor 2 meanwhile, when the CLI runs
+    quietly (it sets ``CPL_LOG`` to the null device).
+
+    libtiff reports some damage (``_tiffSeekProc: Invalid argument.``) with its own write to
+    stderr, past GDAL's error handler and ``CPL_LOG``; our one-line error says what matters.
+    fd 2 is shared by the whole process, so only the main thread redirects it, and only for
+    the moment a file is opened.
+    """
+    quiet = os.environ.get("CPL_LOG") == os.devnull
+    if not quiet or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def open_raster(path: str | Path) -> rasterio.DatasetReader:
     """Open ``path`` for reading, turning every failure into one clear line."""
     p = Path(path)
@@ -118,7 +149,8 @@ def open_raster(path: str | Path) -> rasterio.DatasetReader:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # not georeferenced, odd TIFF tags: not errors
-            src = rasterio.open(p)
+            with _quiet_c_stderr():
+                src = rasterio.open(p)
     except (RasterioError, CPLE_BaseError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else "unreadable"
         raise InputError(
