@@ -41,10 +41,10 @@ def keep_freed_memory() -> bool:
         return False
     try:
         libc = ctypes.CDLL(None)
-        mallopt, version = libc.mallopt, libc.gnu_get_libc_version  # glibc only
+        libc.gnu_get_libc_version  # noqa: B018 - only glibc has it (and these mallopt codes)
+        mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
-    del version
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     _applied = bool(
         mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)

@@ -517,6 +517,8 @@ class Session:
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
         configure_cpu_threads(self.device, io_threads)
+        if self.device.type == "cpu":
+            keep_freed_memory()  # reuse the model's temporaries (crossearth_cli/allocator.py)
         spec.module = spec.module.to(self.device).eval()
         self.notes: list[str] = []  # told once, with the first scene's notes
         if compile and self.device.type != "cuda":
@@ -713,16 +715,12 @@ def _run_tiles(predictor, feed, acc, sinks, y0, scaling, emit):
 
 
 def configure_cpu_threads(device: torch.device, io_threads: int | None) -> None:
-    """On the CPU: keep freed model temporaries for reuse (:mod:`crossearth_cli.allocator`),
-    and leave a core to the reader/writer threads when there are cores to spare.
+    """On the CPU, leave a core to the reader/writer threads when there are cores to spare.
 
     torch's intra-op pool defaults to every core; GDAL decompression and compression run in
     our threads beside it. With 2 cores both stay with torch (I/O mostly waits on the disk).
     """
-    if device.type != "cpu":
-        return
-    keep_freed_memory()
-    if os.environ.get("OMP_NUM_THREADS"):
+    if device.type != "cpu" or os.environ.get("OMP_NUM_THREADS"):
         return
     cores = os.cpu_count() or 1
     if cores > 4:
