@@ -1,4 +1,4 @@
-"""Issue 6 checks that can run anywhere: precision agreement and the GPU script's dry run."""
+"""Issue 6 checks that can run anywhere: precision agreement, the benchmarks' dry runs."""
 
 from __future__ import annotations
 
@@ -57,6 +57,22 @@ def test_gpu_script_dry_run_on_the_cpu(tmp_path):
     for name in ("model_64_bf16", "model_64_fp32", "model_128_bf16", "model_128_fp32"):
         assert steps[name]["tiles_per_s"] > 0
     assert steps["end_to_end"]["tiles"] > 1 and steps["end_to_end"]["tiles_per_s"] > 0
+
+
+def test_naive_benchmark_forms_place_every_window_where_segment_does(tmp_path):
+    """Benchmark (b)'s two naive forms (mmseg's padded canvas, sliced adds) run here with the
+    zero-cost head, whose scores follow the pixels: a window added at the wrong place changes
+    the class map. Both forms and `segment` must give the same map. Timing is not checked."""
+    out = tmp_path / "naive.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_naive.py"),
+                           "--sizes", "700", "--workdir", str(tmp_path), "--model", "zero",
+                           "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["tiles"] == 4
+    assert set(row["speedup"]) == {"mmseg", "sliced"}
+    assert row["naive_forms_agree"] is True
+    assert min(row["agreement_with_segment"].values()) > 0.999
 
 
 def test_compile_is_skipped_on_the_cpu_with_one_note(tmp_path, tiny_spec):
