@@ -6,6 +6,8 @@ the work):
   the reference's 0.89 TFLOP per 512² tile and 4.8 TFLOP per 1024² tile, and peak memory;
 - the top CUDA kernels of one bf16 batch (where the time goes);
 - torch.compile against eager for 512 bf16 (when time allows);
+- 512 bf16 with the experimental fused deformable attention of `msda_triton.py`, and its
+  largest difference from the PyTorch path;
 - end-to-end Mpx/s of `segment` on a synthetic 16k² scene, against model-only at the same
   batch and precision.
 Each step is written to the JSON as soon as it finishes, so a cut-off run keeps what it did.
@@ -119,6 +121,25 @@ def end_to_end(net, size: int, device: str, batch: int, precision: str, work: Pa
     return row
 
 
+def fused_msda(net, batch: int, device: str, seconds: float) -> dict:
+    """Model-only 512² bf16 with `benchmarks/msda_triton.py` in place of `grid_sample`."""
+    import msda_triton
+
+    from crossearth_cli.model.ms_deform_attn import MSDeformAttn
+
+    original = MSDeformAttn.forward
+    max_diff = msda_triton.check(device)  # float32, against the PyTorch path
+    msda_triton.install()
+    try:
+        x = torch.randn(batch, 3, 512, 512, device=device)
+        row = timed(net, x, "bf16", device, seconds)
+    finally:
+        MSDeformAttn.forward = original
+    row["max_abs_diff_vs_pytorch_fp32"] = max_diff
+    row["tflop_s"] = round(row["tiles_per_s"] * TFLOP_PER_TILE[512], 1)
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cpu-smoke", action="store_true",
@@ -200,6 +221,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="crossearth-gpu-"))
     b = 2 if smoke else batches[sizes[0]]["bf16"]
     step("end_to_end", lambda: end_to_end(e2e_net, e2e, device, b, "bf16", work, sizes[0]))
+    if not smoke:  # experimental fused deformable attention, same model and batch
+        step("model_512_bf16_fused_msda", lambda: fused_msda(e2e_net, batches[512]["bf16"],
+                                                             device, seconds))
     if not args.quick:
         step("end_to_end_batch_auto",
              lambda: end_to_end(e2e_net, 4096 if not smoke else 96, device, "auto", "bf16",

@@ -75,6 +75,18 @@ def test_naive_benchmark_forms_place_every_window_where_segment_does(tmp_path):
     assert min(row["agreement_with_segment"].values()) > 0.999
 
 
+def test_experimental_fused_deformable_attention_matches_the_pytorch_path():
+    """The Triton kernel `gpu.sh` compares on a GPU, run here by Triton's interpreter: same
+    outputs as `MSDeformAttn` (points off the map included) to float32 rounding."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "msda_triton.py")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    diff = float(proc.stdout.strip().rsplit(" ", 1)[-1])
+    assert diff < 1e-5
+
+
 def test_compile_is_skipped_on_the_cpu_with_one_note(tmp_path, tiny_spec):
     """torch.compile measured slower on the CPU: --compile keeps the eager model there and
     says so once per session, not once per file."""

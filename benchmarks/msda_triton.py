@@ -1,0 +1,139 @@
+"""Experimental fused multi-scale deformable attention (Triton), for `gpu.sh` to compare.
+
+The pixel decoder's deformable attention ran almost as long as the ViT on an H200
+(docs/performance.md, GPU): `grid_sample` per level, a copy of the sampling grids into its
+layout, and one multiply-add per point. This kernel does the whole sampling and weighted sum of
+one head in one pass: each program takes a block of queries, reads the 4 bilinear corners of
+every (level, point) straight from the value in its natural B×S×C layout (the head's D
+channels are contiguous), accumulates in float32 and writes B×Q×C, ready for `output_proj`.
+
+Same maths as `crossearth_cli.model.ms_deform_attn` (zero padding, align_corners=False).
+It is not used by `crossearth` until a GPU run shows it faster; `install()` swaps it into
+`MSDeformAttn` for a benchmark. Without a GPU it runs under Triton's interpreter
+(`TRITON_INTERPRET=1`), which is how the tests check it:
+
+    TRITON_INTERPRET=1 python benchmarks/msda_triton.py      # compare with the PyTorch path
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from scenes import ROOT  # noqa: F401 - puts this checkout on sys.path
+
+from crossearth_cli.model.ms_deform_attn import MSDeformAttn, _project
+
+BLOCK_Q = 64
+
+
+@triton.jit
+def _corner(vbase, C, start, hl, wl, yy, xx, cw, qmask, dd):
+    """One bilinear corner for a block of queries: BLOCK_Q×D values × their corner weight."""
+    ok = qmask & (xx >= 0) & (xx < wl) & (yy >= 0) & (yy < hl)
+    idx = tl.where(ok, start + yy * wl + xx, 0)
+    v = tl.load(vbase + idx[:, None] * C + dd[None, :], mask=ok[:, None], other=0.0)
+    return v.to(tl.float32) * cw[:, None]
+
+
+@triton.jit
+def _msda_kernel(value_ptr, grid_ptr, weight_ptr, shapes_ptr, starts_ptr, out_ptr, S, Q,
+                 H: tl.constexpr, D: tl.constexpr, L: tl.constexpr, P: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    # value: B×S×C (C = H·D); grids: (B·H)×L×P×2×Q in grid_sample units; weights:
+    # (B·H)×L×P×Q; out: B×Q×C
+    n = tl.program_id(0)
+    b = n // H
+    h = n % H
+    q = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    qmask = q < Q
+    dd = tl.arange(0, D)
+    C = H * D
+    vbase = value_ptr + b.to(tl.int64) * S * C + h * D
+    acc = tl.zeros((BLOCK, D), dtype=tl.float32)
+    for lvl in tl.static_range(L):
+        hl = tl.load(shapes_ptr + 2 * lvl)
+        wl = tl.load(shapes_ptr + 2 * lvl + 1)
+        start = tl.load(starts_ptr + lvl)
+        for p in tl.static_range(P):
+            row = (n * L + lvl) * P + p
+            gx = tl.load(grid_ptr + row.to(tl.int64) * 2 * Q + q, mask=qmask, other=0.0)
+            gy = tl.load(grid_ptr + row.to(tl.int64) * 2 * Q + Q + q, mask=qmask, other=0.0)
+            w = tl.load(weight_ptr + row.to(tl.int64) * Q + q, mask=qmask, other=0.0)
+            x = ((gx + 1) * wl - 1) * 0.5  # pixel coordinates, align_corners=False
+            y = ((gy + 1) * hl - 1) * 0.5
+            x0f = tl.floor(x)
+            y0f = tl.floor(y)
+            fx = x - x0f
+            fy = y - y0f
+            x0 = x0f.to(tl.int32)
+            y0 = y0f.to(tl.int32)
+            s = _corner(vbase, C, start, hl, wl, y0, x0, (1 - fy) * (1 - fx), qmask, dd)
+            s += _corner(vbase, C, start, hl, wl, y0, x0 + 1, (1 - fy) * fx, qmask, dd)
+            s += _corner(vbase, C, start, hl, wl, y0 + 1, x0, fy * (1 - fx), qmask, dd)
+            s += _corner(vbase, C, start, hl, wl, y0 + 1, x0 + 1, fy * fx, qmask, dd)
+            acc += s * w[:, None]
+    out = out_ptr + (b.to(tl.int64) * Q + q[:, None]) * C + h * D + dd[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=qmask[:, None])
+
+
+def msda_fused(value: torch.Tensor, spatial_shapes: list[tuple[int, int]], grids: torch.Tensor,
+               weights: torch.Tensor, heads: int) -> torch.Tensor:
+    """value: B×S×C; grids: (B·h)×L×P×2×Q float32; weights: (B·h)×L×P×Q float32 -> B×Q×C."""
+    b, s, c = value.shape
+    d = c // heads
+    if d & (d - 1):
+        raise ValueError(f"head width {d} is not a power of two")
+    n, nl, npts, _, q = grids.shape
+    shapes = torch.tensor(spatial_shapes, dtype=torch.int32, device=value.device)
+    starts = torch.tensor([0] + [h * w for h, w in spatial_shapes][:-1], dtype=torch.int32,
+                          device=value.device).cumsum(0, dtype=torch.int32)
+    out = torch.empty(b, q, c, dtype=value.dtype, device=value.device)
+    _msda_kernel[(n, triton.cdiv(q, BLOCK_Q))](
+        value.contiguous(), grids.contiguous(), weights.contiguous(), shapes, starts, out, s, q,
+        H=heads, D=d, L=nl, P=npts, BLOCK=BLOCK_Q)
+    return out
+
+
+def fused_forward(self: MSDeformAttn, query, query_pos, reference_points, spatial_shapes):
+    """`MSDeformAttn.forward` with the sampling and weighted sum done by the fused kernel."""
+    b, s, c = query.shape
+    h, nl, npts = self.num_heads, self.num_levels, self.num_points
+    q_t = (query + query_pos).transpose(1, 2)  # B×C×S
+    value = self.value_proj(query)  # B×S×C: each head's channels contiguous
+    logits = _project(self.attention_weights, q_t).float().view(b, h, nl * npts, s)
+    w = torch.softmax(logits, dim=2).view(b * h, nl, npts, s)
+    size = torch.tensor([[wl, hl] for hl, wl in spatial_shapes], dtype=torch.float32,
+                        device=query.device)
+    scale = (2.0 / size).view(1, nl, 1, 2).expand(h, nl, npts, 2).reshape(-1)
+    off = _project(self.sampling_offsets, q_t, scale).float().view(b, h, nl, npts, 2, s)
+    ref = reference_points.float().permute(0, 2, 3, 1) * 2 - 1  # (1|B)×L×2×S
+    grids = off.add_(ref[:, None, :, None]).view(b * h, nl, npts, 2, s)
+    out = msda_fused(value, spatial_shapes, grids, w, h).to(query.dtype)
+    return query + self.output_proj(out)
+
+
+def install() -> None:
+    """Route every `MSDeformAttn` through the fused kernel (for benchmarks)."""
+    MSDeformAttn.forward = fused_forward
+
+
+def check(device: str = "cpu") -> float:
+    """Largest difference against the PyTorch path on a small random layer (both float32)."""
+    torch.manual_seed(0)
+    layer = MSDeformAttn(embed_dims=64, num_heads=8, num_levels=3, num_points=4).to(device)
+    torch.nn.init.normal_(layer.sampling_offsets.weight, std=0.5)  # points also off the map
+    shapes = [(2, 3), (4, 5), (8, 9)]  # small: the interpreter runs each program in Python
+    s = sum(hl * wl for hl, wl in shapes)
+    query = torch.randn(2, s, 64, device=device)
+    pos = torch.randn(1, s, 64, device=device)
+    ref = torch.rand(1, s, 3, 2, device=device)
+    with torch.no_grad():
+        want = MSDeformAttn.forward(layer, query, pos, ref, shapes)
+        got = fused_forward(layer, query, pos, ref, shapes)
+    return float((want - got).abs().max())
+
+
+if __name__ == "__main__":
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"largest difference against the PyTorch path ({dev}): {check(dev):.2e}")
