@@ -34,10 +34,17 @@ def big(tmp_path_factory) -> Path:
     return write_tif(tmp_path_factory.mktemp("big") / "big.tif", random_scene(1600, 1600))
 
 
+def _interactive_signals() -> None:
+    """In the child: SIGINT as a terminal gives it. Run from a background job (`cmd &` without
+    job control, nohup) the suite inherits an ignored SIGINT, which `crossearth` deliberately
+    keeps ignored (`test_signal_handler_semantics`); the Ctrl-C tests would see a normal exit."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(args: list, folder: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "crossearth_cli", *map(str, args)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=real_env())
+                            env=real_env(), preexec_fn=_interactive_signals)
 
 
 def _wait_for_temporaries(proc: subprocess.Popen, folder: Path, pattern: str) -> None:
