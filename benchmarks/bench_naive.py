@@ -141,7 +141,7 @@ NAIVE_MODES = {
 }
 
 
-def naive_bytes_per_pixel(mode: str, bands: int = 3, classes: int = 6) -> int:
+def naive_bytes_per_pixel(mode: str, bands: int = 3, classes: int = CLASSES) -> int:
     """Peak bytes per scene pixel of a naive form (its larger stage).
 
     Normalising holds the uint8 scene, its float32 copy, one temporary and the result. Then

@@ -17,12 +17,14 @@ It is not used by `crossearth` until a GPU run shows it faster; `install()` swap
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
 from scenes import ROOT  # noqa: F401 - puts this checkout on sys.path
 
-from crossearth_cli.model.ms_deform_attn import MSDeformAttn, _project
+from crossearth_cli.model.ms_deform_attn import MSDeformAttn
 
 BLOCK_Q = 64
 
@@ -85,12 +87,13 @@ def msda_fused(value: torch.Tensor, spatial_shapes: list[tuple[int, int]], grids
     if d & (d - 1):
         raise ValueError(f"head width {d} is not a power of two")
     n, nl, npts, _, q = grids.shape
-    shapes = torch.tensor(spatial_shapes, dtype=torch.int32, device=value.device)
-    starts = torch.tensor([0] + [h * w for h, w in spatial_shapes][:-1], dtype=torch.int32,
-                          device=value.device).cumsum(0, dtype=torch.int32)
+    starts = list(itertools.accumulate((hl * wl for hl, wl in spatial_shapes[:-1]), initial=0))
+    meta = torch.tensor([v for hw in spatial_shapes for v in hw] + starts, dtype=torch.int32,
+                        device=value.device)  # one small copy: H, W per level, then starts
     out = torch.empty(b, q, c, dtype=value.dtype, device=value.device)
     _msda_kernel[(n, triton.cdiv(q, BLOCK_Q))](
-        value.contiguous(), grids.contiguous(), weights.contiguous(), shapes, starts, out, s, q,
+        value.contiguous(), grids.contiguous(), weights.contiguous(), meta, meta[2 * nl:],
+        out, s, q,
         H=heads, D=d, L=nl, P=npts, BLOCK=BLOCK_Q)
     return out
 
@@ -99,18 +102,10 @@ def fused_forward(self: MSDeformAttn, query, query_pos, reference_points, spatia
     """`MSDeformAttn.forward` with the sampling and weighted sum done by the fused kernel."""
     b, s, c = query.shape
     h, nl, npts = self.num_heads, self.num_levels, self.num_points
-    q_t = (query + query_pos).transpose(1, 2)  # B×C×S
     value = self.value_proj(query)  # B×S×C: each head's channels contiguous
-    logits = _project(self.attention_weights, q_t).float().view(b, h, nl * npts, s)
-    w = torch.softmax(logits, dim=2).view(b * h, nl, npts, s)
-    size = torch.tensor([[wl, hl] for hl, wl in spatial_shapes], dtype=torch.float32,
-                        device=query.device)
-    scale = (2.0 / size).view(1, nl, 1, 2).expand(h, nl, npts, 2).reshape(-1)
-    off = _project(self.sampling_offsets, q_t, scale).float().view(b, h, nl, npts, 2, s)
-    ref = reference_points.float().permute(0, 2, 3, 1) * 2 - 1  # (1|B)×L×2×S
-    grids = off.add_(ref[:, None, :, None]).view(b * h, nl, npts, 2, s)
-    out = msda_fused(value, spatial_shapes, grids, w, h).to(query.dtype)
-    return query + self.output_proj(out)
+    w, points = self.sampling(query, query_pos, reference_points, spatial_shapes)
+    out = msda_fused(value, spatial_shapes, points.view(b * h, nl, npts, 2, s), w, h)
+    return query + self.output_proj(out.to(query.dtype))
 
 
 def install() -> None:

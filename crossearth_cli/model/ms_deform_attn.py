@@ -72,22 +72,22 @@ class MSDeformAttn(nn.Module):
         self.value_proj = nn.Linear(embed_dims, embed_dims)
         self.output_proj = nn.Linear(embed_dims, embed_dims)
 
-    def forward(
+    def sampling(
         self,
         query: torch.Tensor,
         query_pos: torch.Tensor,
         reference_points: torch.Tensor,
         spatial_shapes: list[tuple[int, int]],
-    ) -> torch.Tensor:
-        """query: B×S×C (also the value, without position), query_pos: (1|B)×S×C,
-        reference_points: (1|B)×S×L×2 normalised (x, y). -> B×S×C = query + attention."""
-        b, s, c = query.shape
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where each query looks and how much each point counts, both float32:
+        weights (B·h)×L×P×S (softmaxed over each head's L·P pairs) and points B×h×L×P×2×S
+        in grid_sample units."""
+        b, s, _ = query.shape
         h, nl, npts = self.num_heads, self.num_levels, self.num_points
         q_t = (query + query_pos).transpose(1, 2)  # B×C×S
-        value = _project(self.value_proj, query.transpose(1, 2))  # B×(h·d)×S
 
-        # weights: softmax over each head's L·P pairs, along dim 2 (by hand: torch's softmax
-        # over a last axis of 12 is several times slower on the CPU)
+        # weights: softmax along dim 2 by hand (torch's softmax over a last axis of 12 is
+        # several times slower on the CPU)
         logits = _project(self.attention_weights, q_t).float().view(b, h, nl * npts, s)
         w = logits.sub_(logits.amax(2, keepdim=True)).exp_()
         w = w.div_(w.sum(2, keepdim=True)).view(b * h, nl, npts, s)
@@ -100,9 +100,22 @@ class MSDeformAttn(nn.Module):
         scale = (2.0 / size).view(1, nl, 1, 2).expand(h, nl, npts, 2).reshape(-1)
         off = _project(self.sampling_offsets, q_t, scale).float().view(b, h, nl, npts, 2, s)
         ref = reference_points.float().permute(0, 2, 3, 1) * 2 - 1  # (1|B)×L×2×S
-        grids = off.add_(ref[:, None, :, None])  # B×h×L×P×2×S
-        grids = grids.permute(2, 0, 1, 3, 5, 4).reshape(nl, b * h, npts, s, 2)
+        return w, off.add_(ref[:, None, :, None])
 
+    def forward(
+        self,
+        query: torch.Tensor,
+        query_pos: torch.Tensor,
+        reference_points: torch.Tensor,
+        spatial_shapes: list[tuple[int, int]],
+    ) -> torch.Tensor:
+        """query: B×S×C (also the value, without position), query_pos: (1|B)×S×C,
+        reference_points: (1|B)×S×L×2 normalised (x, y). -> B×S×C = query + attention."""
+        b, s, c = query.shape
+        h, nl, npts = self.num_heads, self.num_levels, self.num_points
+        value = _project(self.value_proj, query.transpose(1, 2))  # B×(h·d)×S
+        w, points = self.sampling(query, query_pos, reference_points, spatial_shapes)
+        grids = points.permute(2, 0, 1, 3, 5, 4).reshape(nl, b * h, npts, s, 2)
         out = ms_deform_attn_core(value.view(b * h, c // h, s), spatial_shapes, grids, w)
         out = out.view(b, c, s).transpose(1, 2).to(query.dtype)  # B×S×C
         return query + self.output_proj(out)
