@@ -75,16 +75,92 @@ def test_naive_benchmark_forms_place_every_window_where_segment_does(tmp_path):
     assert min(row["agreement_with_segment"].values()) > 0.999
 
 
-def test_experimental_fused_deformable_attention_matches_the_pytorch_path():
-    """The Triton kernel `gpu.sh` compares on a GPU, run here by Triton's interpreter: same
-    outputs as `MSDeformAttn` (points off the map included) to float32 rounding."""
+def test_fused_deformable_attention_matches_the_pytorch_path():
+    """The Triton kernel CUDA runs use, run here by Triton's interpreter: same outputs as the
+    PyTorch path of `MSDeformAttn` (points off the map included) to float32 rounding."""
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "msda_triton.py")],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "crossearth_cli.model.msda_triton"],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     diff = float(proc.stdout.strip().rsplit(" ", 1)[-1])
     assert diff < 1e-5
+
+
+def test_fused_deformable_attention_is_chosen_only_where_it_applies(monkeypatch):
+    """CPU tensors, an explicit fused=False, CROSSEARTH_DEFORM_ATTN=pytorch or a head width
+    that is not a power of two all keep the PyTorch path."""
+    import torch
+
+    from crossearth_cli.model import ms_deform_attn
+    from crossearth_cli.model.ms_deform_attn import MSDeformAttn
+
+    calls = []
+    monkeypatch.setattr(ms_deform_attn, "_import_fused", lambda: lambda *a: calls.append(a))
+    assert ms_deform_attn.fused_kernel(32) is not None
+    assert ms_deform_attn.fused_kernel(24) is None
+    monkeypatch.setenv("CROSSEARTH_DEFORM_ATTN", "pytorch")
+    assert ms_deform_attn.fused_kernel(32) is None
+    monkeypatch.delenv("CROSSEARTH_DEFORM_ATTN")
+    layer = MSDeformAttn(embed_dims=64, num_heads=2, num_levels=2, num_points=2)
+    shapes = [(2, 2), (4, 4)]
+    query = torch.randn(1, 20, 64)
+    ref = torch.rand(1, 20, 2, 2)
+    with torch.no_grad():
+        out = layer(query, query, ref, shapes)  # CPU: the PyTorch path
+        assert out.shape == query.shape and not calls
+        with pytest.raises(AttributeError):  # the stand-in kernel returns None
+            layer(query, query, ref, shapes, fused=True)
+    assert len(calls) == 1
+
+
+def test_weights_stored_in_the_autocast_dtype_give_the_same_scores():
+    """autocast_weights: bit-identical scores under bf16 autocast, float32 kept where the
+    model does float32 maths with a weight, and the original model left untouched."""
+    import torch
+
+    from crossearth_cli.model import CrossEarth
+    from crossearth_cli.model.precision import autocast_weights, castable_parameters
+    from crossearth_cli.model.random_init import random_state_dict, tiny_config
+
+    config = tiny_config(num_classes=6)
+    net = CrossEarth(config).eval()
+    net.load_state_dict(random_state_dict(config, seed=3))
+    fast = autocast_weights(net, torch.bfloat16)
+    x = torch.randn(2, 3, 64, 96)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want, got = net(x), fast(x)
+    assert torch.equal(want, got)
+    assert all(p.dtype == torch.float32 for p in net.parameters())
+    cast = {id(p) for p in castable_parameters(fast)}
+    assert {p.dtype for p in fast.parameters() if id(p) in cast} == {torch.bfloat16}
+    assert {p.dtype for p in fast.parameters() if id(p) not in cast} == {torch.float32}
+    assert fast.backbone.blocks[0].mlp.fc1.weight.dtype == torch.bfloat16
+    attn = fast.decode_head.pixel_decoder.encoder.layers[0].self_attn
+    assert attn.sampling_offsets.weight.dtype == torch.float32
+    assert fast.backbone.reins.mlp_token2feat.weight.dtype == torch.float32
+    assert fast.backbone.pos_embed is net.backbone.pos_embed  # shared, not copied
+    assert autocast_weights(net, None) is net
+
+
+def test_decoder_mask_shrink_matches_bilinear_interpolation():
+    """shrink_bilinear reads whole-factor resizes off by slicing; it must give what
+    F.interpolate gives (float32, ulp-level on the CPU, whose kernel adds in another order),
+    and fall back to it for other sizes."""
+    import torch
+    import torch.nn.functional as F
+
+    from crossearth_cli.model.head import shrink_bilinear
+
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = (torch.randn(2, 5, 48, 36) * 4).to(dtype)
+        for size in [(24, 18), (12, 12), (6, 9), (3, 4), (48, 36), (16, 12), (1, 1),
+                     (20, 18), (7, 5)]:
+            want = F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False)
+            got = shrink_bilinear(x, size)
+            assert got.dtype == torch.float32 and got.shape == want.shape
+            torch.testing.assert_close(got, want, rtol=0, atol=2e-6)
 
 
 def test_compile_is_skipped_on_the_cpu_with_one_note(tmp_path, tiny_spec):

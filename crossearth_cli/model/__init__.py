@@ -3,9 +3,11 @@
 Layout (one module per component, as segment-anything's ``modeling/``):
 ``config`` (hyper-parameters, checkpoint facts), ``attention`` (SDPA / xformers dispatch),
 ``backbone`` (ViT + pos-embed interpolation), ``reins``, ``ms_deform_attn``, ``positional``,
-``pixel_decoder``, ``transformer_decoder``, ``head`` (Mask2Former + semantic scores),
+``msda_triton`` (its fused CUDA kernel), ``pixel_decoder``, ``transformer_decoder``, ``head``
+(Mask2Former + semantic scores),
 ``crossearth`` (the whole model), ``checkpoint`` (safe reading, inference of the architecture,
-strict loading, safetensors export), ``dinov2_convert``, ``random_init`` (test models).
+strict loading, safetensors export), ``precision`` (weights stored in the autocast dtype),
+``dinov2_convert``, ``random_init`` (test models).
 """
 
 from crossearth_cli.model.checkpoint import (

@@ -155,7 +155,7 @@ class ReinsDinoVisionTransformer(nn.Module):
         for i, blk in enumerate(self.blocks):
             t = blk(t)
             if use_rein:
-                t = self.reins(t, i, static)
+                t = self.reins.update(t, static.tokens[i], static.values[i])
             if i in self.out_indices:
                 for _ in range(self.out_indices.count(i)):
                     outs.append(t[:, 1:].transpose(1, 2).reshape(b, -1, gh, gw))

@@ -56,7 +56,7 @@ class ReinMask2FormerHead(nn.Module):
         mmdet blocks a position when sigmoid(resized logit) < 0.5 and then un-blocks rows that
         are blocked everywhere; SDPA wants the opposite convention.
         """
-        m = F.interpolate(mask_logits.float(), size=size, mode="bilinear", align_corners=False)
+        m = shrink_bilinear(mask_logits, size)  # float32
         allowed = ~(m.flatten(2).sigmoid() < 0.5)  # B×Q×hw
         allowed = allowed | ~allowed.any(dim=-1, keepdim=True)  # fully blocked rows → all open
         return allowed[:, None]  # B×1×Q×hw, broadcast over the heads
@@ -95,6 +95,32 @@ class ReinMask2FormerHead(nn.Module):
                 )
         out = post_norm(query)
         return self.cls_embed(out), self._mask_logits(out, mask_features)
+
+
+def _every_kth(x: torch.Tensor, dim: int, k: int) -> torch.Tensor:
+    """Bilinear (align_corners=False) shrink by a whole factor k along ``dim``, float32: the
+    sample at k·i + (k−1)/2 is one pixel for odd k and the mean of two for even k."""
+    first = x.narrow(dim, (k - 1) // 2, x.shape[dim] - (k - 1) // 2)
+    picked = first.unfold(dim, 1, k).squeeze(-1).float() if k > 1 else x.float()
+    if k % 2:
+        return picked
+    second = x.narrow(dim, k // 2, x.shape[dim] - k // 2).unfold(dim, 1, k).squeeze(-1)
+    return (picked + second.float()) * 0.5
+
+
+def shrink_bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``F.interpolate(x.float(), size, mode="bilinear", align_corners=False)``.
+
+    When ``size`` divides x's height and width, the sampling weights are 1 or ½ and the
+    result is read off by slicing (along the width, then the height, as the interpolation
+    adds them, so the float32 numbers are the same). PyTorch's NCHW kernel loops over all
+    B·Q channels in each output pixel's thread: on an H100 the decoder's nine mask resizes
+    took 6.4 ms of a 16-tile batch that way. Other sizes fall back to F.interpolate.
+    """
+    (big_h, big_w), (h, w) = x.shape[-2:], size
+    if h <= 0 or w <= 0 or big_h % h or big_w % w:
+        return F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False)
+    return _every_kth(_every_kth(x, x.ndim - 1, big_w // w), x.ndim - 2, big_h // h)
 
 
 def semantic_scores(

@@ -101,6 +101,11 @@ class LoRAReins(nn.Module):
         x: B×(1+N)×C -> B×(1+N)×C.
         """
         static = static if static is not None else self.static()
+        return self.update(x, static.tokens[layer], static.values[layer])
+
+    def update(self, x: torch.Tensor, tokens: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` given one layer's tokens and values (T×C each). Taking the tensors,
+        not the layer number, lets ``torch.compile`` trace it once for every layer."""
         cls_tok, f = x[:, :1], x[:, 1:]  # B×1×C, B×N×C
         dev = f.device.type
         ct = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else f.dtype
@@ -108,8 +113,8 @@ class LoRAReins(nn.Module):
         # softmax over the T tokens of (f·T_lᵀ)·C^-½, then the value sum without token 0
         delta = attention(
             f.to(ct)[:, None],  # B×1×N×C
-            static.tokens[layer].to(ct)[None, None].expand(b, 1, -1, -1),  # B×1×T×C
-            static.values[layer].to(ct)[None, None].expand(b, 1, -1, -1),  # B×1×T×C
+            tokens.to(ct)[None, None].expand(b, 1, -1, -1),  # B×1×T×C
+            values.to(ct)[None, None].expand(b, 1, -1, -1),  # B×1×T×C
             scale=self.embed_dims**-0.5,
         )[:, 0]  # B×N×C
         delta = self.mlp_delta_f(delta + f)  # the residual sits inside the projection

@@ -1,30 +1,31 @@
-"""Experimental fused multi-scale deformable attention (Triton), for `gpu.sh` to compare.
+"""Fused multi-scale deformable attention for CUDA (Triton): the sampling and weighted sum
+of :class:`~crossearth_cli.model.ms_deform_attn.MSDeformAttn` in one kernel.
 
-The pixel decoder's deformable attention ran almost as long as the ViT on an H200
-(docs/performance.md, GPU): `grid_sample` per level, a copy of the sampling grids into its
-layout, and one multiply-add per point. This kernel does the whole sampling and weighted sum of
-one head in one pass: each program takes a block of queries, reads the 4 bilinear corners of
-every (level, point) straight from the value in its natural B×S×C layout (the head's D
-channels are contiguous), accumulates in float32 and writes B×Q×C, ready for `output_proj`.
+The PyTorch path runs ``grid_sample`` per level into an N×d×P×S float32 tensor, then one
+multiply-add per point over it: on an H100 that took 21 of the 97 ms of a 16-tile batch.
+Here each program takes one head and a block of queries, reads the 4 bilinear corners of every
+(level, point) straight from the value projection in its natural B×S×C layout (a head's D
+channels are contiguous), accumulates in float32 and writes B×Q×C, ready for ``output_proj``.
+Same maths (zero padding, align_corners=False); float32 results match to rounding.
 
-Same maths as `crossearth_cli.model.ms_deform_attn` (zero padding, align_corners=False).
-It is not used by `crossearth` until a GPU run shows it faster; `install()` swaps it into
-`MSDeformAttn` for a benchmark. Without a GPU it runs under Triton's interpreter
-(`TRITON_INTERPRET=1`), which is how the tests check it:
+``MSDeformAttn`` uses it for CUDA tensors when Triton imports (PyTorch's CUDA wheels bring it)
+and the head width is a power of two; ``CROSSEARTH_DEFORM_ATTN=pytorch`` keeps the PyTorch
+path. Without a GPU the kernel runs under Triton's interpreter, which is how the tests check it:
 
-    TRITON_INTERPRET=1 python benchmarks/msda_triton.py      # compare with the PyTorch path
+    TRITON_INTERPRET=1 python -m crossearth_cli.model.msda_triton   # compare the two paths
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
 
 import torch
 import triton
 import triton.language as tl
-from scenes import ROOT  # noqa: F401 - puts this checkout on sys.path
 
-from crossearth_cli.model.ms_deform_attn import MSDeformAttn
+__all__ = ["msda_fused", "check"]
 
 BLOCK_Q = 64
 
@@ -79,6 +80,16 @@ def _msda_kernel(value_ptr, grid_ptr, weight_ptr, shapes_ptr, starts_ptr, out_pt
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=qmask[:, None])
 
 
+@functools.lru_cache(maxsize=64)
+def _level_table(shapes: tuple[tuple[int, int], ...], device: torch.device) -> torch.Tensor:
+    """int32 [H, W per level, then each level's start in S], made once per layout and device
+    (a copy from a Python list at every call would make the CPU wait for the GPU)."""
+    starts = list(itertools.accumulate((hl * wl for hl, wl in shapes[:-1]), initial=0))
+    with torch.inference_mode(False):
+        table = torch.tensor([v for hw in shapes for v in hw] + starts, dtype=torch.int32)
+        return table.to(device)
+
+
 def msda_fused(value: torch.Tensor, spatial_shapes: list[tuple[int, int]], grids: torch.Tensor,
                weights: torch.Tensor, heads: int) -> torch.Tensor:
     """value: B×S×C; grids: (B·h)×L×P×2×Q float32; weights: (B·h)×L×P×Q float32 -> B×Q×C."""
@@ -87,34 +98,21 @@ def msda_fused(value: torch.Tensor, spatial_shapes: list[tuple[int, int]], grids
     if d & (d - 1):
         raise ValueError(f"head width {d} is not a power of two")
     n, nl, npts, _, q = grids.shape
-    starts = list(itertools.accumulate((hl * wl for hl, wl in spatial_shapes[:-1]), initial=0))
-    meta = torch.tensor([v for hw in spatial_shapes for v in hw] + starts, dtype=torch.int32,
-                        device=value.device)  # one small copy: H, W per level, then starts
+    meta = _level_table(tuple(spatial_shapes), value.device)
     out = torch.empty(b, q, c, dtype=value.dtype, device=value.device)
-    _msda_kernel[(n, triton.cdiv(q, BLOCK_Q))](
-        value.contiguous(), grids.contiguous(), weights.contiguous(), meta, meta[2 * nl:],
-        out, s, q,
-        H=heads, D=d, L=nl, P=npts, BLOCK=BLOCK_Q)
+    on_device = torch.cuda.device(value.device) if value.is_cuda else contextlib.nullcontext()
+    with on_device:  # Triton launches on the current device
+        _msda_kernel[(n, triton.cdiv(q, BLOCK_Q))](
+            value.contiguous(), grids.contiguous(), weights.contiguous(), meta, meta[2 * nl:],
+            out, s, q,
+            H=heads, D=d, L=nl, P=npts, BLOCK=BLOCK_Q)
     return out
-
-
-def fused_forward(self: MSDeformAttn, query, query_pos, reference_points, spatial_shapes):
-    """`MSDeformAttn.forward` with the sampling and weighted sum done by the fused kernel."""
-    b, s, c = query.shape
-    h, nl, npts = self.num_heads, self.num_levels, self.num_points
-    value = self.value_proj(query)  # B×S×C: each head's channels contiguous
-    w, points = self.sampling(query, query_pos, reference_points, spatial_shapes)
-    out = msda_fused(value, spatial_shapes, points.view(b * h, nl, npts, 2, s), w, h)
-    return query + self.output_proj(out.to(query.dtype))
-
-
-def install() -> None:
-    """Route every `MSDeformAttn` through the fused kernel (for benchmarks)."""
-    MSDeformAttn.forward = fused_forward
 
 
 def check(device: str = "cpu") -> float:
     """Largest difference against the PyTorch path on a small random layer (both float32)."""
+    from crossearth_cli.model.ms_deform_attn import MSDeformAttn
+
     torch.manual_seed(0)
     layer = MSDeformAttn(embed_dims=64, num_heads=8, num_levels=3, num_points=4).to(device)
     torch.nn.init.normal_(layer.sampling_offsets.weight, std=0.5)  # points also off the map
@@ -124,8 +122,8 @@ def check(device: str = "cpu") -> float:
     pos = torch.randn(1, s, 64, device=device)
     ref = torch.rand(1, s, 3, 2, device=device)
     with torch.no_grad():
-        want = MSDeformAttn.forward(layer, query, pos, ref, shapes)
-        got = fused_forward(layer, query, pos, ref, shapes)
+        want = layer(query, pos, ref, shapes, fused=False)
+        got = layer(query, pos, ref, shapes, fused=True)
     return float((want - got).abs().max())
 
 
