@@ -186,8 +186,8 @@ class Predictor:
     AUTO_MAX_BATCH = 64
 
     def __init__(self, spec: ModelSpec, device: torch.device, precision: str,
-                 batch_size: int | str):
-        self.module = spec.module
+                 batch_size: int | str, module: torch.nn.Module | None = None):
+        self.module = module if module is not None else spec.module
         self.device = device
         self.precision = precision
         self.auto = batch_size == "auto"
@@ -299,12 +299,12 @@ class Predictor:
         v.record_stream(compute)
         return x, v
 
-    def _normalise(self, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _normalise(self, x: torch.Tensor, v: torch.Tensor, nodata: bool = True) -> torch.Tensor:
         """Raw values → (clip(stretch) − mean) / std, as few passes over the batch as possible.
 
         The input may still be in the file's integer type; the result is float32 in a reused
         work buffer on the CPU (the staged batch stays intact for out-of-memory retries) or in
-        place on the GPU when the copy is already float32.
+        place on the GPU when the copy is already float32. ``nodata``: some pixel is invalid.
         """
         if not self.cuda:
             out = self._work
@@ -324,13 +324,16 @@ class Predictor:
             if clip:
                 out.clamp_(0.0, 255.0)
             out.sub_(self.mean).mul_(inv_std)
-        if not bool(v.all()):
+        if nodata:
             out.masked_fill_(~v.unsqueeze(1), 0.0)  # nodata (NaN too) becomes the mean colour
         return out
 
     def _forward(self, images: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        # asked of the host copy: on the device's copy the question would make the CPU wait
+        # for the GPU before every batch, and the launches of the next batch could not queue
+        nodata = not bool(valid.all())
         x, v = self._to_device(images, valid)
-        x = self._normalise(x, v)
+        x = self._normalise(x, v, nodata)
         dtype = _PRECISIONS[self.precision]
         with torch.inference_mode(), torch.autocast(
             self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None
@@ -520,14 +523,19 @@ class Session:
         if self.device.type == "cpu":
             keep_freed_memory()  # reuse the model's temporaries (crossearth_cli/allocator.py)
         spec.module = spec.module.to(self.device).eval()
+        # the weights autocast would cast at every call, cast once (same numbers); the
+        # float32 model in spec stays as it is
+        from crossearth_cli.model.precision import autocast_weights
+
+        module = autocast_weights(spec.module, _PRECISIONS[self.precision])
         self.notes: list[str] = []  # told once, with the first scene's notes
         if compile and self.device.type != "cuda":
             self.notes.append(COMPILE_CPU_NOTE)
         elif compile:
             # Tiles have one size per scene, so shapes are static apart from a last, smaller
             # batch: a couple of compilations per run.
-            spec.module = torch.compile(spec.module, dynamic=False)
-        self.predictor = Predictor(spec, self.device, self.precision, batch_size)
+            module = torch.compile(module, dynamic=False)
+        self.predictor = Predictor(spec, self.device, self.precision, batch_size, module)
         self.io_threads = io_threads or cpu_io_threads()
         self.pool = ThreadPoolExecutor(self.io_threads, thread_name_prefix="crossearth-read")
 
