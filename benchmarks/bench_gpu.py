@@ -6,8 +6,9 @@ the work):
   the reference's 0.89 TFLOP per 512² tile and 4.8 TFLOP per 1024² tile, and peak memory;
 - the top CUDA kernels of one bf16 batch (where the time goes);
 - torch.compile against eager for 512 bf16 (when time allows);
-- 512 bf16 with the experimental fused deformable attention of `msda_triton.py`, and its
-  largest difference from the PyTorch path;
+- 512 bf16 as the model ran before the later GPU changes (PyTorch deformable attention,
+  per-call weight casts, F.interpolate mask resizes) against now, and the fused kernel's
+  largest float32 difference from the PyTorch path on this GPU;
 - end-to-end Mpx/s of `segment` on a synthetic 16k² scene, against model-only at the same
   batch and precision.
 Each step is written to the JSON as soon as it finishes, so a cut-off run keeps what it did.
@@ -19,14 +20,20 @@ Each step is written to the JSON as soon as it finishes, so a cut-off run keeps 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import tempfile
 import time
 import traceback
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from scenes import machine, write_scene
+
+from crossearth_cli.model.ms_deform_attn import KERNEL_ENV
+from crossearth_cli.model.precision import autocast_weights
 
 TFLOP_PER_TILE = {512: 0.89, 1024: 4.8}  # reference §3.5 (2 × MACs)
 
@@ -47,9 +54,14 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(net, x, precision: str, device: str, seconds: float, warmup: int = 2) -> dict:
+def timed(net, x, precision: str, device: str, seconds: float, warmup: int = 2,
+          as_segment_runs: bool = True) -> dict:
+    """Tiles/s of ``net`` on ``x``; ``as_segment_runs``: with the weights prepared for autocast
+    as `segment` prepares them (crossearth_cli.model.precision)."""
     dev = torch.device(device).type
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if as_segment_runs:
+        net = autocast_weights(net, dtype)
     ctx = torch.autocast(dev, dtype=dtype) if dtype else torch.autocast(dev, enabled=False)
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -78,6 +90,7 @@ def kernel_profile(net, x, device: str, top: int = 15) -> list[dict]:
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    net = autocast_weights(net, torch.bfloat16)
     with torch.inference_mode(), torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
         net(x)
         sync(device)
@@ -121,23 +134,60 @@ def end_to_end(net, size: int, device: str, batch: int, precision: str, work: Pa
     return row
 
 
-def fused_msda(net, batch: int, device: str, seconds: float) -> dict:
-    """Model-only 512² bf16 with `benchmarks/msda_triton.py` in place of `grid_sample`."""
-    import msda_triton
-
-    from crossearth_cli.model.ms_deform_attn import MSDeformAttn
-
-    original = MSDeformAttn.forward
-    max_diff = msda_triton.check(device)  # float32, against the PyTorch path
-    msda_triton.install()
+@contextlib.contextmanager
+def pytorch_attention():
+    """Deformable attention on its PyTorch path (grid_sample), as before the Triton kernel."""
+    env = os.environ.get(KERNEL_ENV)
+    os.environ[KERNEL_ENV] = "pytorch"
     try:
-        x = torch.randn(batch, 3, 512, 512, device=device)
-        row = timed(net, x, "bf16", device, seconds)
+        yield
     finally:
-        MSDeformAttn.forward = original
-    row["max_abs_diff_vs_pytorch_fp32"] = max_diff
-    row["tflop_s"] = round(row["tiles_per_s"] * TFLOP_PER_TILE[512], 1)
-    return row
+        if env is None:
+            del os.environ[KERNEL_ENV]
+        else:
+            os.environ[KERNEL_ENV] = env
+
+
+@contextlib.contextmanager
+def interpolated_mask_resizes():
+    """The decoder's mask resizes through F.interpolate, as before shrink_bilinear."""
+    from crossearth_cli.model import head
+
+    shrink = head.shrink_bilinear
+    head.shrink_bilinear = lambda x, size: F.interpolate(
+        x.float(), size=size, mode="bilinear", align_corners=False)
+    try:
+        yield
+    finally:
+        head.shrink_bilinear = shrink
+
+
+@contextlib.contextmanager
+def before_gpu_changes():
+    """The model as it ran before the GPU changes of issue 6's later sessions (the caller
+    also passes the float32 model, whose weights autocast casts at every call)."""
+    with pytorch_attention(), interpolated_mask_resizes():
+        yield
+
+
+def before_after(net, batch: int, device: str, seconds: float) -> dict:
+    """Model-only 512² bf16, the code as it was against the code as it is, side by side,
+    with the fused kernel's largest float32 difference from the PyTorch path on this GPU."""
+    from crossearth_cli.model.msda_triton import check
+
+    x = torch.randn(batch, 3, 512, 512, device=device)
+    with before_gpu_changes():
+        before = timed(net, x, "bf16", device, seconds, as_segment_runs=False)
+    after = timed(net, x, "bf16", device, seconds)
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        with before_gpu_changes():
+            want = net(x).argmax(1)
+        got = autocast_weights(net, torch.bfloat16)(x).argmax(1)
+    return {"before_tiles_per_s": before["tiles_per_s"], "after_tiles_per_s":
+            after["tiles_per_s"], "speedup": round(after["tiles_per_s"] /
+                                                   before["tiles_per_s"], 3),
+            "class_agreement": round((want == got).float().mean().item(), 5),
+            "fused_kernel_max_abs_diff_fp32": check(device)}
 
 
 def main() -> None:
@@ -221,9 +271,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="crossearth-gpu-"))
     b = 2 if smoke else batches[sizes[0]]["bf16"]
     step("end_to_end", lambda: end_to_end(e2e_net, e2e, device, b, "bf16", work, sizes[0]))
-    if not smoke:  # experimental fused deformable attention, same model and batch
-        step("model_512_bf16_fused_msda", lambda: fused_msda(e2e_net, batches[512]["bf16"],
-                                                             device, seconds))
+    if not smoke:  # the model as it was before this issue's GPU changes, same run
+        step("model_512_bf16_before_after", lambda: before_after(
+            e2e_net, batches[512]["bf16"], device, seconds))
     if not args.quick:
         step("end_to_end_batch_auto",
              lambda: end_to_end(e2e_net, 4096 if not smoke else 96, device, "auto", "bf16",
@@ -238,7 +288,7 @@ def main() -> None:
 
         def compiled():
             t0 = time.perf_counter()
-            c = torch.compile(e2e_net, dynamic=False)
+            c = torch.compile(autocast_weights(e2e_net, torch.bfloat16), dynamic=False)
             row = timed(c, x, "bf16", device, seconds, warmup=2)
             row["compile_and_warmup_s"] = round(time.perf_counter() - t0 - seconds, 1)
             return row

@@ -1,17 +1,17 @@
-"""Where a ViT-L CrossEarth forward spends its GPU time, and what each candidate change buys.
+"""Where a ViT-L CrossEarth forward spends its GPU time, and what each change buys.
 
 One run, so every figure comes from the same card and can be compared as a ratio:
 - the card's own bf16 matmul rate (the peak the % figures use beside the data-sheet one);
+- model-only tiles/s at 512² and 1024² for the model as it ran before this issue's GPU
+  changes (``before``), as it runs now (``now``: fused Triton deformable attention, weights
+  stored in bf16 for autocast, mask resizes by slicing), and now with one change undone at a
+  time, each with its class-map agreement and largest score difference against ``before``;
 - component times (backbone, pixel decoder, its deformable attention alone, transformer
   decoder, semantic inference) and the top kernels and ops of one batch, with how busy the
   GPU was (kernel time / wall time: low means launch-bound);
-- model-only tiles/s at 512² (and 1024²) for variants, each with its class-map agreement and
-  largest score difference against the default path:
-  ``fused`` (the Triton deformable attention of ``msda_triton.py``), ``precast`` (the weights
-  that autocast would cast anyway stored in bf16: same numbers, fewer copies), ``all_bf16`` (every
-  weight and the input in bf16, autocast still on: not the same numbers), ``reinmm`` (the
-  Rein attention, head width 1024, as two GEMMs instead of SDPA), and batch sizes;
-- end to end on a 16k² scene, default path and best variant.
+- batch sizes, and end to end on a 16k² scene.
+The first H100 run used the earlier form of this script, which timed the changes as patches
+(its JSON: docs/results/gpu-h100-explore-run1.json).
 
     python benchmarks/gpu_explore.py --json $OUT/explore.json
     python benchmarks/gpu_explore.py --cpu-smoke --json /tmp/explore.json   # tiny, on the CPU
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import json
 import tempfile
 import time
@@ -29,9 +28,17 @@ import traceback
 from pathlib import Path
 
 import torch
-from bench_gpu import TFLOP_PER_TILE, build, end_to_end
+from bench_gpu import (
+    TFLOP_PER_TILE,
+    before_gpu_changes,
+    build,
+    end_to_end,
+    interpolated_mask_resizes,
+    pytorch_attention,
+)
 from scenes import machine
-from torch import nn
+
+from crossearth_cli.model.precision import autocast_weights
 
 DATASHEET_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4}  # dense, SXM
 
@@ -57,73 +64,6 @@ def ms_per_call(fn, dev: str, seconds: float, warmup: int = 2) -> float:
 
 def autocast(dev: str, enabled: bool = True):
     return torch.autocast(dev, dtype=torch.bfloat16, enabled=enabled)
-
-
-# --- variants ---------------------------------------------------------------------------------
-
-
-def precast(net: nn.Module, dtype=torch.bfloat16) -> nn.Module:
-    """A copy whose Linear/Conv weights that only ever meet autocast's lowered ops are stored
-    in ``dtype`` (autocast would cast them to it anyway). Kept float32: the deformable
-    attention's projections (scaled elementwise first) and the Rein's image-independent part
-    (computed without autocast)."""
-    from crossearth_cli.model.ms_deform_attn import MSDeformAttn
-    from crossearth_cli.model.reins import LoRAReins
-    from crossearth_cli.model.transformer_decoder import _Projections
-
-    net = copy.deepcopy(net)
-    keep = set()
-    for m in net.modules():
-        if isinstance(m, MSDeformAttn):
-            keep |= {id(p) for p in m.parameters()}
-        if isinstance(m, LoRAReins):
-            keep |= {id(p) for n, p in m.named_parameters() if not n.startswith("mlp_delta_f")}
-    for m in net.modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d, _Projections)):
-            for p in m.parameters(recurse=False):
-                if id(p) not in keep:
-                    p.data = p.data.to(dtype)
-    return net
-
-
-@contextlib.contextmanager
-def fused_msda():
-    import msda_triton
-
-    from crossearth_cli.model.ms_deform_attn import MSDeformAttn
-
-    original = MSDeformAttn.forward
-    msda_triton.install()
-    try:
-        yield
-    finally:
-        MSDeformAttn.forward = original
-
-
-def _rein_two_gemms(self, x, layer, static=None):
-    """LoRAReins.forward with the attention as matmul → softmax (float32) → matmul."""
-    static = static if static is not None else self.static()
-    cls_tok, f = x[:, :1], x[:, 1:]
-    dev = f.device.type
-    ct = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else f.dtype
-    logits = torch.matmul(f.to(ct), static.tokens[layer].to(ct).t())  # B×N×T, one GEMM
-    attn = (logits.float() * self.embed_dims**-0.5).softmax(-1).to(ct)
-    delta = torch.matmul(attn, static.values[layer].to(ct))  # B×N×C
-    delta = self.mlp_delta_f(delta + f)
-    f = f + self.scale * delta
-    return torch.cat([cls_tok.to(f.dtype), f], dim=1)
-
-
-@contextlib.contextmanager
-def rein_two_gemms():
-    from crossearth_cli.model.reins import LoRAReins
-
-    original = LoRAReins.forward
-    LoRAReins.forward = _rein_two_gemms
-    try:
-        yield
-    finally:
-        LoRAReins.forward = original
 
 
 # --- measurements -----------------------------------------------------------------------------
@@ -260,6 +200,22 @@ def sdpa_backends(dev: str) -> dict:
     return res
 
 
+def shrink_check(dev: str) -> dict:
+    """shrink_bilinear against F.interpolate on this device, for the decoder's sizes."""
+    import torch.nn.functional as F
+
+    from crossearth_cli.model.head import shrink_bilinear
+
+    x = torch.randn(16, 100, 128, 128, device=dev, dtype=torch.bfloat16) * 4
+    out = {}
+    for size in ((64, 64), (32, 32), (16, 16)):
+        want = F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False)
+        got = shrink_bilinear(x, size)
+        out[f"{size[0]}"] = {"equal": bool(torch.equal(want, got)),
+                             "max_abs_diff": float((want - got).abs().max())}
+    return out
+
+
 def matmul_peak(dev: str) -> float:
     n = 8192
     a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
@@ -268,12 +224,50 @@ def matmul_peak(dev: str) -> float:
     return round(2 * n**3 / ms / 1e9, 1)
 
 
+def explore_size(step, size: int, batches: tuple[int, ...], dev: str, seconds: float,
+                 full: bool = True, e2e: int | None = None) -> None:
+    """Before / now at ``size`` and ``batches[0]``; if ``full`` also now with one change undone,
+    components, profile and the other batch sizes; with ``e2e`` an end-to-end run."""
+    net = build(dev == "cpu", size, dev)
+    now = autocast_weights(net, torch.bfloat16)  # as segment prepares it
+    torch.manual_seed(1)
+    x = torch.randn(batches[0], 3, size, size, device=dev)
+    with torch.inference_mode(), autocast(dev), before_gpu_changes():
+        ref = net(x).float()
+    variants = {
+        "before": (net, (before_gpu_changes,)),
+        "now": (now, ()),
+        "now_but_pytorch_attention": (now, (pytorch_attention,)),
+        "now_but_interpolated_masks": (now, (interpolated_mask_resizes,)),
+        "now_but_weights_cast_per_call": (net, ()),
+    }
+    for name, (model, patches) in variants.items():
+        if not full and name.startswith("now_but"):
+            continue
+        step(f"model_{size}_{name}",
+             lambda m=model, p=patches: variant_row(m, x, dev, seconds, ref, patches=p))
+    if not full:
+        return
+    step(f"components_{size}_now", lambda: components(now, x, dev, seconds))
+    step(f"profile_{size}_now", lambda: kernel_profile(now, x, dev))
+    for b in batches[1:]:
+        xb = torch.randn(b, 3, size, size, device=dev)
+        step(f"model_{size}_now_b{b}", lambda xb=xb: variant_row(now, xb, dev, seconds, None))
+        del xb
+    if e2e is None:
+        return
+    work = Path(tempfile.mkdtemp(prefix="crossearth-explore-"))
+    step("end_to_end_now", lambda: end_to_end(net, e2e, dev, batches[0], "bf16", work, size))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cpu-smoke", action="store_true")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--budget", type=float, default=300, help="seconds; later steps skipped")
     ap.add_argument("--seconds", type=float, default=2.5, help="per timing")
+    ap.add_argument("--e2e-size", type=int, default=None,
+                    help="also segment a synthetic scene of this size (gpu.sh does 16384)")
     args = ap.parse_args()
     smoke = args.cpu_smoke
     dev = "cpu" if smoke else "cuda"
@@ -314,67 +308,13 @@ def main() -> None:
 
     if not smoke:
         step("matmul_bf16_8192_tflops", lambda: matmul_peak(dev))
-        step("sdpa_backends_rein", lambda: sdpa_backends(dev))
-    size = 64 if smoke else 512
-    b = 2 if smoke else 16
-    net = build(smoke, size, dev)
-    pre = precast(net)
-    torch.manual_seed(1)
-    x = torch.randn(b, 3, size, size, device=dev)
-    with torch.inference_mode(), autocast(dev):
-        ref = net(x).float()
-    with torch.inference_mode(), autocast(dev, False):
-        report["steps"]["fp32_vs_bf16_default"] = compare(net(x).float(), ref)
-
-    variants = {  # name -> (model, patches, autocast, input dtype)
-        "default": (net, (), True, None),
-        "fused": (net, (fused_msda,), True, None),
-        "precast": (pre, (), True, None),
-        "precast_fused": (pre, (fused_msda,), True, None),
-        "precast_fused_reinmm": (pre, (fused_msda, rein_two_gemms), True, None),
-    }
-    for name, (model, patches, amp, dtype) in variants.items():
-        if smoke and patches:  # Triton's interpreter takes seconds per call: checked elsewhere
-            continue
-        step(f"model_{size}_{name}", lambda m=model, p=patches, a=amp, d=dtype:
-             variant_row(m, x, dev, seconds, ref, amp=a, patches=p, dtype=d))
-    step(f"components_{size}_default", lambda: components(net, x, dev, seconds))
-    step(f"profile_{size}_default", lambda: kernel_profile(net, x, dev))
-    fused = () if smoke else (fused_msda,)
-    step(f"components_{size}_precast_fused", lambda: components(pre, x, dev, seconds, fused))
-    step(f"profile_{size}_precast_fused", lambda: kernel_profile(pre, x, dev, fused))
-    for bb in ((4,) if smoke else (32, 64)):
-        xb = torch.randn(bb, 3, size, size, device=dev)
-        step(f"model_{size}_default_b{bb}",
-             lambda xb=xb: variant_row(net, xb, dev, seconds, None))
-        step(f"model_{size}_precast_fused_b{bb}",
-             lambda xb=xb: variant_row(pre, xb, dev, seconds, None, patches=fused))
-        del xb
-    pure = copy.deepcopy(net).to(torch.bfloat16)
-    step(f"model_{size}_all_bf16_fused", lambda m=pure: variant_row(  # all weights bf16, amp on
-        m, x, dev, seconds, ref, patches=fused, dtype=torch.bfloat16))
-    del pure
-
-    e2e_size = 128 if smoke else 16384
-    work = Path(tempfile.mkdtemp(prefix="crossearth-explore-"))
-    step("end_to_end_default", lambda: end_to_end(net, e2e_size, dev, b, "bf16", work, size))
-    with fused_msda() if fused else contextlib.nullcontext():
-        step("end_to_end_precast_fused",
-             lambda: end_to_end(pre, e2e_size, dev, b, "bf16", work, size))
-    del pre, net
-    if not smoke:
-        torch.cuda.empty_cache()
-
-    big = 128 if smoke else 1024
-    bb = 1 if smoke else 4
-    net = build(smoke, big, dev)
-    pre = precast(net)
-    xb = torch.randn(bb, 3, big, big, device=dev)
-    with torch.inference_mode(), autocast(dev):
-        ref = net(xb).float()
-    step(f"model_{big}_default", lambda: variant_row(net, xb, dev, seconds, ref))
-    step(f"model_{big}_precast_fused",
-         lambda: variant_row(pre, xb, dev, seconds, ref, patches=fused))
+        step("shrink_bilinear_equals_interpolate", lambda: shrink_check(dev))
+    if smoke:
+        explore_size(step, 64, (2, 4), dev, seconds, e2e=128)
+        explore_size(step, 128, (1,), dev, seconds, full=False)
+    else:  # gpu.sh times the end-to-end run
+        explore_size(step, 512, (16, 4, 32, 64), dev, seconds, e2e=args.e2e_size)
+        explore_size(step, 1024, (4,), dev, seconds, full=False)
     report["total_seconds"] = round(time.perf_counter() - t_start, 1)
     save()
     print(json.dumps({k: v for k, v in report.items() if k != "steps"}, indent=2))
