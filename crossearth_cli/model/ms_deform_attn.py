@@ -152,8 +152,10 @@ class MSDeformAttn(nn.Module):
         b, s, c = query.shape
         h, nl, npts = self.num_heads, self.num_levels, self.num_points
         w, points = self.sampling(query, query_pos, reference_points, spatial_shapes)
-        kernel = fused_kernel(c // h) if fused is not False else None
-        if kernel is not None and (fused or (query.is_cuda and not torch.is_grad_enabled())):
+        if fused is None:  # (Triton is not even imported for CPU runs)
+            fused = query.is_cuda and not torch.is_grad_enabled()
+        kernel = fused_kernel(c // h) if fused else None
+        if kernel is not None:
             value = self.value_proj(query)  # B×S×C: each head's channels contiguous
             out = kernel(value, spatial_shapes, points.view(b * h, nl, npts, 2, s), w, h)
             return query + self.output_proj(out.to(query.dtype))
