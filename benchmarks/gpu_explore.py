@@ -9,7 +9,10 @@ One run, so every figure comes from the same card and can be compared as a ratio
 - component times (backbone, pixel decoder, its deformable attention alone, transformer
   decoder, semantic inference) and the top kernels and ops of one batch, with how busy the
   GPU was (kernel time / wall time: low means launch-bound);
-- batch sizes, and end to end on a 16k² scene.
+- batch sizes, and end to end on a 16k² scene;
+- the candidates of ``candidates.py`` (not in crossearth yet): the Rein update in place,
+  LayerScale as ``addcmul``, both, and regional ``torch.compile``, each also compared with
+  ``now``.
 The first H100 run used the earlier form of this script, which timed the changes as patches
 (its JSON: docs/results/gpu-h100-explore-run1.json).
 
@@ -36,6 +39,7 @@ from bench_gpu import (
     interpolated_mask_resizes,
     pytorch_attention,
 )
+from candidates import layer_scale_addcmul, regional_compile, rein_in_place
 from scenes import machine
 
 from crossearth_cli.model.precision import autocast_weights
@@ -75,7 +79,8 @@ def compare(ref: torch.Tensor, out: torch.Tensor) -> dict:
             "max_abs_diff": float((ref - out.float()).abs().max())}
 
 
-def variant_row(net, x, dev, seconds, ref, *, amp=True, patches=(), dtype=None) -> dict:
+def variant_row(net, x, dev, seconds, ref, *, amp=True, patches=(), dtype=None,
+                ref_now=None) -> dict:
     with contextlib.ExitStack() as stack:
         for p in patches:
             stack.enter_context(p())
@@ -93,6 +98,21 @@ def variant_row(net, x, dev, seconds, ref, *, amp=True, patches=(), dtype=None) 
         row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     if ref is not None and ref.shape == out.shape:
         row.update(compare(ref, out))
+    if ref_now is not None:
+        row.update({f"{k}_vs_now": v for k, v in compare(ref_now, out).items()})
+    return row
+
+
+def compiled_row(net, x, dev, seconds, ref_now) -> dict:
+    """Regional compilation (candidates.regional_compile): compile time, then tiles/s."""
+    t0 = time.perf_counter()
+    compiled = regional_compile(net)
+    with torch.inference_mode(), autocast(dev):
+        compiled(x)
+        sync(dev)
+    compile_s = time.perf_counter() - t0
+    row = variant_row(compiled, x, dev, seconds, None, ref_now=ref_now)
+    row["compile_and_first_call_s"] = round(compile_s, 1)
     return row
 
 
@@ -248,6 +268,19 @@ def explore_size(step, size: int, batches: tuple[int, ...], dev: str, seconds: f
              lambda m=model, p=patches: variant_row(m, x, dev, seconds, ref, patches=p))
     if not full:
         return
+    with torch.inference_mode(), autocast(dev):
+        ref_now = now(x).float()
+    candidates = {  # not in crossearth yet (benchmarks/candidates.py)
+        "now_plus_rein_in_place": (rein_in_place,),
+        "now_plus_layer_scale_addcmul": (layer_scale_addcmul,),
+        "now_plus_both": (rein_in_place, layer_scale_addcmul),
+    }
+    for name, patches in candidates.items():
+        step(f"model_{size}_{name}", lambda p=patches: variant_row(
+            now, x, dev, seconds, ref, patches=p, ref_now=ref_now))
+    if dev == "cuda":  # inductor on the CPU is slow to compile and not what this is for
+        step(f"model_{size}_now_regional_compile",
+             lambda: compiled_row(now, x, dev, seconds, ref_now))
     step(f"components_{size}_now", lambda: components(now, x, dev, seconds))
     step(f"profile_{size}_now", lambda: kernel_profile(now, x, dev))
     for b in batches[1:]:

@@ -59,6 +59,23 @@ def test_gpu_script_dry_run_on_the_cpu(tmp_path):
     assert steps["end_to_end"]["tiles"] > 1 and steps["end_to_end"]["tiles_per_s"] > 0
 
 
+def test_gpu_explore_dry_run_on_the_cpu(tmp_path):
+    """gpu_explore.py must still run when a GPU session comes (profile_gpu.py once broke
+    unnoticed), and its exact candidates must keep the model's numbers."""
+    out = tmp_path / "explore.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_explore.py"),
+                           "--cpu-smoke", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert not report["errors"], report["errors"]
+    steps = report["steps"]
+    assert steps["model_64_now"]["tiles_per_s"] > 0
+    assert steps["model_64_now_plus_rein_in_place"]["max_abs_diff_vs_now"] == 0.0
+    assert steps["model_64_now_plus_both"]["class_agreement_vs_now"] > 0.99
+    assert steps["end_to_end_now"]["tiles"] > 1
+
+
 def test_naive_benchmark_forms_place_every_window_where_segment_does(tmp_path):
     """Benchmark (b)'s two naive forms (mmseg's padded canvas, sliced adds) run here with the
     zero-cost head, whose scores follow the pixels: a window added at the wrong place changes
