@@ -131,6 +131,45 @@ def test_fused_deformable_attention_is_chosen_only_where_it_applies(monkeypatch)
     assert len(calls) == 1
 
 
+def test_a_fused_kernel_that_fails_falls_back_once_but_out_of_memory_still_raises(
+        monkeypatch):
+    """No C compiler for Triton, an unwritable cache...: the run goes on on the PyTorch path
+    (same result), says so once and does not try again; out-of-memory must reach the batch
+    halving instead."""
+    import torch
+
+    from crossearth_cli.model import ms_deform_attn
+    from crossearth_cli.model.ms_deform_attn import MSDeformAttn
+
+    calls = []
+
+    def broken(*args):
+        calls.append(args)
+        raise RuntimeError("Failed to find C compiler")
+
+    monkeypatch.setattr(ms_deform_attn, "_import_fused", lambda: broken)
+    monkeypatch.setattr(ms_deform_attn, "_FUSED_FAILED", [])
+    layer = MSDeformAttn(embed_dims=64, num_heads=2, num_levels=2, num_points=2)
+    shapes = [(2, 2), (4, 4)]
+    query, ref = torch.randn(1, 20, 64), torch.rand(1, 20, 2, 2)
+    with torch.no_grad():
+        want = layer(query, query, ref, shapes, fused=False)
+        with pytest.warns(RuntimeWarning, match="C compiler"):
+            got = layer(query, query, ref, shapes, fused=True)
+        again = layer(query, query, ref, shapes, fused=True)
+    assert torch.equal(got, want) and torch.equal(again, want)
+    assert len(calls) == 1 and ms_deform_attn.fused_kernel(32) is None
+
+    def out_of_memory(*args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+
+    monkeypatch.setattr(ms_deform_attn, "_import_fused", lambda: out_of_memory)
+    monkeypatch.setattr(ms_deform_attn, "_FUSED_FAILED", [])
+    with torch.no_grad(), pytest.raises(torch.cuda.OutOfMemoryError):
+        layer(query, query, ref, shapes, fused=True)
+    assert not ms_deform_attn._FUSED_FAILED
+
+
 def test_weights_stored_in_the_autocast_dtype_give_the_same_scores():
     """autocast_weights: bit-identical scores under bf16 autocast, float32 kept where the
     model does float32 maths with a weight, and the original model left untouched."""

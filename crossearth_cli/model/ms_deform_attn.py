@@ -12,13 +12,15 @@ the whole attention 3× slower (docs/performance.md, "Deformable attention layou
 
 On CUDA the sampling and weighted sum run as one Triton kernel (``msda_triton``) when Triton
 imports and the head width is a power of two: 2.3× faster on an H100. Set
-``CROSSEARTH_DEFORM_ATTN=pytorch`` to keep the PyTorch path there.
+``CROSSEARTH_DEFORM_ATTN=pytorch`` to keep the PyTorch path there. A kernel that fails to
+compile or launch falls back to the PyTorch path for the rest of the process, with a warning.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -38,11 +40,29 @@ def _import_fused():
     return msda_fused
 
 
+_FUSED_FAILED: list[str] = []  # why the kernel failed in this process, once it has
+
+
 def fused_kernel(head_width: int):
     """The Triton sampler if this head width can use it here, else None."""
-    if os.environ.get(KERNEL_ENV, "").lower() == "pytorch" or head_width & (head_width - 1):
+    if (_FUSED_FAILED or os.environ.get(KERNEL_ENV, "").lower() == "pytorch"
+            or head_width & (head_width - 1)):
         return None
     return _import_fused()
+
+
+def _give_up_fused(exc: Exception) -> None:
+    """A kernel that cannot compile or launch here (no C compiler for Triton's launcher, an
+    unwritable cache, an unsupported GPU...) must not stop a run: note it once and use the
+    PyTorch path from then on. Out-of-memory errors are not this: the caller re-raises them
+    so the batch can be halved."""
+    _FUSED_FAILED.append(f"{type(exc).__name__}: {exc}")
+    warnings.warn(f"fused deformable attention unavailable ({_FUSED_FAILED[0][:200]}); "
+                  "using the PyTorch path", RuntimeWarning, stacklevel=3)
+
+
+def _is_out_of_memory(exc: Exception) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
 def ms_deform_attn_core(
@@ -157,8 +177,14 @@ class MSDeformAttn(nn.Module):
         kernel = fused_kernel(c // h) if fused else None
         if kernel is not None:
             value = self.value_proj(query)  # B×S×C: each head's channels contiguous
-            out = kernel(value, spatial_shapes, points.view(b * h, nl, npts, 2, s), w, h)
-            return query + self.output_proj(out.to(query.dtype))
+            try:
+                out = kernel(value, spatial_shapes, points.view(b * h, nl, npts, 2, s), w, h)
+            except Exception as exc:  # noqa: BLE001 - any failure but OOM: the PyTorch path
+                if _is_out_of_memory(exc):
+                    raise
+                _give_up_fused(exc)
+            else:
+                return query + self.output_proj(out.to(query.dtype))
         value = _project(self.value_proj, query.transpose(1, 2))  # B×(h·d)×S
         grids = points.permute(2, 0, 1, 3, 5, 4).reshape(nl, b * h, npts, s, 2)
         out = ms_deform_attn_core(value.view(b * h, c // h, s), spatial_shapes, grids, w)
