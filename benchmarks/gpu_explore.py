@@ -66,8 +66,8 @@ def ms_per_call(fn, dev: str, seconds: float, warmup: int = 2) -> float:
     return (time.perf_counter() - t0) / n * 1000
 
 
-def autocast(dev: str, enabled: bool = True):
-    return torch.autocast(dev, dtype=torch.bfloat16, enabled=enabled)
+def autocast(dev: str):
+    return torch.autocast(dev, dtype=torch.bfloat16)
 
 
 # --- measurements -----------------------------------------------------------------------------
@@ -79,18 +79,18 @@ def compare(ref: torch.Tensor, out: torch.Tensor) -> dict:
             "max_abs_diff": float((ref - out.float()).abs().max())}
 
 
-def variant_row(net, x, dev, seconds, ref, *, amp=True, patches=(), dtype=None,
-                ref_now=None) -> dict:
+def variant_row(net, x, dev, seconds, ref, *, patches=(), ref_now=None) -> dict:
+    """bf16 tiles/s of ``net`` with ``patches`` applied, compared with ``ref`` (before) and
+    ``ref_now``."""
     with contextlib.ExitStack() as stack:
         for p in patches:
             stack.enter_context(p())
         stack.enter_context(torch.inference_mode())
-        stack.enter_context(autocast(dev, amp))
-        xin = x.to(dtype) if dtype is not None else x
+        stack.enter_context(autocast(dev))
         if dev == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        ms = ms_per_call(lambda: net(xin), dev, seconds)
-        out = net(xin)
+        ms = ms_per_call(lambda: net(x), dev, seconds)
+        out = net(x)
     row = {"batch": x.shape[0], "ms_per_batch": round(ms, 2),
            "tiles_per_s": round(x.shape[0] / ms * 1000, 2)}
     if x.shape[-1] in TFLOP_PER_TILE and dev == "cuda":
@@ -197,27 +197,6 @@ def kernel_profile(net, x, dev, patches=(), top: int = 25) -> dict:
          "calls": e.count}
         for e in sorted(by_shape, key=dev_self, reverse=True)[:top]]
     return out
-
-
-def sdpa_backends(dev: str) -> dict:
-    """Which SDPA kernels accept the Rein's attention (head width 1024, 100 keys)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    q = torch.randn(16, 1, 1024, 1024, device=dev, dtype=torch.bfloat16)
-    k = torch.randn(16, 1, 100, 1024, device=dev, dtype=torch.bfloat16)
-    res = {}
-    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                    SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH):
-        try:
-            with sdpa_kernel(backend):
-                ms = ms_per_call(lambda: torch.nn.functional.scaled_dot_product_attention(
-                    q, k, k), dev, 0.3)
-            res[backend.name] = round(ms, 3)
-        except Exception as exc:  # noqa: BLE001 - reported
-            res[backend.name] = f"no: {str(exc).splitlines()[0][:80]}"
-    res["default"] = round(ms_per_call(
-        lambda: torch.nn.functional.scaled_dot_product_attention(q, k, k), dev, 0.3), 3)
-    return res
 
 
 def shrink_check(dev: str) -> dict:
