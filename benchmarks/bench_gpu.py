@@ -192,6 +192,50 @@ def before_after(net, batch: int, device: str, seconds: float) -> dict:
             "fused_kernel_max_abs_diff_fp32": check(device)}
 
 
+class StepLog:
+    """A benchmark's report: each step runs under a time budget (later steps are skipped),
+    an exception is recorded and the run goes on, and the JSON is rewritten after every step
+    so a cut-off run keeps what it did."""
+
+    def __init__(self, report: dict, json_path: Path | None, budget: float):
+        self.report, self.json_path, self.budget = report, json_path, budget
+        self.t_start = time.perf_counter()
+        for key in ("steps", "errors", "step_seconds"):
+            report.setdefault(key, {})
+
+    def save(self) -> None:
+        if self.json_path:
+            self.json_path.parent.mkdir(parents=True, exist_ok=True)
+            self.json_path.write_text(json.dumps(self.report, indent=2) + "\n")
+
+    def __call__(self, name: str, fn):
+        """Run ``fn`` as step ``name``; its result (None if skipped or failed)."""
+        if time.perf_counter() - self.t_start > self.budget:
+            self.report["errors"][name] = "skipped: out of time budget"
+            self.save()
+            return None
+        t0 = time.perf_counter()
+        try:
+            out = fn()
+        except Exception as exc:  # noqa: BLE001 - a benchmark reports and goes on
+            self.report["errors"][name] = f"{type(exc).__name__}: {exc}"[:400]
+            traceback.print_exc()
+            out = None
+        else:
+            self.report["steps"][name] = out
+        self.report["step_seconds"][name] = round(time.perf_counter() - t0, 1)
+        self.save()
+        print(f"[{time.perf_counter() - self.t_start:6.1f}s] {name}: {json.dumps(out)}",
+              flush=True)
+        return out
+
+    def finish(self) -> None:
+        """Total time, a last save, and the report without its steps on stdout."""
+        self.report["total_seconds"] = round(time.perf_counter() - self.t_start, 1)
+        self.save()
+        print(json.dumps({k: v for k, v in self.report.items() if k != "steps"}, indent=2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cpu-smoke", action="store_true",
@@ -202,7 +246,6 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true",
                     help="only model-only and the 16k² end-to-end run (no profile, compile)")
     args = ap.parse_args()
-    t_start = time.perf_counter()
     smoke = args.cpu_smoke
     device = "cpu" if smoke else "cuda"
     if not smoke and not torch.cuda.is_available():
@@ -210,35 +253,12 @@ def main() -> None:
     sizes = [64, 128] if smoke else [512, 1024]
     seconds = 0.2 if smoke else 4.0
     report: dict = {"benchmark": "gpu (d)", "machine": machine(), "smoke": smoke,
-                    "torch": torch.__version__, "steps": {}, "errors": {}}
+                    "torch": torch.__version__}
     if not smoke:
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 runs as TF32 matmuls, as users get
         torch.backends.cudnn.allow_tf32 = True
         report["gpu"] = torch.cuda.get_device_name(0)
-
-    def save() -> None:
-        if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(report, indent=2) + "\n")
-
-    def step(name: str, fn):
-        if time.perf_counter() - t_start > args.budget:
-            report["errors"][name] = "skipped: out of time budget"
-            save()
-            return None
-        t0 = time.perf_counter()
-        try:
-            out = fn()
-        except Exception as exc:  # noqa: BLE001 - a benchmark reports and goes on
-            report["errors"][name] = f"{type(exc).__name__}: {exc}"
-            traceback.print_exc()
-            out = None
-        else:
-            report["steps"][name] = out
-        report.setdefault("step_seconds", {})[name] = round(time.perf_counter() - t0, 1)
-        save()
-        print(f"[{time.perf_counter() - t_start:6.1f}s] {name}: {json.dumps(out)}", flush=True)
-        return out
+    step = StepLog(report, args.json, args.budget)
 
     batches = {512: {"bf16": 16, "fp32": 8}, 1024: {"bf16": 4, "fp32": 2}}
     e2e_net = None
@@ -257,7 +277,7 @@ def main() -> None:
             if row and not smoke:
                 tflops = row["tiles_per_s"] * TFLOP_PER_TILE[size]
                 row["tflop_s"] = round(tflops, 1)
-                save()
+                step.save()
             del x
         if size == sizes[0]:
             b = 2 if smoke else batches[size]["bf16"]
@@ -296,9 +316,7 @@ def main() -> None:
             return row
 
         step("compiled_512_bf16", compiled)
-    report["total_seconds"] = round(time.perf_counter() - t_start, 1)
-    save()
-    print(json.dumps({k: v for k, v in report.items() if k != "steps"}, indent=2))
+    step.finish()
 
 
 if __name__ == "__main__":

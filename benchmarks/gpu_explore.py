@@ -24,20 +24,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 import torch
 from bench_gpu import (
     TFLOP_PER_TILE,
+    StepLog,
     before_gpu_changes,
     build,
     end_to_end,
     interpolated_mask_resizes,
     pytorch_attention,
+    sync,
 )
 from candidates import layer_scale_addcmul, regional_compile, rein_in_place
 from scenes import machine
@@ -45,11 +45,6 @@ from scenes import machine
 from crossearth_cli.model.precision import autocast_weights
 
 DATASHEET_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4}  # dense, SXM
-
-
-def sync(dev: str) -> None:
-    if dev == "cuda":
-        torch.cuda.synchronize()
 
 
 def ms_per_call(fn, dev: str, seconds: float, warmup: int = 2) -> float:
@@ -284,39 +279,14 @@ def main() -> None:
     smoke = args.cpu_smoke
     dev = "cpu" if smoke else "cuda"
     seconds = 0.1 if smoke else args.seconds
-    t_start = time.perf_counter()
-    report: dict = {"benchmark": "gpu explore", "machine": machine(), "torch": torch.__version__,
-                    "steps": {}, "errors": {}, "step_seconds": {}}
+    report: dict = {"benchmark": "gpu explore", "machine": machine(), "torch": torch.__version__}
     if not smoke:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         report["gpu"] = name = torch.cuda.get_device_name(0)
         report["datasheet_bf16_tflops"] = next(
             (v for k, v in DATASHEET_BF16_TFLOPS.items() if k in name), None)
-
-    def save() -> None:
-        if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(report, indent=2) + "\n")
-
-    def step(name: str, fn):
-        if time.perf_counter() - t_start > args.budget:
-            report["errors"][name] = "skipped: out of time budget"
-            save()
-            return None
-        t0 = time.perf_counter()
-        try:
-            out = fn()
-        except Exception as exc:  # noqa: BLE001 - a benchmark reports and goes on
-            report["errors"][name] = f"{type(exc).__name__}: {exc}"[:400]
-            traceback.print_exc()
-            out = None
-        else:
-            report["steps"][name] = out
-        report["step_seconds"][name] = round(time.perf_counter() - t0, 1)
-        save()
-        print(f"[{time.perf_counter() - t_start:6.1f}s] {name}: {json.dumps(out)}", flush=True)
-        return out
+    step = StepLog(report, args.json, args.budget)
 
     if not smoke:
         step("matmul_bf16_8192_tflops", lambda: matmul_peak(dev))
@@ -327,9 +297,7 @@ def main() -> None:
     else:  # gpu.sh times the end-to-end run
         explore_size(step, 512, (16, 4, 32, 64), dev, seconds, e2e=args.e2e_size)
         explore_size(step, 1024, (4,), dev, seconds, full=False)
-    report["total_seconds"] = round(time.perf_counter() - t_start, 1)
-    save()
-    print(json.dumps({k: v for k, v in report.items() if k != "steps"}, indent=2))
+    step.finish()
 
 
 if __name__ == "__main__":
