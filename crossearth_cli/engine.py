@@ -20,7 +20,7 @@ import torch
 from rasterio.transform import Affine
 
 from crossearth_cli.allocator import keep_freed_memory
-from crossearth_cli.errors import ConfigError, UserError
+from crossearth_cli.errors import ConfigError, UserError, is_out_of_memory
 from crossearth_cli.raster.accumulator import (
     CLASS_NODATA,
     CONFIDENCE_NODATA,
@@ -168,11 +168,6 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return name
 
 
-def _is_oom(exc: BaseException) -> bool:
-    oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
-    return isinstance(exc, oom) or "out of memory" in str(exc).lower()
-
-
 class Predictor:
     """Runs batches through the model; halves the batch and retries on out-of-memory.
 
@@ -249,7 +244,7 @@ class Predictor:
             try:
                 outs.append(self._forward(images[i : i + n], valid[i : i + n]))
             except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled here
-                if not _is_oom(exc):
+                if not is_out_of_memory(exc):
                     raise
                 if self.cuda:
                     torch.cuda.empty_cache()

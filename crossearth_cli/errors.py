@@ -92,3 +92,11 @@ def from_os_error(exc: BaseException) -> UserError | None:
         return UserError(f"permission denied ({exc.strerror})", path=path,
                          hint="check the permissions or choose another path")
     return None
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A device (or host) allocation failure: the case the batch halving handles."""
+    import torch  # here, not at import time: the CLI loads this module before torch
+
+    oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+    return isinstance(exc, oom) or "out of memory" in str(exc).lower()

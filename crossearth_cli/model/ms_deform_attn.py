@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from crossearth_cli.errors import is_out_of_memory
+
 __all__ = ["MSDeformAttn", "ms_deform_attn_core", "fused_kernel"]
 
 KERNEL_ENV = "CROSSEARTH_DEFORM_ATTN"  # "pytorch" keeps the PyTorch path on CUDA too
@@ -59,10 +61,6 @@ def _give_up_fused(exc: Exception) -> None:
     _FUSED_FAILED.append(f"{type(exc).__name__}: {exc}")
     warnings.warn(f"fused deformable attention unavailable ({_FUSED_FAILED[0][:200]}); "
                   "using the PyTorch path", RuntimeWarning, stacklevel=3)
-
-
-def _is_out_of_memory(exc: Exception) -> bool:
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
 def ms_deform_attn_core(
@@ -180,7 +178,7 @@ class MSDeformAttn(nn.Module):
             try:
                 out = kernel(value, spatial_shapes, points.view(b * h, nl, npts, 2, s), w, h)
             except Exception as exc:  # noqa: BLE001 - any failure but OOM: the PyTorch path
-                if _is_out_of_memory(exc):
+                if is_out_of_memory(exc):
                     raise
                 _give_up_fused(exc)
             else:
