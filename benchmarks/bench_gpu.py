@@ -178,13 +178,14 @@ def before_after(net, batch: int, device: str, seconds: float) -> dict:
     from crossearth_cli.model.msda_triton import check
 
     x = torch.randn(batch, 3, 512, 512, device=device)
+    now = autocast_weights(net, torch.bfloat16)  # as segment runs it
     with before_gpu_changes():
         before = timed(net, x, "bf16", device, seconds, as_segment_runs=False)
-    after = timed(net, x, "bf16", device, seconds)
+    after = timed(now, x, "bf16", device, seconds, as_segment_runs=False)
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
         with before_gpu_changes():
             want = net(x).argmax(1)
-        got = autocast_weights(net, torch.bfloat16)(x).argmax(1)
+        got = now(x).argmax(1)
     return {"before_tiles_per_s": before["tiles_per_s"], "after_tiles_per_s":
             after["tiles_per_s"], "speedup": round(after["tiles_per_s"] /
                                                    before["tiles_per_s"], 3),
