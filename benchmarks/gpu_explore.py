@@ -11,8 +11,9 @@ One run, so every figure comes from the same card and can be compared as a ratio
   GPU was (kernel time / wall time: low means launch-bound);
 - batch sizes, and end to end on a 16k² scene;
 - the candidates of ``candidates.py`` (not in crossearth yet): the Rein update in place,
-  LayerScale as ``addcmul``, both, and regional ``torch.compile``, each also compared with
-  ``now``.
+  LayerScale as ``addcmul``, both, and regional ``torch.compile``, and of ``fused_vit.py``: the
+  backbone's element-wise passes fused into Triton kernels (with its exactness check on this
+  GPU), each also compared with ``now``.
 The first H100 run used the earlier form of this script, which timed the changes as patches
 (its JSON: docs/results/gpu-h100-explore-run1.json).
 
@@ -40,6 +41,7 @@ from bench_gpu import (
     sync,
 )
 from candidates import layer_scale_addcmul, regional_compile, rein_in_place
+from fused_vit import check_kernels, fused_elementwise
 from scenes import machine
 
 from crossearth_cli.model.precision import autocast_weights
@@ -248,11 +250,16 @@ def explore_size(step, size: int, batches: tuple[int, ...], dev: str, seconds: f
         "now_plus_rein_in_place": (rein_in_place,),
         "now_plus_layer_scale_addcmul": (layer_scale_addcmul,),
         "now_plus_both": (rein_in_place, layer_scale_addcmul),
+        "now_plus_fused_elementwise": (fused_elementwise,),
     }
     for name, patches in candidates.items():
         step(f"model_{size}_{name}", lambda p=patches: variant_row(
             now, x, dev, seconds, ref, patches=p, ref_now=ref_now))
     if dev == "cuda":  # inductor on the CPU is slow to compile and not what this is for
+        step(f"components_{size}_now_plus_fused_elementwise",
+             lambda: components(now, x, dev, seconds, patches=(fused_elementwise,)))
+        step(f"profile_{size}_now_plus_fused_elementwise",
+             lambda: kernel_profile(now, x, dev, patches=(fused_elementwise,)))
         step(f"model_{size}_now_regional_compile",
              lambda: compiled_row(now, x, dev, seconds, ref_now))
     step(f"components_{size}_now", lambda: components(now, x, dev, seconds))
@@ -291,6 +298,7 @@ def main() -> None:
     if not smoke:
         step("matmul_bf16_8192_tflops", lambda: matmul_peak(dev))
         step("shrink_bilinear_equals_interpolate", lambda: shrink_check(dev))
+        step("fused_elementwise_kernels_vs_eager", lambda: check_kernels(dev))
     if smoke:
         explore_size(step, 64, (2, 4), dev, seconds, e2e=128)
         explore_size(step, 128, (1,), dev, seconds, full=False)

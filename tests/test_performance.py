@@ -104,6 +104,28 @@ def test_fused_deformable_attention_matches_the_pytorch_path():
     assert diff < 1e-5
 
 
+def test_fused_vit_elementwise_kernels_match_eager_autocast():
+    """benchmarks/fused_vit.py (a GPU candidate), run by Triton's interpreter: each kernel gives
+    the bits of the eager autocast ops it replaces (LayerNorm up to its last bit), and a small
+    CrossEarth with a visible Rein and LayerScale gives the same features and classes."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fused_vit.py")],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name, row in report["kernels"].items():
+        for key, value in row.items():
+            if key.endswith("equal"):
+                assert value is True, (name, key)
+            elif key == "equal_share":
+                assert value >= 0.99, (name, value)
+            else:  # the LayerNorm outputs: at most a bf16 step of ~1-sized values apart
+                assert value <= 2**-7, (name, key, value)
+    assert report["model"]["maps_max_rel_diff"] < 1e-3
+    assert report["model"]["class_agreement"] == 1.0
+
+
 def test_fused_deformable_attention_is_chosen_only_where_it_applies(monkeypatch):
     """CPU tensors, an explicit fused=False, CROSSEARTH_DEFORM_ATTN=pytorch or a head width
     that is not a power of two all keep the PyTorch path."""
