@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import tempfile
 import time
 import traceback
@@ -198,8 +199,11 @@ class StepLog:
     an exception is recorded and the run goes on, and the JSON is rewritten after every step
     so a cut-off run keeps what it did."""
 
-    def __init__(self, report: dict, json_path: Path | None, budget: float):
+    def __init__(self, report: dict, json_path: Path | None, budget: float,
+                 only: str | None = None):
+        """``only``: a regular expression; steps whose names it does not find are not run."""
         self.report, self.json_path, self.budget = report, json_path, budget
+        self.only = re.compile(only) if only else None
         self.t_start = time.perf_counter()
         for key in ("steps", "errors", "step_seconds"):
             report.setdefault(key, {})
@@ -211,6 +215,9 @@ class StepLog:
 
     def __call__(self, name: str, fn):
         """Run ``fn`` as step ``name``; its result (None if skipped or failed)."""
+        if self.only is not None and not self.only.search(name):
+            self.report.setdefault("not_selected", []).append(name)
+            return None
         if time.perf_counter() - self.t_start > self.budget:
             self.report["errors"][name] = "skipped: out of time budget"
             self.save()

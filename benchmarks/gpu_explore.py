@@ -18,6 +18,7 @@ The first H100 run used the earlier form of this script, which timed the changes
 (its JSON: docs/results/gpu-h100-explore-run1.json).
 
     python benchmarks/gpu_explore.py --json $OUT/explore.json
+    python benchmarks/gpu_explore.py --only '512_(now|before)$|fused' --json $OUT/explore.json
     python benchmarks/gpu_explore.py --cpu-smoke --json /tmp/explore.json   # tiny, on the CPU
 """
 
@@ -280,6 +281,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--budget", type=float, default=300, help="seconds; later steps skipped")
     ap.add_argument("--seconds", type=float, default=2.5, help="per timing")
+    ap.add_argument("--only", default=None, metavar="REGEX",
+                    help="run only the steps whose names this finds, e.g. 'now$|fused'")
     ap.add_argument("--e2e-size", type=int, default=None,
                     help="also segment a synthetic scene of this size (gpu.sh does 16384)")
     args = ap.parse_args()
@@ -293,7 +296,7 @@ def main() -> None:
         report["gpu"] = name = torch.cuda.get_device_name(0)
         report["datasheet_bf16_tflops"] = next(
             (v for k, v in DATASHEET_BF16_TFLOPS.items() if k in name), None)
-    step = StepLog(report, args.json, args.budget)
+    step = StepLog(report, args.json, args.budget, args.only)
 
     if not smoke:
         step("matmul_bf16_8192_tflops", lambda: matmul_peak(dev))
