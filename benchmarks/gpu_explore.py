@@ -12,8 +12,9 @@ One run, so every figure comes from the same card and can be compared as a ratio
 - batch sizes, and end to end on a 16k² scene;
 - the candidates of ``candidates.py`` (not in crossearth yet): the Rein update in place,
   LayerScale as ``addcmul``, both, and regional ``torch.compile``, and of ``fused_vit.py``: the
-  backbone's element-wise passes fused into Triton kernels (with its exactness check on this
-  GPU), each also compared with ``now``.
+  backbone's element-wise passes fused into Triton kernels, and of ``fused_head.py``: the
+  semantic inference in one kernel (each with its exactness check on this GPU), each also
+  compared with ``now``.
 The first H100 run used the earlier form of this script, which timed the changes as patches
 (its JSON: docs/results/gpu-h100-explore-run1.json).
 
@@ -42,6 +43,8 @@ from bench_gpu import (
     sync,
 )
 from candidates import layer_scale_addcmul, regional_compile, rein_in_place
+from fused_head import check as check_fused_semantic
+from fused_head import fused_semantic
 from fused_vit import check_kernels, fused_elementwise
 from scenes import machine
 
@@ -252,6 +255,8 @@ def explore_size(step, size: int, batches: tuple[int, ...], dev: str, seconds: f
         "now_plus_layer_scale_addcmul": (layer_scale_addcmul,),
         "now_plus_both": (rein_in_place, layer_scale_addcmul),
         "now_plus_fused_elementwise": (fused_elementwise,),
+        "now_plus_fused_semantic": (fused_semantic,),
+        "now_plus_both_fused": (fused_elementwise, fused_semantic),
     }
     for name, patches in candidates.items():
         step(f"model_{size}_{name}", lambda p=patches: variant_row(
@@ -302,6 +307,7 @@ def main() -> None:
         step("matmul_bf16_8192_tflops", lambda: matmul_peak(dev))
         step("shrink_bilinear_equals_interpolate", lambda: shrink_check(dev))
         step("fused_elementwise_kernels_vs_eager", lambda: check_kernels(dev))
+        step("fused_semantic_vs_eager", lambda: check_fused_semantic(dev))
     if smoke:
         explore_size(step, 64, (2, 4), dev, seconds, e2e=128)
         explore_size(step, 128, (1,), dev, seconds, full=False)

@@ -126,6 +126,21 @@ def test_fused_vit_elementwise_kernels_match_eager_autocast():
     assert report["model"]["class_agreement"] == 1.0
 
 
+def test_fused_semantic_inference_matches_the_eager_path():
+    """benchmarks/fused_head.py (a GPU candidate), run by Triton's interpreter: Mask2Former's
+    semantic scores in one kernel equal the eager upsample-sigmoid-matmul to float32 rounding,
+    for a ×4 bf16 map and an odd-sized, cropped one."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fused_head.py")],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for name, row in json.loads(proc.stdout.strip().splitlines()[-1]).items():
+        assert row["shape_equal"], name
+        assert row["max_abs_diff"] < 1e-5, (name, row)
+        assert row["class_agreement"] == 1.0, (name, row)
+
+
 def test_fused_deformable_attention_is_chosen_only_where_it_applies(monkeypatch):
     """CPU tensors, an explicit fused=False, CROSSEARTH_DEFORM_ATTN=pytorch or a head width
     that is not a power of two all keep the PyTorch path."""
