@@ -3,13 +3,15 @@
 Tiles are read ahead in background threads (rasterio releases the GIL), stacked into batches,
 normalised on the model's device, run under ``torch.inference_mode`` (and autocast for bf16 /
 fp16), and blended into a band of rows that lives on the same device. Finished rows come back
-to the host as uint8 and are written straight away, so memory never depends on scene height.
+to the host as uint8 and are written straight away (on CUDA once the next batch is queued: their
+copies run behind the model), so memory never depends on scene height.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -672,20 +674,35 @@ def _run_tiles(predictor, feed, acc, sinks, y0, scaling, emit):
     skipped = 0
     pin = predictor.device.type == "cuda"
 
-    def write(rows_list: list[FinishedRows]) -> None:
-        for rows in rows_list:
-            sinks[0].write_rows(rows.y - y0, rows.classes)
-            k = 1
-            if rows.confidence is not None:
-                sinks[k].write_rows(rows.y - y0, rows.confidence)
-                k += 1
-            if rows.probabilities is not None:
-                sinks[k].write_rows(rows.y - y0, rows.probabilities)
-            counts[:] += rows.class_counts
+    def write(rows: FinishedRows) -> None:
+        rows.wait()  # CUDA: the rows' copies to the host are done
+        sinks[0].write_rows(rows.y - y0, rows.classes)
+        k = 1
+        if rows.confidence is not None:
+            sinks[k].write_rows(rows.y - y0, rows.confidence)
+            k += 1
+        if rows.probabilities is not None:
+            sinks[k].write_rows(rows.y - y0, rows.probabilities)
+        counts[:] += rows.class_counts
+
+    # Finished rows not written yet, oldest first, with the number of the batch that emitted
+    # them. On CUDA their copies to the host run behind that batch's forward: they are waited
+    # for and written once the next batch is queued, so the GPU has that batch to run while the
+    # host writes. Rows that need no wait (all rows on the CPU) go out at once. At most the
+    # rows of two batches are held.
+    pending: deque[tuple[int, FinishedRows]] = deque()
+
+    def write_pending(before: int) -> None:
+        """Write, in order, the rows of batches before ``before`` and any ready rows after."""
+        while pending and (pending[0][0] < before or pending[0][1].ready is None):
+            write(pending.popleft()[1])
 
     queue: list[tuple[Tile, np.ndarray | None, np.ndarray | None]] = []
+    batch = 0
 
     def run_queue() -> None:
+        nonlocal batch
+        batch += 1
         data = [(d, v) for _, d, v in queue if d is not None]
         scores = None
         if data:
@@ -696,27 +713,37 @@ def _run_tiles(predictor, feed, acc, sinks, y0, scaling, emit):
         k = 0
         for t, d, _ in queue:
             if d is None:
-                write(acc.add(t, None, None))
+                rows = acc.add(t, None, None)
             else:
-                write(acc.add(t, scores[k], valid[k]))
+                rows = acc.add(t, scores[k], valid[k])
                 k += 1
+            pending.extend((batch, r) for r in rows)
+            write_pending(before=0)  # only rows that are ready
+        write_pending(before=batch)  # the previous batch's rows: this one is queued now
         emit("advance", {"tiles": len(queue)})
         queue.clear()
 
-    n_data = 0
-    for t, data, valid in feed:
-        if valid.any():
-            queue.append((t, data, valid))
-            n_data += 1
-        else:
-            queue.append((t, None, None))
-            skipped += 1
-        if n_data >= predictor.batch_size:
+    try:
+        n_data = 0
+        for t, data, valid in feed:
+            if valid.any():
+                queue.append((t, data, valid))
+                n_data += 1
+            else:
+                queue.append((t, None, None))
+                skipped += 1
+            if n_data >= predictor.batch_size:
+                run_queue()
+                n_data = 0
+        if queue:
             run_queue()
-            n_data = 0
-    if queue:
-        run_queue()
-    write(acc.finish())
+        pending.extend((batch + 1, r) for r in acc.finish())
+        write_pending(before=batch + 2)
+    except BaseException:
+        # the run is abandoned and its sinks aborted: unwritten rows are dropped (a pinned
+        # block whose copy is still queued is reused only after that copy)
+        pending.clear()
+        raise
     return counts, skipped
 
 

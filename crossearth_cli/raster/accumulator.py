@@ -9,6 +9,8 @@ Memory, in bytes: ``(4·C + 1) × tile × width`` on the accumulating device (C 
 and a valid flag per pixel), independent of the scene height.
 
 The band lives on the model's device; only uint8 (or float16) rows come back to the host.
+On CUDA they come back asynchronously: the copies are queued behind the model's work and the
+host waits for them only when it writes the rows (:meth:`FinishedRows.wait`).
 """
 
 from __future__ import annotations
@@ -30,13 +32,25 @@ _EMIT_COLUMNS = 2048  # columns classified at a time on the CPU (bounds the temp
 
 @dataclass
 class FinishedRows:
-    """Final rows ``y .. y + classes.shape[0]`` of the scene, full width."""
+    """Final rows ``y .. y + classes.shape[0]`` of the scene, full width.
+
+    On CUDA the arrays are pinned host memory that copies queued on the GPU are still filling:
+    call :meth:`wait` before reading them (at once everywhere else).
+    """
 
     y: int
     classes: np.ndarray  # (h, W) uint8, 255 = nodata
     confidence: np.ndarray | None = None  # (h, W) uint8, 0 = nodata
     probabilities: np.ndarray | None = None  # (C, h, W) uint8 (255 nodata) or float32 (NaN)
     class_counts: np.ndarray | None = None  # (C,) int64 pixels per class in these rows
+    ready: object | None = None  # an event (``synchronize()``) after the copies; None: ready
+
+    def wait(self) -> FinishedRows:
+        """Block until the arrays hold the rows; returns self."""
+        if self.ready is not None:
+            self.ready.synchronize()
+            self.ready = None
+        return self
 
 
 class RowBandAccumulator:
@@ -90,6 +104,9 @@ class RowBandAccumulator:
         self._xs = tuple(window_starts(width, tile, stride))
         self._weights: dict[tuple, torch.Tensor] = {}
         self._counts: tuple[torch.Tensor, torch.Tensor] | None = None
+        # CUDA: rows are classified on the device and copied back without waiting (_emit_async)
+        self.deferred = self.device.type == "cuda"
+        self._class_ids: torch.Tensor | None = None
 
     def _tile_weight(self, tile: Tile) -> torch.Tensor:
         # Tiles with the same overlaps on each side share one weight map (a handful per scene).
@@ -184,6 +201,8 @@ class RowBandAccumulator:
             return None
         if not self._touched[a:b].any():
             return self._empty_rows(self.top + a, b - a)
+        if self.deferred:
+            return self._emit_async(a, b)
         c0, c1 = self.c0 - self.x0, self.c1 - self.x0
         h, w = b - a, c1 - c0
         result = FinishedRows(y=self.top + a, classes=np.empty((h, w), np.uint8),
@@ -195,12 +214,36 @@ class RowBandAccumulator:
             result.probabilities = np.empty((self.num_classes, h, w), dtype)
         step = w if self.device.type != "cpu" else _EMIT_COLUMNS
         for x in range(c0, c1, step):
-            self._classify(a, b, slice(x, min(x + step, c1)), result, x - c0)
+            self._classify_into(a, b, slice(x, min(x + step, c1)), result, x - c0)
         return result
 
-    def _classify(self, a: int, b: int, cols: slice, out: FinishedRows, at: int) -> None:
-        """Band rows ``a .. b``, columns ``cols`` → classes (and the rest) into ``out``."""
-        dst = slice(at, at + cols.stop - cols.start)
+    def _emit_async(self, a: int, b: int) -> FinishedRows:
+        """Band rows ``a .. b`` classified on the device, their copies to the host only started.
+
+        Reading a result back (``.cpu()``) would make the host wait for the model's whole queued
+        forward and then refill the GPU's queue from empty. Here the copies go into pinned
+        memory behind that work, and the host waits (``FinishedRows.wait``) when it writes the
+        rows. The band slide and blending that follow are queued on the same stream, so these
+        kernels read the band before it changes.
+        """
+        classes, conf, p = self._classify(a, b, slice(self.c0 - self.x0, self.c1 - self.x0))
+        if self._class_ids is None:
+            self._class_ids = torch.arange(self.num_classes, dtype=torch.uint8,
+                                           device=self.device).view(-1, 1, 1)
+        # (C,) pixels per class by comparison (C×h×W bool, a fraction of the band): on CUDA
+        # torch.bincount reads the maximum back to size its output, which waits for the GPU
+        counts = (classes == self._class_ids).sum(dim=(1, 2))
+        result = FinishedRows(y=self.top + a, classes=_start_copy(classes),
+                              confidence=_start_copy(conf), probabilities=_start_copy(p),
+                              class_counts=_start_copy(counts))
+        result.ready = _record_ready(self.device)
+        return result
+
+    def _classify(
+        self, a: int, b: int, cols: slice
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Band rows ``a .. b``, columns ``cols`` → classes (h×w uint8), confidence (h×w uint8)
+        and probabilities (C×h×w) as asked, on the band's device."""
         valid = self.valid[a:b, cols]
         if self.blend == "mean":  # mmseg: average of raw scores, then argmax
             cy, cx = self._window_counts()
@@ -212,23 +255,31 @@ class RowBandAccumulator:
         top, classes = scores.max(dim=0)  # max(dim) is several times faster than argmax(dim)
         classes = classes.to(torch.uint8)
         classes.masked_fill_(~valid, CLASS_NODATA)
-        # nodata lands in bin 255: no boolean indexing (a copy) needed to leave it out
-        out.class_counts += torch.bincount(
-            classes.flatten(), minlength=256)[: self.num_classes].cpu().numpy()
-        out.classes[:, dst] = classes.cpu().numpy()
+        conf = p = None
         if not (self.want_confidence or self.want_probabilities):
-            return
+            return classes, conf, p
         total = scores.sum(dim=0).clamp_min_(_EPS)
         if self.want_confidence:
             conf = (top / total).mul_(255.0).round_().clamp_(1, 255).to(torch.uint8)
             conf.masked_fill_(~valid, CONFIDENCE_NODATA)
-            out.confidence[:, dst] = conf.cpu().numpy()
         if self.want_probabilities == "uint8":
             p = (scores / total).mul_(PROBABILITY_SCALE_U8).round_().to(torch.uint8)
             p.masked_fill_(~valid, PROBABILITY_NODATA_U8)
-            out.probabilities[:, :, dst] = p.cpu().numpy()
         elif self.want_probabilities in ("float16", "float32"):  # the writer stores the width
             p = (scores / total).masked_fill_(~valid, float("nan"))
+        return classes, conf, p
+
+    def _classify_into(self, a: int, b: int, cols: slice, out: FinishedRows, at: int) -> None:
+        """Band rows ``a .. b``, columns ``cols`` → ``out`` from column ``at``, synchronously."""
+        dst = slice(at, at + cols.stop - cols.start)
+        classes, conf, p = self._classify(a, b, cols)
+        # nodata lands in bin 255: no boolean indexing (a copy) needed to leave it out
+        out.class_counts += torch.bincount(
+            classes.flatten(), minlength=256)[: self.num_classes].cpu().numpy()
+        out.classes[:, dst] = classes.cpu().numpy()
+        if conf is not None:
+            out.confidence[:, dst] = conf.cpu().numpy()
+        if p is not None:
             out.probabilities[:, :, dst] = p.cpu().numpy()
 
     def _empty_rows(self, y: int, h: int) -> FinishedRows:
@@ -252,3 +303,26 @@ class RowBandAccumulator:
             result.probabilities = np.broadcast_to(
                 np.float32(np.nan), (self.num_classes, *shape))
         return result
+
+
+def _start_copy(t: torch.Tensor | None) -> np.ndarray | None:
+    """Queue a copy of ``t`` into new host memory (pinned for a CUDA tensor, so the copy runs
+    asynchronously); the array holds the values once the stream has passed the copy.
+
+    torch's caching host allocator hands a pinned block out again only after the copies
+    recorded on it are done, so dropping an array whose copy is still queued is safe."""
+    if t is None:
+        return None
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda)
+    host.copy_(t, non_blocking=True)
+    return host.numpy()  # a view: the array keeps the tensor (and its block) alive
+
+
+def _record_ready(device: torch.device):
+    """An event after everything queued so far on the device's current stream (None where
+    copies are synchronous)."""
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return event
