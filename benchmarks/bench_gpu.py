@@ -10,7 +10,8 @@ the work):
   weight casts, F.interpolate mask resizes) against now, and the fused kernel's
   largest float32 difference from the PyTorch path on this GPU;
 - end-to-end Mpx/s of `segment` on a synthetic 16k² scene, against model-only at the same
-  batch and precision.
+  batch and precision, and again with the finished rows copied back synchronously (as
+  before the asynchronous copy-back).
 Each step is written to the JSON as soon as it finishes, so a cut-off run keeps what it did.
 
     python benchmarks/bench_gpu.py --json $OUT/gpu.json
@@ -164,6 +165,25 @@ def interpolated_mask_resizes():
 
 
 @contextlib.contextmanager
+def synchronous_rows():
+    """Finished rows copied back with a host wait per tile row, as before the asynchronous
+    copy-back (crossearth_cli/raster/accumulator.py)."""
+    from crossearth_cli.raster.accumulator import RowBandAccumulator
+
+    init = RowBandAccumulator.__init__
+
+    def patched(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.deferred = False
+
+    RowBandAccumulator.__init__ = patched
+    try:
+        yield
+    finally:
+        RowBandAccumulator.__init__ = init
+
+
+@contextlib.contextmanager
 def before_gpu_changes():
     """The model without the GPU changes of issue 6's later sessions that can be switched
     off (the caller also passes the float32 model, whose weights autocast casts at every
@@ -301,6 +321,12 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="crossearth-gpu-"))
     b = 2 if smoke else batches[sizes[0]]["bf16"]
     step("end_to_end", lambda: end_to_end(e2e_net, e2e, device, b, "bf16", work, sizes[0]))
+
+    def end_to_end_synchronous_rows():
+        with synchronous_rows():
+            return end_to_end(e2e_net, e2e, device, b, "bf16", work, sizes[0])
+
+    step("end_to_end_synchronous_rows", end_to_end_synchronous_rows)  # the copy-back before
     if not smoke:  # the model as it was before this issue's GPU changes, same run
         step("model_512_bf16_before_after", lambda: before_after(
             e2e_net, batches[512]["bf16"], device, seconds))
