@@ -90,7 +90,7 @@ class SegmentSettings:
     blend: str = "gaussian"
     bands: list[int] | None = None
     value_range: str | list[BandScaling] | None = None  # None: 8-bit as is, else auto
-    batch_size: int | str = 4  # or "auto": sized from GPU memory
+    batch_size: int | str = "auto"  # or a number; auto: 4 on the CPU, sized from GPU memory
     device: str = "auto"
     precision: str = "auto"
     confidence: Path | None = None
@@ -183,8 +183,12 @@ class Predictor:
     AUTO_MAX_BATCH = 64
 
     def __init__(self, spec: ModelSpec, device: torch.device, precision: str,
-                 batch_size: int | str, module: torch.nn.Module | None = None):
+                 batch_size: int | str, module: torch.nn.Module | None = None,
+                 probe_module: torch.nn.Module | None = None):
+        """``probe_module``: what ``auto`` sizes the batch with, if not ``module`` (the eager
+        model behind a compiled one: a batch-1 probe would cost a compilation of its own)."""
         self.module = module if module is not None else spec.module
+        self.probe_module = probe_module if probe_module is not None else self.module
         self.device = device
         self.precision = precision
         self.auto = batch_size == "auto"
@@ -267,7 +271,7 @@ class Predictor:
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         before = torch.cuda.memory_allocated(self.device)
-        self._forward(image, valid)
+        self._forward(image, valid, self.probe_module)
         torch.cuda.synchronize(self.device)
         per_tile = max(torch.cuda.max_memory_allocated(self.device) - before, 1)
         free, _ = torch.cuda.mem_get_info(self.device)
@@ -325,7 +329,8 @@ class Predictor:
             out.masked_fill_(~v.unsqueeze(1), 0.0)  # nodata (NaN too) becomes the mean colour
         return out
 
-    def _forward(self, images: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def _forward(self, images: torch.Tensor, valid: torch.Tensor,
+                 module: torch.nn.Module | None = None) -> torch.Tensor:
         # asked of the host copy: on the device's copy the question would make the CPU wait
         # for the GPU before every batch, and the launches of the next batch could not queue
         nodata = not bool(valid.all())
@@ -335,7 +340,7 @@ class Predictor:
         with torch.inference_mode(), torch.autocast(
             self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None
         ):
-            scores = self.module(x)
+            scores = (module or self.module)(x)
         if scores.shape[1] != self.num_classes:
             raise UserError(
                 f"the model returns {scores.shape[1]} classes but {self.num_classes} class "
@@ -511,7 +516,7 @@ class Session:
     """What stays loaded across scenes: the model on its device, the predictor, reader threads."""
 
     def __init__(self, spec: ModelSpec, device: str = "auto", precision: str = "auto",
-                 batch_size: int | str = 4, io_threads: int | None = None,
+                 batch_size: int | str = "auto", io_threads: int | None = None,
                  compile: bool = False):
         self.spec = spec
         self.device = resolve_device(device)
@@ -531,11 +536,13 @@ class Session:
         self.notes: list[str] = []  # told once, with the first scene's notes
         if compile and self.device.type != "cuda":
             self.notes.append(COMPILE_CPU_NOTE)
-        elif compile:
+        eager = module
+        if compile and self.device.type == "cuda":
             # Tiles have one size per scene, so shapes are static apart from a last, smaller
             # batch: a couple of compilations per run.
             module = torch.compile(module, dynamic=False)
-        self.predictor = Predictor(spec, self.device, self.precision, batch_size, module)
+        self.predictor = Predictor(spec, self.device, self.precision, batch_size, module,
+                                   probe_module=eager)
         self.io_threads = io_threads or cpu_io_threads()
         self.pool = ThreadPoolExecutor(self.io_threads, thread_name_prefix="crossearth-read")
 

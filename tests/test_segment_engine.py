@@ -417,3 +417,22 @@ def test_wide_scenes_run_in_column_stripes_identical_to_one_pass(tmp_path, monke
     assert striped[3].tiles > one[3].tiles  # edge tiles ran twice
     parts = [run(f"part{i}", RowPart(i, 2)) for i in range(2)]
     np.testing.assert_array_equal(np.concatenate([p[0] for p in parts], axis=1), one[0])
+
+
+def test_the_default_batch_size_is_auto_which_is_four_tiles_on_the_cpu(tmp_path):
+    """`auto` is the default (sized from free memory on a GPU); on the CPU it runs 4 tiles per
+    forward pass, as the fixed default did."""
+    class Batches(PerPixelModel):
+        sizes: list[int] = []
+
+        def forward(self, x):
+            Batches.sizes.append(x.shape[0])
+            return super().forward(x)
+
+    spec = per_pixel_spec(crop=32, stride=32)
+    spec.module = Batches(4)
+    src = write_tif(tmp_path / "s.tif", random_scene(96, 96))  # 9 tiles
+    settings = SegmentSettings(input=src, output=tmp_path / "o.tif", device="cpu")
+    assert settings.batch_size == "auto"
+    result = segment(settings, spec)
+    assert result.batch_size == 4 and Batches.sizes == [4, 4, 1]

@@ -59,8 +59,8 @@ def segment_command(
         "slide_inference (the paper's numbers)."
     ),
     batch_size: str = typer.Option(
-        "4", "--batch-size", help="Tiles per forward pass, or auto (sized from GPU memory; "
-        "halved and retried on out-of-memory either way)."
+        "auto", "--batch-size", help="Tiles per forward pass, or auto: 4 on the CPU, sized from "
+        "free GPU memory on a GPU (halved and retried on out-of-memory either way)."
     ),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
     precision: str = typer.Option(
