@@ -12,8 +12,8 @@ dtype, rows are tokens):
     y = proj(attn(qkv(h)))                          # GEMMs + SDPA, unchanged
     x, h = x + γ1·y, ct(LN2(x + γ1·y))              # residual_norm
     u = fc2(gelu(fc1(h)))                           # unchanged
-    x, c = x + γ2·u, ct(x + γ2·u)                   # residual_cast
-    d = softmax(c[:, 1:]·Tᵀ/√C)·V                   # Rein attention, unchanged
+    x, f = x + γ2·u, ct(x + γ2·u)[:, 1:]            # residual_cast
+    d = softmax(f·Tᵀ/√C)·V                          # Rein attention, unchanged
     s = ct(d + x[:, 1:])                            # add_cast
     m = mlp_delta_f(s)                              # unchanged
     x[:, 1:] += ct(ct(α)·m); h = ct(LN1'(x))        # rein_residual_norm, in place; next layer's
@@ -88,8 +88,8 @@ def _residual_norm_kernel(x_ptr, y_ptr, g_ptr, w_ptr, b_ptr, h_ptr, C, eps,
 
 
 @triton.jit
-def _residual_cast_kernel(x_ptr, y_ptr, g_ptr, c_ptr, C, BLOCK: tl.constexpr):
-    # x += γ·y (float32, in place); c = ct(x)
+def _residual_cast_kernel(x_ptr, y_ptr, g_ptr, c_ptr, N, C, BLOCK: tl.constexpr):
+    # x += γ·y (float32, in place); patch rows also to c = ct(x), B·N rows without the cls
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < C
@@ -98,7 +98,9 @@ def _residual_cast_kernel(x_ptr, y_ptr, g_ptr, c_ptr, C, BLOCK: tl.constexpr):
     g = tl.load(g_ptr + cols, mask=mask, other=0.0)
     x = x + y * g
     tl.store(x_ptr + row * C + cols, x, mask=mask)
-    tl.store(c_ptr + row * C + cols, x.to(c_ptr.dtype.element_ty), mask=mask)
+    if row % (N + 1) > 0:
+        r = row - row // (N + 1) - 1
+        tl.store(c_ptr + r * C + cols, x.to(c_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -162,11 +164,12 @@ def residual_norm(x: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor,
 
 
 def residual_cast(x: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-    """x += γ·y in place; returns x in y's dtype."""
-    c = torch.empty(x.shape, dtype=y.dtype, device=x.device)
-    _launch(_residual_cast_kernel, x.numel() // x.shape[-1], x.shape[-1],
-            x, y.contiguous(), gamma, c, x.shape[-1])
-    return c
+    """x += γ·y in place (x: B×(1+N)×C); returns the patch tokens x[:, 1:] in y's dtype,
+    contiguous B×N×C (what the Rein attention reads)."""
+    b, n1, c = x.shape
+    out = torch.empty(b, n1 - 1, c, dtype=y.dtype, device=x.device)
+    _launch(_residual_cast_kernel, b * n1, c, x, y.contiguous(), gamma, out, n1 - 1, c)
+    return out
 
 
 def add_cast(d: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -217,9 +220,9 @@ def fused_forward_features(self: ReinsDinoVisionTransformer, x: torch.Tensor,
     outs = []
     for i, blk in enumerate(blocks):
         h = residual_norm(t, blk.attn(h), blk.ls1.gamma, blk.norm2)
-        c = residual_cast(t, blk.mlp(h), blk.ls2.gamma)
+        f = residual_cast(t, blk.mlp(h), blk.ls2.gamma)  # B×N×C patch tokens in ct
         d = attention(  # the Rein attention on the patch tokens, as LoRAReins.update
-            c[:, 1:][:, None],  # B×1×N×C
+            f[:, None],  # B×1×N×C
             static.tokens[i].to(ct)[None, None].expand(b, 1, -1, -1),
             static.values[i].to(ct)[None, None].expand(b, 1, -1, -1),
             scale=reins.embed_dims**-0.5,
@@ -309,7 +312,7 @@ def check_kernels(device: str = "cpu", dtype: torch.dtype = torch.bfloat16) -> d
         xr = x.clone()
         cast = residual_cast(xr, y, g)
         out["residual_cast"] = {"x_equal": bool(torch.equal(xr, want_x)),
-                                "cast_equal": bool(torch.equal(cast, want_x.to(dtype)))}
+                                "cast_equal": bool(torch.equal(cast, want_x[:, 1:].to(dtype)))}
         out["add_cast"] = {"equal": bool(torch.equal(add_cast(d, x), (d + x[:, 1:]).to(dtype)))}
         xr = x.clone()
         h = rein_residual_norm(xr, m, alpha, norm)
