@@ -11,7 +11,8 @@ the work):
   largest float32 difference from the PyTorch path on this GPU;
 - end-to-end Mpx/s of `segment` on a synthetic 16k² scene, against model-only at the same
   batch and precision, and again with the finished rows copied back synchronously (as
-  before the asynchronous copy-back).
+  before the asynchronous copy-back); where the host still waits for the GPU during a
+  `segment` run (CUDA's sync debug mode, a 4096² scene).
 Each step is written to the JSON as soon as it finishes, so a cut-off run keeps what it did.
 
     python benchmarks/bench_gpu.py --json $OUT/gpu.json
@@ -162,6 +163,29 @@ def interpolated_mask_resizes():
         yield
     finally:
         head.shrink_bilinear = shrink
+
+
+def host_waits(net, size: int, device: str, batch: int, work: Path, tile: int) -> dict:
+    """`segment` of a ``size``² scene with CUDA's sync debug mode on: how many times, and
+    where, the host waited for the GPU (each wait drains the GPU's queue of work)."""
+    import warnings
+
+    if not device.startswith("cuda"):
+        return {"skipped": "CUDA only"}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            row = end_to_end(net, size, device, batch, "bf16", work, tile)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    where: dict[str, int] = {}
+    for w in caught:
+        if "synchroniz" in str(w.message).lower():
+            key = f"{Path(w.filename).name}:{w.lineno}"
+            where[key] = where.get(key, 0) + 1
+    return {"tiles": row["tiles"], "host_waits": sum(where.values()),
+            "by_line": dict(sorted(where.items(), key=lambda kv: -kv[1])[:15])}
 
 
 @contextlib.contextmanager
@@ -327,6 +351,8 @@ def main() -> None:
             return end_to_end(e2e_net, e2e, device, b, "bf16", work, sizes[0])
 
     step("end_to_end_synchronous_rows", end_to_end_synchronous_rows)  # the copy-back before
+    step("end_to_end_host_waits", lambda: host_waits(e2e_net, 4096 if not smoke else 96, device,
+                                                      b, work, sizes[0]))
     if not smoke:  # the model as it was before this issue's GPU changes, same run
         step("model_512_bf16_before_after", lambda: before_after(
             e2e_net, batches[512]["bf16"], device, seconds))
