@@ -86,6 +86,38 @@ def test_sigint_and_sigterm_mid_write(tmp_path, ckpt, big, sig, code, name):
     assert list(tmp_path.iterdir()) == [], "no output, no temporary, no lock file"
 
 
+def test_cancelling_a_feed_waits_for_its_running_reads():
+    """A stopped run closes its readers right after cancelling their feeds; a read still
+    running then would use a closed GDAL dataset (a segfault, seen once when a folder run got
+    SIGTERM). So cancel() returns only when no read is running."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from crossearth_cli.raster.reader import StripFeed
+    from crossearth_cli.raster.windows import tile_grid
+
+    started, log = threading.Event(), []
+
+    class SlowReader:
+        width, bands, dtype = 64, [1], np.dtype(np.uint8)
+
+        def rows_empty(self, y, h):
+            return False
+
+        def read_raw(self, y, x, h, w):
+            started.set()
+            time.sleep(0.3)
+            log.append("read done")
+            return np.zeros((1, h, w), np.uint8), np.ones((h, w), bool)
+
+    with ThreadPoolExecutor(2) as pool:
+        feed = StripFeed(SlowReader(), tile_grid(64, 64, 32, 32), pool, chunks=2).prime()
+        assert started.wait(5)
+        feed.cancel()
+        log.append("cancel returned")
+    assert log == ["read done", "read done", "cancel returned"]
+
+
 def test_sigterm_in_a_batch_keeps_what_is_done_and_a_rerun_finishes(tmp_path, capfd, ckpt):
     tiles = tmp_path / "tiles"
     tiles.mkdir()

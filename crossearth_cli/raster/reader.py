@@ -23,6 +23,7 @@ import os
 import sys
 import threading
 import warnings
+from concurrent.futures import wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -705,7 +706,12 @@ class StripFeed:
             self._row += 1
 
     def cancel(self) -> None:
+        """Stop reading ahead. Returns once none of this feed's reads is running: the reader
+        is usually closed next, and closing a GDAL dataset under a running read crashes the
+        process (seen as a segfault when a SIGTERM stopped a folder run)."""
         if self._next is not None:
-            for f in self._next[3] or []:
-                f.cancel()
+            futures = self._next[3] or []
+            for f in futures:
+                f.cancel()  # not started yet: never will be
+            wait(futures)  # started: let them finish
             self._next = None
