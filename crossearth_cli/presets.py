@@ -11,8 +11,10 @@ No torch import here: ``crossearth models`` must be instant.
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 from crossearth_cli.errors import ConfigError, UserError
 
@@ -239,11 +241,24 @@ def hf_url(repo_path: str) -> str:
     return f"https://huggingface.co/{HF_REPO}/resolve/main/{repo_path}"
 
 
+def hub_host_resolves() -> bool:
+    """Whether the hub's host name resolves. Without a network (or DNS) huggingface_hub would
+    retry with back-off for ~20 s before failing; this answers at once in that case."""
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname
+    try:
+        socket.getaddrinfo(host, 443)
+    except (OSError, UnicodeError):
+        return False
+    return True
+
+
 def _download(repo_path: str, cache_dir: str | Path | None, what: str) -> Path:
     try:
         from huggingface_hub import hf_hub_download
 
-        return Path(hf_hub_download(HF_REPO, repo_path, cache_dir=cache_dir))
+        # offline: only the local cache (a file downloaded earlier is still found)
+        return Path(hf_hub_download(HF_REPO, repo_path, cache_dir=cache_dir,
+                                    local_files_only=not hub_host_resolves()))
     except KeyboardInterrupt:
         raise
     except Exception as exc:  # noqa: BLE001 - offline, 404, auth, disk: all the same advice

@@ -80,3 +80,32 @@ def test_fetch_offline_says_how_to_pass_a_checkpoint(tmp_path, monkeypatch):
     line = exc.value.one_line()
     assert "\n" not in line
     assert "Potsdam(r)-source.pth" in line and "--checkpoint PATH" in line
+
+
+@pytest.mark.parametrize("resolves", [True, False], ids=["online", "no-dns"])
+def test_without_a_network_only_the_local_cache_is_asked(tmp_path, monkeypatch, resolves):
+    """Where the hub's host does not resolve, huggingface_hub is asked for the cached file
+    only (it would otherwise retry for ~20 s); otherwise it may download."""
+    import socket
+
+    import huggingface_hub
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        assert host == "huggingface.co"
+        if not resolves:
+            raise socket.gaierror(-2, "Name or service not known")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+
+    asked = {}
+
+    def fake_download(repo, path, cache_dir=None, local_files_only=False):
+        asked["local_files_only"] = local_files_only
+        raise huggingface_hub.errors.LocalEntryNotFoundError("not cached")
+
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    with pytest.raises(UserError) as exc:
+        fetch_weights("potsdam-rgb", cache_dir=tmp_path)
+    assert asked == {"local_files_only": not resolves}
+    assert "--checkpoint PATH" in exc.value.one_line()
