@@ -652,6 +652,8 @@ def _run_scene(session: Session, scene: PreparedScene, emit: Events) -> SegmentR
         # auxiliary rasters first: a class raster under its final name means all are done
         for sink in sinks[1:] + sinks[:1]:
             sink.commit()
+        for note in reader.output_notes:
+            emit("note", {"message": note})
     except BaseException:
         for sink in sinks:
             sink.abort()
@@ -672,7 +674,7 @@ def _run_scene(session: Session, scene: PreparedScene, emit: Events) -> SegmentR
         device=str(session.device),
         precision=session.precision,
         extra_outputs=[s.final for s in sinks[1:]],
-        notes=list(reader.notes),
+        notes=reader.notes + reader.output_notes,
     )
 
 

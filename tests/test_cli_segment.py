@@ -127,6 +127,25 @@ def test_output_equal_to_input(tmp_path, scene, tiny_ckpt):
     assert scene.read_bytes() == before
 
 
+def test_a_file_that_fails_mid_run_gets_only_its_error_line(tmp_path, tiny_ckpt):
+    """The no-CRS note describes the outputs, so it comes with them: a raster without a CRS
+    whose first block is corrupt (the last one, read at open, is fine) fails with one line."""
+    from rasterio.transform import Affine
+
+    src = write_tif(tmp_path / "damaged.tif", random_scene(64, 64), crs=None,
+                    transform=Affine(2, 0, 0, 0, -2, 0), tiled=False, compress="deflate",
+                    blockxsize=64, blockysize=16)  # 4 strips of 16 rows
+    with rasterio.open(src) as ds:
+        offset = int(ds.get_tag_item("BLOCK_OFFSET_0_0", "TIFF", bidx=1))
+        size = int(ds.get_tag_item("BLOCK_SIZE_0_0", "TIFF", bidx=1))
+    data = bytearray(src.read_bytes())
+    data[offset : offset + size] = b"\xff" * size
+    src.write_bytes(bytes(data))
+    proc = run_cli("segment", src, "-c", tiny_ckpt, "-o", tmp_path / "out.tif", "--tile", "32")
+    assert_clean_user_error(proc, "damaged.tif", "read failed")
+    _no_outputs(tmp_path, {"damaged.tif"})
+
+
 def test_raster_without_crs_warns_and_output_has_none(tmp_path, tiny_ckpt):
     from rasterio.transform import Affine
 

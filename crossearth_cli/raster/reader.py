@@ -399,14 +399,18 @@ class SceneReader:
         gcps, gcp_crs = src.gcps
         self.gcps = (gcps, gcp_crs) if gcps else None
         self.profile = src.profile
+        # about the outputs, so told with them (a damaged file that fails later in the run
+        # then gets its one error line and nothing else)
+        self.output_notes: list[str] = []
         if src.crs is None and self.gcps is None:
             if src.transform.is_identity:
-                self.notes.append(
+                self.output_notes.append(
                     "the raster has no georeferencing (no CRS, no geotransform), e.g. a plain "
                     "PNG or JPEG: the outputs are in pixel coordinates, without a CRS"
                 )
             else:
-                self.notes.append("the raster has no CRS: the outputs will have none either")
+                self.output_notes.append(
+                    "the raster has no CRS: the outputs will have none either")
         self._sparse = _SparseBlocks.for_reader(src, self._read_bands, self._mask_kinds)
         self.scaling = self._resolve_scaling(src, value_range)
         self._check_readable(src)
