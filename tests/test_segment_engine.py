@@ -436,3 +436,25 @@ def test_the_default_batch_size_is_auto_which_is_four_tiles_on_the_cpu(tmp_path)
     assert settings.batch_size == "auto"
     result = segment(settings, spec)
     assert result.batch_size == 4 and Batches.sizes == [4, 4, 1]
+
+
+@pytest.mark.parametrize("gcp_crs", ["EPSG:4326", None], ids=["with-crs", "without-crs"])
+def test_ground_control_points_are_copied(tmp_path, gcp_crs):
+    """A raster georeferenced by GCPs gives outputs with the same GCPs; GCPs without a CRS
+    (seen in a damaged file by the fuzz test, which crashed the writer) are kept without one,
+    with a note."""
+    from rasterio.control import GroundControlPoint
+
+    gcps = [GroundControlPoint(0, 0, 10.0, 50.0), GroundControlPoint(0, 64, 10.5, 50.0),
+            GroundControlPoint(48, 0, 10.0, 49.6), GroundControlPoint(48, 64, 10.5, 49.6)]
+    src = tmp_path / "gcps.tif"
+    with rasterio.open(src, "w", driver="GTiff", width=64, height=48, count=3, dtype="uint8",
+                       gcps=gcps, crs=CRS.from_user_input(gcp_crs) if gcp_crs else CRS()) as ds:
+        ds.write(random_scene(48, 64))
+    result = segment(SegmentSettings(input=src, output=tmp_path / "o.tif"),
+                     per_pixel_spec(crop=32, stride=24))
+    with rasterio.open(tmp_path / "o.tif") as ds:
+        points, crs = ds.gcps
+    assert [(p.row, p.col, p.x, p.y) for p in points] == [(p.row, p.col, p.x, p.y) for p in gcps]
+    assert (crs.to_epsg() if crs else None) == (4326 if gcp_crs else None)
+    assert any("ground control points have no CRS" in n for n in result.notes) == (not gcp_crs)

@@ -411,6 +411,9 @@ class SceneReader:
             else:
                 self.output_notes.append(
                     "the raster has no CRS: the outputs will have none either")
+        elif self.gcps is not None and gcp_crs is None:
+            self.output_notes.append("the raster's ground control points have no CRS: the "
+                                     "outputs keep them without one")
         self._sparse = _SparseBlocks.for_reader(src, self._read_bands, self._mask_kinds)
         self.scaling = self._resolve_scaling(src, value_range)
         self._check_readable(src)

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import rasterio
 import rasterio.shutil
+from rasterio.crs import CRS
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.windows import Window
 
@@ -404,7 +405,10 @@ class GeoTiffSink:
             **_creation_options(spec),
         )
         if gcps is not None:
-            profile["gcps"], profile["crs"] = gcps
+            points, gcp_crs = gcps
+            # GCPs without a CRS are kept as they are: rasterio writes them only with a CRS
+            # object, and an empty one writes none
+            profile["gcps"], profile["crs"] = points, gcp_crs if gcp_crs is not None else CRS()
         else:
             profile["crs"] = crs
             profile["transform"] = transform
