@@ -146,6 +146,23 @@ def test_a_file_that_fails_mid_run_gets_only_its_error_line(tmp_path, tiny_ckpt)
     _no_outputs(tmp_path, {"damaged.tif"})
 
 
+def test_a_corrupt_block_met_while_sampling_the_value_range_is_a_clean_error(tmp_path,
+                                                                            tiny_ckpt):
+    """float32 pixels are stretched from the scene's percentiles, read before the run: a
+    corrupt block there is one error line too (the fuzz test found a traceback)."""
+    src = write_tif(tmp_path / "float.tif", random_scene(64, 64).astype(np.float32),
+                    tiled=False, compress="lzw", blockxsize=64, blockysize=16)
+    with rasterio.open(src) as ds:
+        offset = int(ds.get_tag_item("BLOCK_OFFSET_0_0", "TIFF", bidx=1))
+        size = int(ds.get_tag_item("BLOCK_SIZE_0_0", "TIFF", bidx=1))
+    data = bytearray(src.read_bytes())
+    data[offset : offset + size] = b"\xff" * size
+    src.write_bytes(bytes(data))
+    proc = run_cli("segment", src, "-c", tiny_ckpt, "-o", tmp_path / "out.tif")
+    assert_clean_user_error(proc, "float.tif", "value range", "corrupt")
+    _no_outputs(tmp_path, {"float.tif"})
+
+
 def test_raster_without_crs_warns_and_output_has_none(tmp_path, tiny_ckpt):
     from rasterio.transform import Affine
 

@@ -443,7 +443,14 @@ class SceneReader:
         all_uint8 = all(src.dtypes[b - 1] == "uint8" for b in self.bands)
         if value_range == "none" or (value_range is None and all_uint8):
             return None
-        scaling = scene_percentiles(src, self.bands)
+        try:
+            scaling = scene_percentiles(src, self.bands)
+        except (RasterioError, CPLE_BaseError) as exc:
+            raise InputError(
+                "read failed while sampling its value range: the file is truncated or corrupt",
+                path=self.path,
+                hint="copy or download it again",
+            ) from exc
         self.notes.append(
             "scaled to 0-255 from the scene's "
             f"{PERCENTILES[0]:g}-{PERCENTILES[1]:g} percentiles: "
