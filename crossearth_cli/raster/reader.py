@@ -202,19 +202,24 @@ def _equals_nodata(band: np.ndarray, nodata: float | None) -> np.ndarray:
     return band == np.asarray(nodata).astype(band.dtype)
 
 
+@contextmanager
+def _corrupt_is_input_error(path, what: str):
+    """A GDAL read error inside becomes ``InputError("<what>: the file is truncated or
+    corrupt")`` naming ``path``."""
+    try:
+        yield
+    except (RasterioError, CPLE_BaseError) as exc:
+        raise InputError(f"{what}: the file is truncated or corrupt", path=path,
+                         hint="copy or download it again") from exc
+
+
 def check_readable(src, bands: list[int] | None = None) -> None:
     """Read the last block so a truncated file fails now, before any output exists."""
     h, w = src.block_shapes[0] if src.block_shapes else (1, src.width)
     window = Window(max(src.width - w, 0), max(src.height - h, 0), min(w, src.width),
                     min(h, src.height))
-    try:
+    with _corrupt_is_input_error(src.name, "cannot be read to the end"):
         src.read(bands or 1, window=window)
-    except (RasterioError, CPLE_BaseError) as exc:
-        raise InputError(
-            "cannot be read to the end: the file is truncated or corrupt",
-            path=src.name,
-            hint="copy or download it again",
-        ) from exc
 
 
 def probe_input(path: str | Path) -> None:
@@ -443,14 +448,8 @@ class SceneReader:
         all_uint8 = all(src.dtypes[b - 1] == "uint8" for b in self.bands)
         if value_range == "none" or (value_range is None and all_uint8):
             return None
-        try:
+        with _corrupt_is_input_error(self.path, "read failed while sampling its value range"):
             scaling = scene_percentiles(src, self.bands)
-        except (RasterioError, CPLE_BaseError) as exc:
-            raise InputError(
-                "read failed while sampling its value range: the file is truncated or corrupt",
-                path=self.path,
-                hint="copy or download it again",
-            ) from exc
         self.notes.append(
             "scaled to 0-255 from the scene's "
             f"{PERCENTILES[0]:g}-{PERCENTILES[1]:g} percentiles: "
@@ -488,7 +487,8 @@ class SceneReader:
         """(3×h×w in :attr:`dtype`, h×w bool valid): one read, masks derived from it."""
         src = self._src()
         window = Window(x, y, w, h)
-        try:
+        with _corrupt_is_input_error(
+                self.path, f"read failed at rows {y}-{y + h}, columns {x}-{x + w}"):
             data = src.read(self._read_bands, window=window, out_dtype=self._read_dtype)
             valid = np.ones((h, w), dtype=bool)
             by_value = [i for i, k in enumerate(self._mask_kinds) if k == "nodata"]
@@ -500,13 +500,6 @@ class SceneReader:
             for i, kind in enumerate(self._mask_kinds):
                 if kind == "mask":  # per-dataset / per-band mask or alpha: GDAL reads it
                     valid &= src.read_masks(self._read_bands[i], window=window) > 0
-        except (RasterioError, CPLE_BaseError) as exc:
-            raise InputError(
-                f"read failed at rows {y}-{y + h}, columns {x}-{x + w}: the file is truncated "
-                "or corrupt",
-                path=self.path,
-                hint="copy or download it again",
-            ) from exc
         if self.palette is not None:
             index = data[0]
             if self._palette_nodata.any():
