@@ -61,6 +61,17 @@ def _layer_norm(x, w_ptr, b_ptr, cols, mask, C, eps):
 
 
 @triton.jit
+def _layer_scale_residual(x_ptr, y_ptr, g_ptr, row, cols, mask, C):
+    """x += γ·y for one row, float32, stored in place; returns the new row."""
+    x = tl.load(x_ptr + row * C + cols, mask=mask, other=0.0)
+    y = tl.load(y_ptr + row * C + cols, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + cols, mask=mask, other=0.0)
+    x = x + y * g
+    tl.store(x_ptr + row * C + cols, x, mask=mask)
+    return x
+
+
+@triton.jit
 def _norm_cast_kernel(x_ptr, w_ptr, b_ptr, h_ptr, C, eps, BLOCK: tl.constexpr):
     # h = ct(LN(x))
     row = tl.program_id(0).to(tl.int64)
@@ -78,11 +89,7 @@ def _residual_norm_kernel(x_ptr, y_ptr, g_ptr, w_ptr, b_ptr, h_ptr, C, eps,
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < C
-    x = tl.load(x_ptr + row * C + cols, mask=mask, other=0.0)
-    y = tl.load(y_ptr + row * C + cols, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + cols, mask=mask, other=0.0)
-    x = x + y * g
-    tl.store(x_ptr + row * C + cols, x, mask=mask)
+    x = _layer_scale_residual(x_ptr, y_ptr, g_ptr, row, cols, mask, C)
     h = _layer_norm(x, w_ptr, b_ptr, cols, mask, C, eps)
     tl.store(h_ptr + row * C + cols, h.to(h_ptr.dtype.element_ty), mask=mask)
 
@@ -93,11 +100,7 @@ def _residual_cast_kernel(x_ptr, y_ptr, g_ptr, c_ptr, N, C, BLOCK: tl.constexpr)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < C
-    x = tl.load(x_ptr + row * C + cols, mask=mask, other=0.0)
-    y = tl.load(y_ptr + row * C + cols, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + cols, mask=mask, other=0.0)
-    x = x + y * g
-    tl.store(x_ptr + row * C + cols, x, mask=mask)
+    x = _layer_scale_residual(x_ptr, y_ptr, g_ptr, row, cols, mask, C)
     if row % (N + 1) > 0:
         r = row - row // (N + 1) - 1
         tl.store(c_ptr + r * C + cols, x.to(c_ptr.dtype.element_ty), mask=mask)
