@@ -127,6 +127,16 @@ def test_output_equal_to_input(tmp_path, scene, tiny_ckpt):
     assert scene.read_bytes() == before
 
 
+def _corrupt_first_block(path):
+    """Overwrite the compressed bytes of the file's first block (the last stays readable)."""
+    with rasterio.open(path) as ds:
+        offset = int(ds.get_tag_item("BLOCK_OFFSET_0_0", "TIFF", bidx=1))
+        size = int(ds.get_tag_item("BLOCK_SIZE_0_0", "TIFF", bidx=1))
+    data = bytearray(path.read_bytes())
+    data[offset : offset + size] = b"\xff" * size
+    path.write_bytes(bytes(data))
+
+
 def test_a_file_that_fails_mid_run_gets_only_its_error_line(tmp_path, tiny_ckpt):
     """The no-CRS note describes the outputs, so it comes with them: a raster without a CRS
     whose first block is corrupt (the last one, read at open, is fine) fails with one line."""
@@ -135,12 +145,7 @@ def test_a_file_that_fails_mid_run_gets_only_its_error_line(tmp_path, tiny_ckpt)
     src = write_tif(tmp_path / "damaged.tif", random_scene(64, 64), crs=None,
                     transform=Affine(2, 0, 0, 0, -2, 0), tiled=False, compress="deflate",
                     blockxsize=64, blockysize=16)  # 4 strips of 16 rows
-    with rasterio.open(src) as ds:
-        offset = int(ds.get_tag_item("BLOCK_OFFSET_0_0", "TIFF", bidx=1))
-        size = int(ds.get_tag_item("BLOCK_SIZE_0_0", "TIFF", bidx=1))
-    data = bytearray(src.read_bytes())
-    data[offset : offset + size] = b"\xff" * size
-    src.write_bytes(bytes(data))
+    _corrupt_first_block(src)
     proc = run_cli("segment", src, "-c", tiny_ckpt, "-o", tmp_path / "out.tif", "--tile", "32")
     assert_clean_user_error(proc, "damaged.tif", "read failed")
     _no_outputs(tmp_path, {"damaged.tif"})
@@ -152,12 +157,7 @@ def test_a_corrupt_block_met_while_sampling_the_value_range_is_a_clean_error(tmp
     corrupt block there is one error line too (the fuzz test found a traceback)."""
     src = write_tif(tmp_path / "float.tif", random_scene(64, 64).astype(np.float32),
                     tiled=False, compress="lzw", blockxsize=64, blockysize=16)
-    with rasterio.open(src) as ds:
-        offset = int(ds.get_tag_item("BLOCK_OFFSET_0_0", "TIFF", bidx=1))
-        size = int(ds.get_tag_item("BLOCK_SIZE_0_0", "TIFF", bidx=1))
-    data = bytearray(src.read_bytes())
-    data[offset : offset + size] = b"\xff" * size
-    src.write_bytes(bytes(data))
+    _corrupt_first_block(src)
     proc = run_cli("segment", src, "-c", tiny_ckpt, "-o", tmp_path / "out.tif")
     assert_clean_user_error(proc, "float.tif", "value range", "corrupt")
     _no_outputs(tmp_path, {"float.tif"})
