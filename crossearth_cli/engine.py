@@ -340,7 +340,7 @@ class Predictor:
         with torch.inference_mode(), torch.autocast(
             self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None
         ):
-            scores = (module or self.module)(x)
+            scores = (module if module is not None else self.module)(x)
         if scores.shape[1] != self.num_classes:
             raise UserError(
                 f"the model returns {scores.shape[1]} classes but {self.num_classes} class "
