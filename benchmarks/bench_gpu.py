@@ -257,9 +257,13 @@ class StepLog:
             self.json_path.parent.mkdir(parents=True, exist_ok=True)
             self.json_path.write_text(json.dumps(self.report, indent=2) + "\n")
 
+    def selects(self, *names: str) -> bool:
+        """Whether ``only`` lets any of these steps run (to skip preparing for none)."""
+        return self.only is None or any(self.only.search(n) for n in names)
+
     def __call__(self, name: str, fn):
         """Run ``fn`` as step ``name``; its result (None if skipped or failed)."""
-        if self.only is not None and not self.only.search(name):
+        if not self.selects(name):
             self.report.setdefault("not_selected", []).append(name)
             return None
         if time.perf_counter() - self.t_start > self.budget:

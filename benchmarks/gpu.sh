@@ -6,16 +6,9 @@
 #   bash benchmarks/gpu.sh                 # on a machine with a GPU
 #   bash benchmarks/gpu.sh --cpu-smoke     # dry run on the CPU (tiny model), used by the tests
 #
-# Wheels the GPU image lacks (rasterio and friends) can travel in .whl/ (see docs/performance.md).
+# The GPU image lacks rasterio: `bash benchmarks/gpu_wheels.sh` here, then carry .whl/ (gpu_env.sh
+# installs it there). benchmarks/gpu_session.sh runs this after the candidates, in one command.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-if ! "$PY" -c "import rasterio" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/crossearth-site .whl/*.whl
-  export PYTHONPATH="/tmp/crossearth-site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-out_dir=${OUT:-${TMPDIR:-/tmp}}
-mkdir -p "$out_dir"
+source benchmarks/gpu_env.sh
 exec "$PY" benchmarks/bench_gpu.py --json "$out_dir/gpu.json" "$@"

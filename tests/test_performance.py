@@ -46,11 +46,18 @@ def test_bf16_and_fp32_class_maps_agree(tmp_path, tiny_spec):
     assert agree >= 0.99, agree
 
 
-def test_gpu_script_dry_run_on_the_cpu(tmp_path):
+def test_gpu_session_dry_run_on_the_cpu(tmp_path):
+    """gpu_session.sh (the prepared candidates, then gpu.sh) as a lent GPU would run it."""
     env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
-    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--cpu-smoke", "--quick"],
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_session.sh"), "--cpu-smoke"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    explore = json.loads((tmp_path / "explore.json").read_text())
+    assert not explore["errors"], explore["errors"]
+    ran = set(explore["steps"])
+    assert {"model_64_now", "model_64_now_plus_fused_elementwise",
+            "model_64_now_plus_both_fused"} <= ran
+    assert "components_64_now" not in ran and "components_64_now" in explore["not_selected"]
     report = json.loads((tmp_path / "gpu.json").read_text())
     assert report["smoke"] is True and not report["errors"], report["errors"]
     steps = report["steps"]
