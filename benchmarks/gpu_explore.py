@@ -11,7 +11,8 @@ One run, so every figure comes from the same card and can be compared as a ratio
   GPU was (kernel time / wall time: low means launch-bound);
 - batch sizes, and end to end on a 16k² scene;
 - the candidates of ``candidates.py`` (not in crossearth yet): the Rein update in place,
-  LayerScale as ``addcmul``, both, and regional ``torch.compile``, and of ``fused_vit.py``: the
+  LayerScale as ``addcmul``, both, the patch embedding as one GEMM, and regional
+  ``torch.compile``, and of ``fused_vit.py``: the
   backbone's element-wise passes fused into Triton kernels, and of ``fused_head.py``: the
   semantic inference in one kernel (each with its exactness check on this GPU), each also
   compared with ``now``.
@@ -43,7 +44,7 @@ from bench_gpu import (
     pytorch_attention,
     sync,
 )
-from candidates import layer_scale_addcmul, regional_compile, rein_in_place
+from candidates import layer_scale_addcmul, patch_embed_gemm, regional_compile, rein_in_place
 from fused_head import check as check_fused_semantic
 from fused_head import fused_semantic
 from fused_vit import check_kernels, fused_elementwise
@@ -255,6 +256,7 @@ def explore_size(step, size: int, batches: tuple[int, ...], dev: str, seconds: f
         "now_plus_rein_in_place": (rein_in_place,),
         "now_plus_layer_scale_addcmul": (layer_scale_addcmul,),
         "now_plus_both": (rein_in_place, layer_scale_addcmul),
+        "now_plus_patch_embed_gemm": (patch_embed_gemm,),
         "now_plus_fused_elementwise": (fused_elementwise,),
         "now_plus_fused_semantic": (fused_semantic,),
         "now_plus_both_fused": (fused_elementwise, fused_semantic),

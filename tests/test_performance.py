@@ -80,7 +80,32 @@ def test_gpu_explore_dry_run_on_the_cpu(tmp_path):
     assert steps["model_64_now"]["tiles_per_s"] > 0
     assert steps["model_64_now_plus_rein_in_place"]["max_abs_diff_vs_now"] == 0.0
     assert steps["model_64_now_plus_both"]["class_agreement_vs_now"] > 0.99
+    assert steps["model_64_now_plus_patch_embed_gemm"]["class_agreement_vs_now"] > 0.99
     assert steps["end_to_end_now"]["tiles"] > 1
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 64, 80), (1, 3, 70, 50)])  # 70, 50: a remainder
+def test_patch_embedding_as_one_gemm_matches_the_convolution(monkeypatch, shape):
+    """candidates.patch_embed_gemm (a GPU candidate): the patch convolution as a GEMM over the
+    image cut into patches gives the convolution's tokens, in float32 and under bf16 autocast."""
+    import torch
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from candidates import patch_embed_gemm
+
+    from crossearth_cli.model.backbone import PatchEmbed
+
+    torch.manual_seed(0)
+    embed = PatchEmbed(16, 32).eval()
+    x = torch.randn(shape)
+    for autocast in (False, True):
+        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            want = embed(x).float()
+            with patch_embed_gemm():
+                got = embed(x).float()
+        assert got.shape == want.shape == (shape[0], (shape[2] // 16) * (shape[3] // 16), 32)
+        tolerance = 2e-2 if autocast else 1e-5  # bf16 rounding of another summation order
+        assert (got - want).abs().max() <= tolerance * want.abs().max(), autocast
 
 
 def test_naive_benchmark_forms_place_every_window_where_segment_does(tmp_path):
