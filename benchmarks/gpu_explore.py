@@ -260,6 +260,7 @@ def explore_size(step, size: int, batches: tuple[int, ...], dev: str, seconds: f
         "now_plus_fused_elementwise": (fused_elementwise,),
         "now_plus_fused_semantic": (fused_semantic,),
         "now_plus_both_fused": (fused_elementwise, fused_semantic),
+        "now_plus_all": (fused_elementwise, fused_semantic, patch_embed_gemm),  # the aim's step
     }
     for name, patches in candidates.items():
         step(f"model_{size}_{name}", lambda p=patches: variant_row(
