@@ -226,10 +226,30 @@ def matmul_peak(dev: str) -> float:
     return round(2 * n**3 / ms / 1e9, 1)
 
 
+def end_to_end_kept(net, e2e: int, dev: str, batch: int, work: Path, tile: int,
+                    patches=()) -> dict:
+    """``segment`` end to end (bench_gpu.end_to_end) with ``patches`` applied; its class map is
+    kept, and compared with the one a run without patches kept before it."""
+    import numpy as np
+    import rasterio
+
+    with contextlib.ExitStack() as stack:
+        for p in patches:
+            stack.enter_context(p())
+        row = end_to_end(net, e2e, dev, batch, "bf16", work, tile)
+    kept = work / ("classes_patched.tif" if patches else "classes_now.tif")
+    (work / "classes.tif").replace(kept)
+    if patches and (work / "classes_now.tif").exists():
+        with rasterio.open(kept) as got, rasterio.open(work / "classes_now.tif") as want:
+            row["class_agreement_vs_now"] = round(float(np.mean(got.read(1) == want.read(1))), 5)
+    return row
+
+
 def explore_size(step, size: int, batches: tuple[int, ...], dev: str, seconds: float,
                  full: bool = True, e2e: int | None = None) -> None:
     """Before / now at ``size`` and ``batches[0]``; if ``full`` also now with one change undone,
-    components, profile and the other batch sizes; with ``e2e`` an end-to-end run."""
+    the candidates, components, profile and the other batch sizes; with ``e2e`` end-to-end
+    runs on an e2e² scene, now and with every candidate."""
     net = build(dev == "cpu", size, dev)
     now = autocast_weights(net, torch.bfloat16)  # as segment prepares it
     torch.manual_seed(1)
@@ -265,6 +285,11 @@ def explore_size(step, size: int, batches: tuple[int, ...], dev: str, seconds: f
     for name, patches in candidates.items():
         step(f"model_{size}_{name}", lambda p=patches: variant_row(
             now, x, dev, seconds, ref, patches=p, ref_now=ref_now))
+    if e2e is not None:  # before the regional compile, which may take long
+        work = Path(tempfile.mkdtemp(prefix="crossearth-explore-"))
+        step("end_to_end_now", lambda: end_to_end_kept(net, e2e, dev, batches[0], work, size))
+        step("end_to_end_now_plus_all", lambda: end_to_end_kept(
+            net, e2e, dev, batches[0], work, size, patches=candidates["now_plus_all"]))
     if dev == "cuda":  # inductor on the CPU is slow to compile and not what this is for
         step(f"components_{size}_now_plus_fused_elementwise",
              lambda: components(now, x, dev, seconds, patches=(fused_elementwise,)))
@@ -278,10 +303,6 @@ def explore_size(step, size: int, batches: tuple[int, ...], dev: str, seconds: f
         xb = torch.randn(b, 3, size, size, device=dev)
         step(f"model_{size}_now_b{b}", lambda xb=xb: variant_row(now, xb, dev, seconds, None))
         del xb
-    if e2e is None:
-        return
-    work = Path(tempfile.mkdtemp(prefix="crossearth-explore-"))
-    step("end_to_end_now", lambda: end_to_end(net, e2e, dev, batches[0], "bf16", work, size))
 
 
 def main() -> None:

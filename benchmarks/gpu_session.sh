@@ -2,8 +2,9 @@
 # A lent GPU's issue-6 work in one device command (about 8 minutes on an H100/H200):
 #   1. gpu_explore.py on the prepared candidates only (the fused Triton kernels of fused_vit.py
 #      and fused_head.py with their exactness checks on the GPU, the candidates.py ones,
-#      regional compile), against `now` and `before` at 512², and the card's measured matmul
-#      rate -> $OUT/explore.json;
+#      regional compile), against `now` and `before` at 512², the card's measured matmul rate,
+#      and `segment` on an 8192² scene now and with every candidate (speed and class-map
+#      agreement) -> $OUT/explore.json;
 #   2. gpu.sh, the issue's figures (model-only, end to end, memory) -> $OUT/gpu.json.
 # Each part has its own time budget (EXPLORE_BUDGET, GPU_BUDGET seconds; later steps are
 # skipped), so one part running long cannot take the other's time.
@@ -14,16 +15,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/gpu_env.sh
-mode=()
-size=512
-if [ "${1:-}" = "--cpu-smoke" ]; then
-  mode=(--cpu-smoke --quick)
-  size=64
+only="now_plus|fused|compile|matmul|end_to_end"
+explore=(--seconds 2 --budget "${EXPLORE_BUDGET:-230}" --json "$out_dir/explore.json")
+gpu=(--budget "${GPU_BUDGET:-200}")
+if [ "${1:-}" = "--cpu-smoke" ]; then  # the tiny model at 64², its own small scene
+  explore+=(--cpu-smoke --only "^model_64_(now|before)\$|$only")
+  gpu+=(--cpu-smoke --quick)
+else
+  explore+=(--e2e-size 8192 --only "^model_512_(now|before)\$|$only")
 fi
-only="^model_${size}_(now|before)\$|now_plus|fused|compile|matmul"
 status=0
-"$PY" benchmarks/gpu_explore.py ${mode[0]+"${mode[0]}"} --seconds 2 \
-  --budget "${EXPLORE_BUDGET:-230}" --only "$only" --json "$out_dir/explore.json" || status=$?
-PYTHON=$PY bash benchmarks/gpu.sh ${mode[0]+"${mode[@]}"} --budget "${GPU_BUDGET:-200}" \
-  || status=$?
+"$PY" benchmarks/gpu_explore.py "${explore[@]}" || status=$?
+PYTHON=$PY bash benchmarks/gpu.sh "${gpu[@]}" || status=$?
 exit "$status"

@@ -58,6 +58,8 @@ def test_gpu_session_dry_run_on_the_cpu(tmp_path):
     assert {"model_64_now", "model_64_now_plus_fused_elementwise",
             "model_64_now_plus_both_fused", "model_64_now_plus_all"} <= ran
     assert "components_64_now" not in ran and "components_64_now" in explore["not_selected"]
+    both = explore["steps"]["end_to_end_now_plus_all"]
+    assert both["tiles"] > 1 and both["class_agreement_vs_now"] > 0.99
     report = json.loads((tmp_path / "gpu.json").read_text())
     assert report["smoke"] is True and not report["errors"], report["errors"]
     steps = report["steps"]
