@@ -97,7 +97,6 @@ OURS = textwrap.dedent(
     import json, resource, sys, time
     sys.path.insert(0, {here!r})
     from pathlib import Path
-    from scenes import ROOT
     from scenes import ROOT, ZeroCostHead
     from crossearth_cli.engine import ModelSpec, SegmentSettings, segment
     from crossearth_cli.loading import resolve_model
