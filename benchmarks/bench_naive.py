@@ -41,7 +41,7 @@ import tempfile
 import textwrap
 from pathlib import Path
 
-from scenes import machine, tiny_checkpoint, write_scene
+from scenes import class_agreement, machine, tiny_checkpoint, write_scene
 
 from crossearth_cli.raster.windows import tile_count
 
@@ -159,15 +159,6 @@ def available_bytes() -> int:
         if line.startswith("MemAvailable:"):
             return int(line.split()[1]) * 1024
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def class_agreement(a: Path, b: Path) -> float:
-    """Share of pixels on which two class rasters agree (read back with rasterio)."""
-    import numpy as np
-    import rasterio
-
-    with rasterio.open(a) as da, rasterio.open(b) as db:
-        return float(np.mean(da.read(1) == db.read(1)))
 
 
 CEILING = textwrap.dedent(

@@ -9,7 +9,7 @@ One run, so every figure comes from the same card and can be compared as a ratio
 - component times (backbone, pixel decoder, its deformable attention alone, transformer
   decoder, semantic inference) and the top kernels and ops of one batch, with how busy the
   GPU was (kernel time / wall time: low means launch-bound);
-- batch sizes, and end to end on a 16k² scene;
+- batch sizes, and with ``--e2e-size`` `segment` end to end, now and with every candidate;
 - the candidates of ``candidates.py`` (not in crossearth yet): the Rein update in place,
   LayerScale as ``addcmul``, both, the patch embedding as one GEMM, and regional
   ``torch.compile``, and of ``fused_vit.py``: the
@@ -48,7 +48,7 @@ from candidates import layer_scale_addcmul, patch_embed_gemm, regional_compile, 
 from fused_head import check as check_fused_semantic
 from fused_head import fused_semantic
 from fused_vit import check_kernels, fused_elementwise
-from scenes import machine
+from scenes import class_agreement, machine
 
 from crossearth_cli.model.precision import autocast_weights
 
@@ -230,9 +230,6 @@ def end_to_end_kept(net, e2e: int, dev: str, batch: int, work: Path, tile: int,
                     patches=()) -> dict:
     """``segment`` end to end (bench_gpu.end_to_end) with ``patches`` applied; its class map is
     kept, and compared with the one a run without patches kept before it."""
-    import numpy as np
-    import rasterio
-
     with contextlib.ExitStack() as stack:
         for p in patches:
             stack.enter_context(p())
@@ -240,8 +237,7 @@ def end_to_end_kept(net, e2e: int, dev: str, batch: int, work: Path, tile: int,
     kept = work / ("classes_patched.tif" if patches else "classes_now.tif")
     (work / "classes.tif").replace(kept)
     if patches and (work / "classes_now.tif").exists():
-        with rasterio.open(kept) as got, rasterio.open(work / "classes_now.tif") as want:
-            row["class_agreement_vs_now"] = round(float(np.mean(got.read(1) == want.read(1))), 5)
+        row["class_agreement_vs_now"] = round(class_agreement(kept, work / "classes_now.tif"), 5)
     return row
 
 

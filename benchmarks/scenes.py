@@ -86,6 +86,12 @@ def tiny_checkpoint(path: Path, num_classes: int = 6) -> Path:
     return path
 
 
+def class_agreement(a: Path, b: Path) -> float:
+    """Share of pixels on which two class rasters agree (read back with rasterio)."""
+    with rasterio.open(a) as da, rasterio.open(b) as db:
+        return float(np.mean(da.read(1) == db.read(1)))
+
+
 def peak_rss_mb() -> float:
     import resource
 
