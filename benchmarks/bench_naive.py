@@ -49,11 +49,11 @@ HERE = Path(__file__).resolve().parent
 
 NAIVE = textwrap.dedent(
     """
-    import json, resource, sys, time
+    import json, sys, time
     sys.path.insert(0, {here!r})
     import numpy as np, rasterio, torch
     import torch.nn.functional as F
-    from scenes import ROOT, ZeroCostHead
+    from scenes import ROOT, ZeroCostHead, peak_rss_mb
     from crossearth_cli.model import load_checkpoint
     t0 = time.perf_counter()
     model = {naive_model}
@@ -88,16 +88,16 @@ NAIVE = textwrap.dedent(
         dst.write(classes, 1)
     seconds = time.perf_counter() - t0
     print("RESULT " + json.dumps({{"seconds": seconds,
-          "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+          "peak_rss_mb": peak_rss_mb()}}))
     """
 )
 
 OURS = textwrap.dedent(
     """
-    import json, resource, sys, time
+    import json, sys, time
     sys.path.insert(0, {here!r})
     from pathlib import Path
-    from scenes import ROOT, ZeroCostHead
+    from scenes import ROOT, ZeroCostHead, peak_rss_mb
     from crossearth_cli.engine import ModelSpec, SegmentSettings, segment
     from crossearth_cli.loading import resolve_model
     import crossearth_cli.model  # imported before the clock on both sides (timm: ~1.5 s)
@@ -107,7 +107,7 @@ OURS = textwrap.dedent(
                                 tile={crop}, stride={stride}, device="cpu"), spec)
     seconds = time.perf_counter() - t0
     print("RESULT " + json.dumps({{"seconds": seconds,
-          "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+          "peak_rss_mb": peak_rss_mb()}}))
     """
 )
 

@@ -93,9 +93,18 @@ def class_agreement(a: Path, b: Path) -> float:
 
 
 def peak_rss_mb() -> float:
-    import resource
+    """This process's own peak resident memory (VmHWM).
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    Not ``ru_maxrss``: a child started with vfork + exec (Python's ``subprocess`` on Linux)
+    inherits the parent's peak there, so a benchmark process that had written a 16k² scene
+    would pass its own peak on to the run it measures next."""
+    try:
+        with open("/proc/self/status") as f:
+            return int(next(ln for ln in f if ln.startswith("VmHWM:")).split()[1]) / 1024
+    except (OSError, StopIteration):  # not Linux
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def machine() -> str:

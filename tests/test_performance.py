@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -124,6 +125,29 @@ def test_naive_benchmark_forms_place_every_window_where_segment_does(tmp_path):
     assert set(row["speedup"]) == {"mmseg", "sliced"}
     assert row["naive_forms_agree"] is True
     assert min(row["agreement_with_segment"].values()) > 0.999
+
+
+def test_benchmark_peak_memory_is_the_measured_process_own():
+    """Benchmark (b) runs each side in a child process. A child started by vfork + exec
+    inherits its parent's peak in ``ru_maxrss``: a parent that had just written a 16k² scene
+    made `segment`'s peak look ~100 MB larger. The benchmarks' reading must not."""
+    parent = textwrap.dedent(
+        f"""
+        import subprocess, sys
+        import numpy as np
+        held = np.ones(2**31 // 8)  # 2 GiB, touched: the parent's peak
+        child = "import sys; sys.path.insert(0, {str(ROOT / "benchmarks")!r}); " \\
+                "from scenes import peak_rss_mb; print(peak_rss_mb())"
+        print(subprocess.run([sys.executable, "-c", child], capture_output=True, text=True,
+                             check=True).stdout)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    child_peak_mb = float(proc.stdout.split()[-1])
+    # the child imports torch and rasterio (~0.3-0.8 GB), far below the parent's 2 GiB
+    assert 50 < child_peak_mb < 1500, child_peak_mb
 
 
 def test_fused_deformable_attention_matches_the_pytorch_path():
