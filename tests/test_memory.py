@@ -65,3 +65,25 @@ def test_peak_memory_does_not_grow_with_scene_height(tmp_path):
     # A scene-sized float32 score canvas for the tall scene would be 6 x 8192 x 2048 x 4 B =
     # 403 MB (plus 50 MB of input); the band stays at (6 + 2) x 4 x 256 x 2048 B = 17 MB.
     assert tall_mb - short_mb < 48, (short_mb, tall_mb)
+
+
+def test_a_finished_feed_lets_its_last_strip_go(tmp_path):
+    """The scene keeps its first stripe's feed to the end, so a wide scene's later stripes
+    would run with that stripe's last strip (tile rows × stripe width) still held."""
+    import weakref
+    from concurrent.futures import ThreadPoolExecutor
+
+    from crossearth_cli.raster.reader import SceneReader, StripFeed
+    from crossearth_cli.raster.windows import tile_grid
+
+    rng = np.random.default_rng(0)
+    src = write_tif(tmp_path / "s.tif", rng.integers(1, 256, size=(3, 300, 200), dtype=np.uint8))
+    with SceneReader(src) as reader, ThreadPoolExecutor(2) as pool:
+        feed = StripFeed(reader, tile_grid(300, 200, 128, 96), pool)
+        tiles = list(feed)
+        n, (_, data, valid) = len(tiles), tiles[-1]
+        strips = [weakref.ref(data.base), weakref.ref(valid.base)]
+        del tiles, data, valid
+        assert all(s() is not None for s in strips)  # the feed still holds its last strip
+        feed.cancel()
+        assert n > 4 and all(s() is None for s in strips)

@@ -713,12 +713,16 @@ class StripFeed:
             self._row += 1
 
     def cancel(self) -> None:
-        """Stop reading ahead. Returns once none of this feed's reads is running: the reader
-        is usually closed next, and closing a GDAL dataset under a running read crashes the
-        process (seen as a segfault when a SIGTERM stopped a folder run)."""
+        """Stop reading ahead and let the strip go. Returns once none of this feed's reads is
+        running: the reader is usually closed next, and closing a GDAL dataset under a running
+        read crashes the process (seen as a segfault when a SIGTERM stopped a folder run)."""
         if self._next is not None:
             futures = self._next[3] or []
             for f in futures:
                 f.cancel()  # not started yet: never will be
             wait(futures)  # started: let them finish
             self._next = None
+        # the scene keeps its first stripe's feed: without this, that stripe's last strip
+        # would stay referenced while the next stripes run
+        self._data = self._valid = None
+        self._blank.clear()
