@@ -14,26 +14,18 @@ from helpers import write_tif
 
 CHILD = textwrap.dedent(
     """
-    import json, resource, sys
-    sys.path.insert(0, {tests!r})
+    import json, sys
+    sys.path[:0] = [{tests!r}, {benchmarks!r}]
     from pathlib import Path
     from helpers import per_pixel_spec
+    from scenes import peak_rss_mb  # this process's own peak (a big pytest parent's is not)
     from crossearth_cli.engine import SegmentSettings, segment
 
-    def peak_kb():
-        # this process's own high-water mark: ru_maxrss also counts the parent's peak when
-        # the child was started with vfork + exec (a big pytest process then dominates it)
-        try:
-            with open("/proc/self/status") as f:
-                return int(next(ln for ln in f if ln.startswith("VmHWM:")).split()[1])
-        except (OSError, StopIteration):
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
     spec = per_pixel_spec(num_classes=6, crop=256, stride=170)
-    base = peak_kb()
+    base = peak_rss_mb()
     r = segment(SegmentSettings(input=Path({src!r}), output=Path({out!r}),
                                 confidence=Path({out!r} + ".conf.tif"), batch_size=4), spec)
-    print(json.dumps({{"base_kb": base, "peak_kb": peak_kb(), "tiles": r.tiles}}))
+    print(json.dumps({{"base_mb": base, "peak_mb": peak_rss_mb(), "tiles": r.tiles}}))
     """
 )
 
@@ -44,7 +36,8 @@ def _peak_rss_mb(tmp_path: Path, height: int, width: int) -> tuple[float, int]:
     src = write_tif(tmp_path / f"scene_{height}.tif", img, compress="deflate")
     del img
     code = CHILD.format(
-        tests=str(Path(__file__).parent), src=str(src), out=str(tmp_path / f"out_{height}.tif")
+        tests=str(Path(__file__).parent), benchmarks=str(Path(__file__).parents[1] / "benchmarks"),
+        src=str(src), out=str(tmp_path / f"out_{height}.tif"),
     )
     # GDAL's block cache is a fixed-size LRU (32 MB by default here); a small cap keeps it
     # from filling up in the tall scene only, so what remains is the engine's own memory.
@@ -54,7 +47,7 @@ def _peak_rss_mb(tmp_path: Path, height: int, width: int) -> tuple[float, int]:
     )
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout.strip().splitlines()[-1])
-    return info["peak_kb"] / 1024, info["tiles"]
+    return info["peak_mb"], info["tiles"]
 
 
 def test_peak_memory_does_not_grow_with_scene_height(tmp_path):

@@ -131,14 +131,14 @@ def test_benchmark_peak_memory_is_the_measured_process_own():
     """Benchmark (b) runs each side in a child process. A child started by vfork + exec
     inherits its parent's peak in ``ru_maxrss``: a parent that had just written a 16k² scene
     made `segment`'s peak look ~100 MB larger. The benchmarks' reading must not."""
+    child = (f"import sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); "
+             "from scenes import peak_rss_mb; print(peak_rss_mb())")
     parent = textwrap.dedent(
         f"""
         import subprocess, sys
         import numpy as np
         held = np.ones(2**31 // 8)  # 2 GiB, touched: the parent's peak
-        child = "import sys; sys.path.insert(0, {str(ROOT / "benchmarks")!r}); " \\
-                "from scenes import peak_rss_mb; print(peak_rss_mb())"
-        print(subprocess.run([sys.executable, "-c", child], capture_output=True, text=True,
+        print(subprocess.run([sys.executable, "-c", {child!r}], capture_output=True, text=True,
                              check=True).stdout)
         """
     )
