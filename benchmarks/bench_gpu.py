@@ -33,28 +33,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from scenes import machine, write_scene
+from scenes import TFLOP_PER_TILE, machine, random_model, sync, write_scene
 
 from crossearth_cli.model.ms_deform_attn import KERNEL_ENV
 from crossearth_cli.model.precision import autocast_weights
-
-TFLOP_PER_TILE = {512: 0.89, 1024: 4.8}  # reference §3.5 (2 × MACs)
-
-
-def build(tiny: bool, size: int, device: str):
-    from crossearth_cli.model import CrossEarth
-    from crossearth_cli.model.random_init import random_state_dict, tiny_config, vit_large_config
-
-    config = tiny_config(img_size=size) if tiny else vit_large_config(6, img_size=size)
-    with torch.device("meta"):
-        net = CrossEarth(config)
-    net.load_state_dict(random_state_dict(config, seed=0), assign=True)
-    return net.to(device).eval()
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def timed(net, x, precision: str, device: str, seconds: float, warmup: int = 2,
@@ -320,7 +302,7 @@ def main() -> None:
     e2e_net = None
     for size in sizes:
         t0 = time.perf_counter()
-        net = build(smoke, size, device)
+        net = random_model(smoke, size, device)
         report["steps"][f"build_{size}"] = {
             "parameters": sum(p.numel() for p in net.parameters()),
             "seconds": round(time.perf_counter() - t0, 1),

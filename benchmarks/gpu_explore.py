@@ -35,20 +35,17 @@ from pathlib import Path
 
 import torch
 from bench_gpu import (
-    TFLOP_PER_TILE,
     StepLog,
     before_gpu_changes,
-    build,
     end_to_end,
     interpolated_mask_resizes,
     pytorch_attention,
-    sync,
 )
 from candidates import layer_scale_addcmul, patch_embed_gemm, regional_compile, rein_in_place
 from fused_head import check as check_fused_semantic
 from fused_head import fused_semantic
 from fused_vit import check_kernels, fused_elementwise
-from scenes import class_agreement, machine
+from scenes import TFLOP_PER_TILE, class_agreement, machine, matmul_tflops, random_model, sync
 
 from crossearth_cli.model.precision import autocast_weights
 
@@ -218,14 +215,6 @@ def shrink_check(dev: str) -> dict:
     return out
 
 
-def matmul_peak(dev: str) -> float:
-    n = 8192
-    a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
-    ms = ms_per_call(lambda: a @ b, dev, 1.0, warmup=3)
-    return round(2 * n**3 / ms / 1e9, 1)
-
-
 def end_to_end_kept(net, e2e: int, dev: str, batch: int, work: Path, tile: int,
                     patches=()) -> dict:
     """``segment`` end to end (bench_gpu.end_to_end) with ``patches`` applied; its class map is
@@ -246,7 +235,7 @@ def explore_size(step, size: int, batches: tuple[int, ...], dev: str, seconds: f
     """Before / now at ``size`` and ``batches[0]``; if ``full`` also now with one change undone,
     the candidates, components, profile and the other batch sizes; with ``e2e`` end-to-end
     runs on an e2e² scene, now and with every candidate."""
-    net = build(dev == "cpu", size, dev)
+    net = random_model(dev == "cpu", size, dev)
     now = autocast_weights(net, torch.bfloat16)  # as segment prepares it
     torch.manual_seed(1)
     x = torch.randn(batches[0], 3, size, size, device=dev)
@@ -325,7 +314,7 @@ def main() -> None:
     step = StepLog(report, args.json, args.budget, args.only)
 
     if not smoke:
-        step("matmul_bf16_8192_tflops", lambda: matmul_peak(dev))
+        step("matmul_bf16_8192_tflops", lambda: round(matmul_tflops(dev, torch.bfloat16, 8192), 1))
         step("shrink_bilinear_equals_interpolate", lambda: shrink_check(dev))
         step("fused_elementwise_kernels_vs_eager", lambda: check_kernels(dev))
         step("fused_semantic_vs_eager", lambda: check_fused_semantic(dev))

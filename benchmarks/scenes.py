@@ -21,6 +21,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
 CELL = 48  # pixels per coarse grid cell
+TFLOP_PER_TILE = {512: 0.89, 1024: 4.8}  # ViT-L CrossEarth, reference §3.5 (2 × MACs)
 
 
 def _lerp_axis(grid: np.ndarray, coords: np.ndarray, axis: int) -> np.ndarray:
@@ -75,6 +76,43 @@ class ZeroCostHead(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         whole, rest = divmod(self.num_classes, x.shape[1])
         return torch.cat([x] * whole + [x[:, :rest]], dim=1).abs_()
+
+
+def random_model(tiny: bool, size: int, device: str) -> torch.nn.Module:
+    """A random-weight CrossEarth for ``size``² tiles, in eval mode: the tiny test model, or
+    ViT-L (the real architecture: weights do not change the work)."""
+    from crossearth_cli.model import CrossEarth
+    from crossearth_cli.model.random_init import random_state_dict, tiny_config, vit_large_config
+
+    config = tiny_config(img_size=size) if tiny else vit_large_config(6, img_size=size)
+    with torch.device("meta"):
+        net = CrossEarth(config)
+    net.load_state_dict(random_state_dict(config, seed=0), assign=True)
+    return net.to(device).eval()
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def matmul_tflops(device: str, dtype: torch.dtype, n: int, seconds: float = 1.0) -> float:
+    """What one n×n×n matmul in ``dtype`` reaches on ``device`` (TFLOP/s, best call): the
+    measured compute limit beside which the model's own rate is quoted."""
+    import time
+
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    for _ in range(2):
+        a @ b
+    sync(device)
+    best, t_end = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < t_end or best == float("inf"):
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e12
 
 
 def tiny_checkpoint(path: Path, num_classes: int = 6) -> Path:

@@ -527,7 +527,8 @@ class Session:
         spec.module = spec.module.to(self.device).eval()
         # on CUDA the weights autocast would cast at every call are cast once (same numbers,
         # +3 % on an H100, +0.65 GB of GPU memory for ViT-L); the float32 model in spec stays
-        # as it is. Not on the CPU: unmeasured there, and it would cost host memory.
+        # as it is. Not on the CPU: no gain measured there (docs/performance.md, (c)), and
+        # it would cost host memory.
         from crossearth_cli.model.precision import autocast_weights
 
         module = spec.module

@@ -87,6 +87,47 @@ def test_gpu_explore_dry_run_on_the_cpu(tmp_path):
     assert steps["end_to_end_now"]["tiles"] > 1
 
 
+def test_model_benchmark_runs_segment_beside_model_only(tmp_path):
+    """bench_model.py (c) with --end-to-end: one command, a table and JSON, `segment` on its
+    own synthetic scene with the same model, batch and precision as the model-only row."""
+    out = tmp_path / "model.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_model.py"),
+                           "--model", "tiny", "--size", "128", "--batch", "2", "--modes",
+                           "fp32", "--repeats", "1", "--end-to-end", "300", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    (row,), (e2e,) = report["results"], report["end_to_end"]
+    assert row["tiles_per_s"] > 0 and row["finite"]
+    assert e2e["scene"] == "300x300" and e2e["tiles"] > 1 and e2e["batch"] == 2
+    assert e2e["vs_model_only"] == pytest.approx(e2e["tiles_per_s"] / row["tiles_per_s"])
+    assert "of model-only" in proc.stdout
+
+
+def test_model_benchmark_quotes_vit_l_against_a_measured_matmul(monkeypatch):
+    import torch
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_model
+
+    measured = []
+
+    def fake_matmul(device, dtype, n):
+        measured.append(dtype)
+        return {torch.float32: 0.2, torch.bfloat16: 0.4}[dtype]
+
+    monkeypatch.setattr(bench_model, "matmul_tflops", fake_matmul)
+    rows = [{"mode": "fp32", "tiles_per_s": 0.1}, {"mode": "bf16-autocast", "tiles_per_s": 0.2},
+            {"mode": "bf16-autocast+compile", "tiles_per_s": 0.3}]
+    bench_model.add_compute_rates(rows, 512, "cpu", "vit-l")
+    assert measured == [torch.float32, torch.bfloat16]  # once per dtype
+    assert [round(r["tflop_s"], 3) for r in rows] == [0.089, 0.178, 0.267]
+    assert [round(r["share_of_matmul"], 4) for r in rows] == [0.445, 0.445, 0.6675]
+    tiny_rows = [{"mode": "fp32", "tiles_per_s": 5.0}]
+    bench_model.add_compute_rates(tiny_rows, 512, "cpu", "tiny")  # no FLOP count for it
+    assert "tflop_s" not in tiny_rows[0]
+
+
 @pytest.mark.parametrize("shape", [(2, 3, 64, 80), (1, 3, 70, 50)])  # 70, 50: a remainder
 def test_patch_embedding_as_one_gemm_matches_the_convolution(monkeypatch, shape):
     """candidates.patch_embed_gemm (a GPU candidate): the patch convolution as a GEMM over the
