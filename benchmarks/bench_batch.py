@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from scenes import ZeroCostHead, machine, tiny_checkpoint, write_scene
+from scenes import ZeroCostHead, machine, tiny_checkpoint, write_tiles
 
 
 def main() -> None:
@@ -34,10 +34,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="crossearth-batch-"))
-    tiles = work / "tiles"
-    tiles.mkdir()
-    for i in range(args.files):
-        write_scene(tiles / f"tile_{i:03d}.tif", args.size, seed=i, block=256)
+    tiles = write_tiles(work / "tiles", args.files, args.size)
     if args.model == "tiny":
         spec = resolve_model(checkpoint=tiny_checkpoint(work / "tiny.pth"))
     else:

@@ -12,7 +12,9 @@ the work):
 - end-to-end Mpx/s of `segment` on a synthetic 16k² scene, against model-only at the same
   batch and precision, and again with the finished rows copied back synchronously (as
   before the asynchronous copy-back); where the host still waits for the GPU during a
-  `segment` run (CUDA's sync debug mode, a 4096² scene).
+  `segment` run (CUDA's sync debug mode, a 4096² scene);
+- a folder of 128 single-tile 512² files through `run_batch` (what `crossearth segment
+  FOLDER` runs), against model-only at batch 16 and at batch 1: a batch never spans files.
 Each step is written to the JSON as soon as it finishes, so a cut-off run keeps what it did.
 
     python benchmarks/bench_gpu.py --json $OUT/gpu.json
@@ -26,6 +28,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import tempfile
 import time
 import traceback
@@ -33,7 +36,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from scenes import TFLOP_PER_TILE, machine, random_model, sync, write_scene
+from scenes import TFLOP_PER_TILE, machine, random_model, sync, write_scene, write_tiles
 
 from crossearth_cli.model.ms_deform_attn import KERNEL_ENV
 from crossearth_cli.model.precision import autocast_weights
@@ -168,6 +171,38 @@ def host_waits(net, size: int, device: str, batch: int, work: Path, tile: int) -
             where[key] = where.get(key, 0) + 1
     return {"tiles": row["tiles"], "host_waits": sum(where.values()),
             "by_line": dict(sorted(where.items(), key=lambda kv: -kv[1])[:15])}
+
+
+def folder_of_tiles(net, files: int, size: int, device: str, batch: int, work: Path) -> dict:
+    """`crossearth segment FOLDER` (batch.run_batch) on ``files`` tiles of ``size``², one tile
+    per file, as datasets of evaluation crops are laid out: a batch never spans files, so
+    each forward gets one tile whatever ``batch`` is."""
+    from crossearth_cli.batch import Manifest, expand_inputs, run_batch
+    from crossearth_cli.engine import ModelSpec, SegmentSettings, Session
+
+    tiles = work / f"tiles_{size}"
+    if not tiles.exists():
+        write_tiles(tiles, files, size)
+    spec = ModelSpec(module=net, class_names=[f"c{i}" for i in range(net.num_classes)],
+                     crop=size, stride=round(size * 2 / 3), label="random ViT-L")
+    template = SegmentSettings(input=Path("."), output=Path("x.tif"), overwrite=True,
+                               device=device, precision="bf16", batch_size=batch)
+    out = work / "folder_out"
+    with Session(spec, device, "bf16", batch) as session:
+        items = expand_inputs([str(tiles)])
+        run_batch(items[:2], out, template, session, ["classes"], "warm", Manifest(out))
+        shutil.rmtree(out)
+        t0 = time.perf_counter()
+        result = run_batch(items, out, template, session, ["classes"], "bench", Manifest(out))
+        seconds = time.perf_counter() - t0
+    if result.failed:
+        raise RuntimeError(f"{len(result.failed)} files failed: {result.failed[0].reason}")
+    x = torch.randn(1, 3, size, size, device=device)
+    batch1 = timed(autocast_weights(net, torch.bfloat16), x, "bf16", device,
+                   1.0 if device == "cuda" else 0.2, as_segment_runs=False)
+    return {"files": len(result.done), "tile": size, "seconds": round(seconds, 2),
+            "tiles_per_s": round(len(result.done) / seconds, 2),
+            "model_only_batch1_tiles_per_s": batch1["tiles_per_s"]}
 
 
 @contextlib.contextmanager
@@ -337,6 +372,8 @@ def main() -> None:
             return end_to_end(e2e_net, e2e, device, b, "bf16", work, sizes[0])
 
     step("end_to_end_synchronous_rows", end_to_end_synchronous_rows)  # the copy-back before
+    step("folder_of_tiles", lambda: folder_of_tiles(e2e_net, 128 if not smoke else 4,
+                                                    sizes[0], device, b, work))
     step("end_to_end_host_waits", lambda: host_waits(e2e_net, 4096 if not smoke else 96, device,
                                                       b, work, sizes[0]))
     if not smoke:  # the model as it was before this issue's GPU changes, same run
@@ -351,6 +388,10 @@ def main() -> None:
     if model_row and e2e_row:
         report["end_to_end_vs_model_only"] = round(
             e2e_row["tiles_per_s"] / model_row["tiles_per_s"], 3)
+    folder_row = report["steps"].get("folder_of_tiles")
+    if model_row and folder_row:
+        report["folder_of_tiles_vs_model_only"] = round(
+            folder_row["tiles_per_s"] / model_row["tiles_per_s"], 3)
     if not smoke and not args.quick:
         x = torch.randn(batches[512]["bf16"], 3, 512, 512, device=device)
 

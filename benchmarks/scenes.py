@@ -59,6 +59,15 @@ def write_scene(path: Path, size: int, bands: int = 3, seed: int = 0, block: int
     return path
 
 
+def write_tiles(folder: Path, files: int, size: int) -> Path:
+    """A folder of ``files`` small scenes of ``size``² (different seeds), like a dataset of
+    tiles (Potsdam's evaluation crops are 512²)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(files):
+        write_scene(folder / f"tile_{i:03d}.tif", size, seed=i, block=256)
+    return folder
+
+
 class ZeroCostHead(torch.nn.Module):
     """Per-pixel scores with the head's output shape (B×C×H×W) at almost no cost.
 

@@ -67,6 +67,9 @@ def test_gpu_session_dry_run_on_the_cpu(tmp_path):
     for name in ("model_64_bf16", "model_64_fp32", "model_128_bf16", "model_128_fp32"):
         assert steps[name]["tiles_per_s"] > 0
     assert steps["end_to_end"]["tiles"] > 1 and steps["end_to_end"]["tiles_per_s"] > 0
+    folder = steps["folder_of_tiles"]  # every single-tile file through run_batch
+    assert folder["files"] == 4 and folder["tiles_per_s"] > 0
+    assert report["folder_of_tiles_vs_model_only"] > 0
 
 
 def test_gpu_explore_dry_run_on_the_cpu(tmp_path):
