@@ -1,9 +1,12 @@
-"""Issue 5: a folder of small tiles with next-file prefetch, against a strict one-by-one loop.
+"""Folders of small tiles: `run_batch` against a strict one-by-one loop, and with its batch
+sharing switched off.
 
 Both sides load the model once. The loop opens each file, reads it, runs it and writes it
-before it touches the next; `run_batch` (what `crossearth segment FOLDER` runs) opens the next
-file and starts reading its first rows while the current one is on the model, and keeps the
-manifest. Interleaved repeats, best of each.
+before it touches the next. `run_batch` (what `crossearth segment FOLDER` runs) reads the next
+files while the current ones are on the model, keeps the manifest, and runs files too small
+to fill a batch together (one forward pass for several files); "without groups" is the same
+with that sharing switched off (each file its own forward pass, as before it existed).
+Interleaved repeats, best of each.
 
     python benchmarks/bench_batch.py                    # 50 tiles of 512², tiny model
     python benchmarks/bench_batch.py --model zero --json out.json
@@ -12,6 +15,7 @@ manifest. Interleaved repeats, best of each.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import tempfile
@@ -19,6 +23,19 @@ import time
 from pathlib import Path
 
 from scenes import ZeroCostHead, machine, tiny_checkpoint, write_tiles
+
+
+@contextlib.contextmanager
+def groups(session, on: bool):
+    """``run_batch`` as it is (``on``) or with no scene sharing a forward pass."""
+    if on:
+        yield
+        return
+    session.group_key = lambda scene: None
+    try:
+        yield
+    finally:
+        del session.group_key
 
 
 def main() -> None:
@@ -42,7 +59,7 @@ def main() -> None:
     items = expand_inputs([str(tiles)])
     template = SegmentSettings(input=Path("."), output=Path("x.tif"), device="cpu",
                                overwrite=True)
-    loop_s, batch_s = [], []
+    loop_s, alone_s, batch_s = [], [], []
     with Session(spec, "cpu", "fp32", 4) as session:
         for _ in range(args.repeats):
             out = work / "loop"
@@ -55,23 +72,29 @@ def main() -> None:
                 session.run(session.prepare(s))
             loop_s.append(time.perf_counter() - t0)
 
-            out = work / "batch"
-            shutil.rmtree(out, ignore_errors=True)
-            t0 = time.perf_counter()
-            result = run_batch(items, out, template, session, ["classes"], "bench",
-                               Manifest(out))
-            batch_s.append(time.perf_counter() - t0)
-            assert len(result.done) == len(items), result.failed
-    loop, batch = min(loop_s), min(batch_s)
-    report = {"benchmark": "batch prefetch (issue 5)", "machine": machine(),
+            for grouped, times in ((False, alone_s), (True, batch_s)):
+                out = work / "batch"
+                shutil.rmtree(out, ignore_errors=True)
+                t0 = time.perf_counter()
+                with groups(session, grouped):
+                    result = run_batch(items, out, template, session, ["classes"], "bench",
+                                       Manifest(out))
+                times.append(time.perf_counter() - t0)
+                assert len(result.done) == len(items), result.failed
+    loop, alone, batch = min(loop_s), min(alone_s), min(batch_s)
+    report = {"benchmark": "folders of small files (issues 5, 6)", "machine": machine(),
               "files": args.files, "size": args.size, "model": args.model,
-              "loop_s": round(loop, 3), "batch_s": round(batch, 3),
-              "speedup": round(loop / batch, 3), "all_loop_s": loop_s, "all_batch_s": batch_s}
-    print(f"{'approach':<40} {'seconds':>8} {'files/s':>8}")
-    print(f"{'one file after another (model loaded once)':<40} {loop:>8.2f} "
-          f"{args.files / loop:>8.2f}")
-    print(f"{'run_batch with next-file prefetch':<40} {batch:>8.2f} {args.files / batch:>8.2f}")
-    print(f"prefetch: {loop / batch:.2f}× ({args.model} model, {machine()})")
+              "loop_s": round(loop, 3), "batch_without_groups_s": round(alone, 3),
+              "batch_s": round(batch, 3), "speedup": round(loop / batch, 3),
+              "groups_speedup": round(alone / batch, 3), "all_loop_s": loop_s,
+              "all_batch_without_groups_s": alone_s, "all_batch_s": batch_s}
+    print(f"{'approach':<44} {'seconds':>8} {'files/s':>8}")
+    for name, t in (("one file after another (model loaded once)", loop),
+                    ("run_batch without groups (prefetch only)", alone),
+                    ("run_batch (prefetch, shared batches)", batch)):
+        print(f"{name:<44} {t:>8.2f} {args.files / t:>8.2f}")
+    print(f"run_batch: {loop / batch:.2f}× the loop, groups {alone / batch:.2f}× "
+          f"({args.model} model, {machine()})")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     shutil.rmtree(work, ignore_errors=True)

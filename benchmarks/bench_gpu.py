@@ -14,7 +14,8 @@ the work):
   before the asynchronous copy-back); where the host still waits for the GPU during a
   `segment` run (CUDA's sync debug mode, a 4096² scene);
 - a folder of 128 single-tile 512² files through `run_batch` (what `crossearth segment
-  FOLDER` runs), against model-only at batch 16 and at batch 1: a batch never spans files.
+  FOLDER` runs), with and without files sharing forward passes, against model-only at
+  batch 16 and at batch 1.
 Each step is written to the JSON as soon as it finishes, so a cut-off run keeps what it did.
 
     python benchmarks/bench_gpu.py --json $OUT/gpu.json
@@ -175,8 +176,10 @@ def host_waits(net, size: int, device: str, batch: int, work: Path, tile: int) -
 
 def folder_of_tiles(net, files: int, size: int, device: str, batch: int, work: Path) -> dict:
     """`crossearth segment FOLDER` (batch.run_batch) on ``files`` tiles of ``size``², one tile
-    per file, as datasets of evaluation crops are laid out: a batch never spans files, so
-    each forward gets one tile whatever ``batch`` is."""
+    per file, as datasets of evaluation crops are laid out: as it runs (files that cannot fill
+    a batch share forward passes) and with that sharing off (one tile per forward pass)."""
+    from bench_batch import groups
+
     from crossearth_cli.batch import Manifest, expand_inputs, run_batch
     from crossearth_cli.engine import ModelSpec, SegmentSettings, Session
 
@@ -188,21 +191,27 @@ def folder_of_tiles(net, files: int, size: int, device: str, batch: int, work: P
     template = SegmentSettings(input=Path("."), output=Path("x.tif"), overwrite=True,
                                device=device, precision="bf16", batch_size=batch)
     out = work / "folder_out"
+    row: dict = {"files": files, "tile": size}
     with Session(spec, device, "bf16", batch) as session:
         items = expand_inputs([str(tiles)])
         run_batch(items[:2], out, template, session, ["classes"], "warm", Manifest(out))
-        shutil.rmtree(out)
-        t0 = time.perf_counter()
-        result = run_batch(items, out, template, session, ["classes"], "bench", Manifest(out))
-        seconds = time.perf_counter() - t0
-    if result.failed:
-        raise RuntimeError(f"{len(result.failed)} files failed: {result.failed[0].reason}")
+        for grouped in (False, True):
+            shutil.rmtree(out)
+            with groups(session, grouped):
+                t0 = time.perf_counter()
+                result = run_batch(items, out, template, session, ["classes"], "bench",
+                                   Manifest(out))
+                seconds = time.perf_counter() - t0
+            if result.failed:
+                raise RuntimeError(f"{len(result.failed)} files failed: "
+                                   f"{result.failed[0].reason}")
+            name = "tiles_per_s" if grouped else "without_groups_tiles_per_s"
+            row[name] = round(len(result.done) / seconds, 2)
     x = torch.randn(1, 3, size, size, device=device)
-    batch1 = timed(autocast_weights(net, torch.bfloat16), x, "bf16", device,
-                   1.0 if device == "cuda" else 0.2, as_segment_runs=False)
-    return {"files": len(result.done), "tile": size, "seconds": round(seconds, 2),
-            "tiles_per_s": round(len(result.done) / seconds, 2),
-            "model_only_batch1_tiles_per_s": batch1["tiles_per_s"]}
+    row["model_only_batch1_tiles_per_s"] = timed(
+        autocast_weights(net, torch.bfloat16), x, "bf16", device,
+        1.0 if device == "cuda" else 0.2, as_segment_runs=False)["tiles_per_s"]
+    return row
 
 
 @contextlib.contextmanager

@@ -328,9 +328,15 @@ def run_batch(
     after_scene=None,
     events=None,
 ) -> BatchResult:
-    """Segment ``items`` one after another with one loaded model, reading the next scene's
-    first tiles while the current one runs. Failures are recorded and the run goes on."""
+    """Segment ``items`` with one loaded model. Failures are recorded and the run goes on.
+
+    The next scene is opened and its first tiles read while the current one runs. Scenes too
+    small to fill a batch on their own (a folder of 512² crops: one tile each) share forward
+    passes with the scenes after them (``Session.run_group``), up to the batch size; then
+    the next files are read ahead, up to a batch of them (only small scenes' pixels are read
+    ahead, so a big scene waiting its turn costs an open file, not a strip of rows)."""
     import dataclasses
+    from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
     emit = events or (lambda kind, data: None)
@@ -352,41 +358,104 @@ def run_batch(
             probabilities=outs.get("probabilities"), overwrite=True,
         )
 
-    def prepare(i: int):
+    def prepare(i: int, prime: bool):
         it, outs = todo[i]
-        return session.prepare(settings_for(it, outs))
+        scene = session.prepare(settings_for(it, outs), prime=False)
+        try:
+            if prime or session.group_key(scene) is not None:
+                scene.feed.prime()
+        except BaseException:
+            scene.close()
+            raise
+        return scene
+
+    def record(i: int, res, seconds: float) -> None:
+        """A finished scene: the after-scene step (vectors), then its manifest record."""
+        it, outs = todo[i]
+        try:
+            if after_scene is not None:
+                after_scene(res, outs)
+            rec = manifest.done_record(it, result_key, outs, res.pixels, seconds)
+        except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
+            _fail(manifest, result, it, result_key, exc, emit)
+            return
+        manifest.append(rec)
+        result.done.append(rec)
+        emit("file_done", {"input": manifest.key(it), "pixels": res.pixels,
+                           "seconds": res.seconds})
+
+    pending: deque = deque()  # (index, future of its prepared scene), in order
+    submitted = 0
+    taken: list = []  # (index, scene) taken from the queue, not yet in a group or run
+    group: list = []  # (index, scene) to run together
 
     with ThreadPoolExecutor(1, thread_name_prefix="crossearth-next") as ahead:
-        nxt = ahead.submit(prepare, 0) if todo else None
-        for i, (it, outs) in enumerate(todo):
-            fut, nxt = nxt, None
-            key = manifest.key(it)
-            emit("file_start", {"input": key, "index": i, "total": len(todo)})
+
+        def read_ahead(n: int) -> None:
+            nonlocal submitted
+            while len(pending) < n and submitted < len(todo):
+                # the very next scene is read at once; later ones only if they are small
+                pending.append((submitted, ahead.submit(prepare, submitted, not pending)))
+                submitted += 1
+
+        def take() -> bool:
+            """Move the next prepared scene to ``taken``; False if it failed (recorded)."""
+            i, fut = pending.popleft()
+            read_ahead(1)
+            emit("file_start", {"input": manifest.key(todo[i][0]), "index": i,
+                                "total": len(todo)})
             try:
-                scene = fut.result()
+                taken.append((i, fut.result()))
             except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
-                nxt = ahead.submit(prepare, i + 1) if i + 1 < len(todo) else None
-                _fail(manifest, result, it, result_key, exc, emit)
-                continue
-            nxt = ahead.submit(prepare, i + 1) if i + 1 < len(todo) else None
-            try:
-                t1 = time.perf_counter()
-                res = session.run(scene, events=emit)
-                if after_scene is not None:
-                    after_scene(res, outs)
-                rec = manifest.done_record(it, result_key, outs, res.pixels,
-                                           time.perf_counter() - t1)
-            except KeyboardInterrupt:
-                if nxt is not None:
-                    nxt.cancel()
-                    _close_quietly(nxt)
-                raise
-            except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
-                _fail(manifest, result, it, result_key, exc, emit)
-                continue
-            manifest.append(rec)
-            result.done.append(rec)
-            emit("file_done", {"input": key, "pixels": res.pixels, "seconds": res.seconds})
+                _fail(manifest, result, todo[i][0], result_key, exc, emit)
+                return False
+            return True
+
+        read_ahead(1)
+        try:
+            while taken or pending:
+                if not taken and not take():
+                    continue
+                i, scene = taken[0]
+                key = session.group_key(scene)
+                if key is None:  # alone, with the next scene read meanwhile
+                    taken.pop(0)
+                    try:
+                        t1 = time.perf_counter()
+                        res = session.run(scene, events=emit)
+                    except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
+                        _fail(manifest, result, todo[i][0], result_key, exc, emit)
+                        continue
+                    record(i, res, time.perf_counter() - t1)
+                    continue
+                cap = session.predictor.batch_size
+                group[:] = [taken.pop(0)]
+                tiles = scene.tile_count
+                while tiles < cap:
+                    read_ahead(cap)
+                    if not pending:
+                        break
+                    if not take():
+                        continue
+                    other = taken[-1][1]
+                    if session.group_key(other) != key or tiles + other.tile_count > cap:
+                        break  # it stays taken: the next round starts with it
+                    group.append(taken.pop())
+                    tiles += other.tile_count
+                read_ahead(cap)  # the next files are read while this group runs
+                outcomes = session.run_group([s for _, s in group], events=emit)
+                for (j, _), res in zip(group, outcomes):
+                    if isinstance(res, Exception):
+                        _fail(manifest, result, todo[j][0], result_key, res, emit)
+                    else:
+                        record(j, res, res.seconds)
+        except KeyboardInterrupt:
+            for _, scene in taken + group:  # closing a closed scene does nothing
+                scene.close()
+            for _, fut in pending:
+                fut.cancel()
+                _close_quietly(fut)
+            raise
     result.seconds = time.perf_counter() - t0
     return result
 

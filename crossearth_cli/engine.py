@@ -548,8 +548,11 @@ class Session:
         self.pool = ThreadPoolExecutor(self.io_threads, thread_name_prefix="crossearth-read")
 
     def prepare(self, settings: SegmentSettings, part: RowPart | None = None,
-                reader: SceneReader | None = None) -> PreparedScene:
-        """Open a scene and start reading its first tiles (safe to call from another thread)."""
+                reader: SceneReader | None = None, prime: bool = True) -> PreparedScene:
+        """Open a scene and start reading its first tiles (safe to call from another thread).
+
+        ``prime=False``: open it only; its reads start when it runs or ``scene.feed.prime()``
+        is called (a folder run reads ahead only the scenes small enough to share batches)."""
         validate_settings(settings)
         if reader is None:
             reader = SceneReader(settings.input, bands=settings.bands,
@@ -563,7 +566,9 @@ class Session:
             rows = part_range(grid, reader.height, part)
             stripes = column_stripes(grid[0], reader.width, max(STRIPE_WIDTH, 2 * tile))
             scene = PreparedScene(settings, reader, grid, tile, stride, rows, stripes, None)
-            scene.feed = self.feed(scene, stripes[0]).prime()
+            scene.feed = self.feed(scene, stripes[0])
+            if prime:
+                scene.feed.prime()
         except BaseException:
             reader.close()
             raise
@@ -580,6 +585,23 @@ class Session:
             return _run_scene(self, scene, events or (lambda kind, data: None))
         finally:
             scene.close()
+
+    def group_key(self, scene: PreparedScene) -> tuple | None:
+        """Scenes with equal keys can share forward passes (:meth:`run_group`): tiles of one
+        shape, pixel type and value scaling. None for a scene that runs alone: one read in
+        vertical stripes, or one with tiles enough to fill a batch by itself."""
+        if len(scene.stripes) != 1 or scene.tile_count >= self.predictor.batch_size:
+            return None
+        first, sc = scene.grid[0][0], scene.reader.model_scaling()
+        return (first.h, first.w, scene.tile, scene.stride, np.dtype(scene.reader.dtype).str,
+                sc.clip, None if sc.low is None else tuple(sc.low.tolist()),
+                None if sc.factor is None else tuple(sc.factor.tolist()))
+
+    def run_group(self, scenes: list[PreparedScene],
+                  events: Events | None = None) -> list[SegmentResult | Exception]:
+        """Segment small scenes of one :meth:`group_key` through shared forward passes and
+        commit each one's outputs; see :func:`_run_group`."""
+        return _run_group(self, scenes, events or (lambda kind, data: None))
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -608,69 +630,77 @@ def _part_transform(reader: SceneReader, y0: int):
     return reader.transform * Affine.translation(0, y0) if y0 else reader.transform
 
 
-def _run_scene(session: Session, scene: PreparedScene, emit: Events) -> SegmentResult:
-    t0 = time.perf_counter()
-    settings, reader, spec, rows = scene.settings, scene.reader, session.spec, scene.rows
-    for note in session.notes + reader.notes:
-        emit("note", {"message": note})
-    session.notes.clear()
-    n_tiles = scene.tile_count
-    emit("start", {"tiles": n_tiles, "height": reader.height, "width": reader.width})
+def _open_sinks(session: Session, scene: PreparedScene, sinks: list[GeoTiffSink]) -> None:
+    """Open the scene's output rasters under temporary names, appending each to ``sinks`` (so
+    the caller can abort those already open if one fails)."""
+    settings, reader, rows = scene.settings, scene.reader, scene.rows
     tag_notes = {"blend": settings.blend, "tile": str(scene.tile), "stride": str(scene.stride)}
+    for rs in _raster_specs(settings, session.spec, tag_notes):
+        sinks.append(GeoTiffSink(rs, rows.y1 - rows.y0, reader.width, reader.crs,
+                                 _part_transform(reader, rows.y0), reader.gcps))
+
+
+def _accumulator(session: Session, scene: PreparedScene, stripe: ColumnStripe,
+                 sinks: list[GeoTiffSink]) -> RowBandAccumulator:
+    """The row band of one column stripe (the sinks are told which columns come next)."""
+    settings, reader, rows = scene.settings, scene.reader, scene.rows
+    for sink in sinks:
+        sink.start_columns(stripe.c0, stripe.c1)
+    return RowBandAccumulator(
+        reader.height,
+        reader.width,
+        session.spec.num_classes,
+        scene.tile,
+        scene.stride,
+        settings.blend,
+        device=session.device,
+        confidence=settings.confidence is not None,
+        probabilities=settings.probabilities_dtype if settings.probabilities else None,
+        rows=(scene.grid[rows.first_tile_row][0].y, rows.y0, rows.y1),
+        columns=(stripe.x0, stripe.x1, stripe.c0, stripe.c1),
+    )
+
+
+def _commit(sinks: list[GeoTiffSink]) -> None:
+    # auxiliary rasters first: a class raster under its final name means all are done
+    for sink in sinks[1:] + sinks[:1]:
+        sink.commit()
+
+
+class _RowWriter:
+    """Writes finished rows into a scene's rasters (classes, confidence, probabilities) and
+    counts the pixels of each class."""
+
+    def __init__(self, sinks: list[GeoTiffSink], y0: int, num_classes: int):
+        self.sinks, self.y0 = sinks, y0
+        self.counts = np.zeros(num_classes, dtype=np.int64)
+
+    def __call__(self, rows: FinishedRows) -> None:
+        rows.wait()  # CUDA: the rows' copies to the host are done
+        self.sinks[0].write_rows(rows.y - self.y0, rows.classes)
+        k = 1
+        if rows.confidence is not None:
+            self.sinks[k].write_rows(rows.y - self.y0, rows.confidence)
+            k += 1
+        if rows.probabilities is not None:
+            self.sinks[k].write_rows(rows.y - self.y0, rows.probabilities)
+        self.counts += rows.class_counts
+
+
+def _scene_result(session: Session, scene: PreparedScene, sinks: list[GeoTiffSink],
+                  counts: np.ndarray, skipped: int, seconds: float) -> SegmentResult:
+    reader, rows = scene.reader, scene.rows
     out_h = rows.y1 - rows.y0
-    sinks: list[GeoTiffSink] = []
-    try:
-        for rs in _raster_specs(settings, spec, tag_notes):
-            sinks.append(GeoTiffSink(rs, out_h, reader.width, reader.crs,
-                                     _part_transform(reader, rows.y0), reader.gcps))
-        counts = np.zeros(spec.num_classes, dtype=np.int64)
-        skipped = 0
-        for k, stripe in enumerate(scene.stripes):  # one stripe unless the scene is very wide
-            feed = scene.feed if k == 0 else session.feed(scene, stripe).prime()
-            acc = RowBandAccumulator(
-                reader.height,
-                reader.width,
-                spec.num_classes,
-                scene.tile,
-                scene.stride,
-                settings.blend,
-                device=session.device,
-                confidence=settings.confidence is not None,
-                probabilities=settings.probabilities_dtype if settings.probabilities else None,
-                rows=(scene.grid[rows.first_tile_row][0].y, rows.y0, rows.y1),
-                columns=(stripe.x0, stripe.x1, stripe.c0, stripe.c1),
-            )
-            for sink in sinks:
-                sink.start_columns(stripe.c0, stripe.c1)
-            try:
-                c, s = _run_tiles(session.predictor, feed, acc, sinks, rows.y0,
-                                  reader.model_scaling(), emit)
-            finally:
-                feed.cancel()
-            counts += c
-            skipped += s
-            del acc, feed  # free this stripe's band and strips before the next ones
-        # auxiliary rasters first: a class raster under its final name means all are done
-        for sink in sinks[1:] + sinks[:1]:
-            sink.commit()
-        for note in reader.output_notes:
-            emit("note", {"message": note})
-    except BaseException:
-        for sink in sinks:
-            sink.abort()
-        raise
-    seconds = time.perf_counter() - t0
-    valid_px = int(counts.sum())
     return SegmentResult(
-        output=settings.output,
+        output=scene.settings.output,
         height=out_h,
         width=reader.width,
-        tiles=n_tiles,
+        tiles=scene.tile_count,
         tiles_skipped=skipped,
         seconds=seconds,
-        class_names=list(spec.class_names),
+        class_names=list(session.spec.class_names),
         class_pixels=counts,
-        nodata_pixels=out_h * reader.width - valid_px,
+        nodata_pixels=out_h * reader.width - int(counts.sum()),
         batch_size=session.predictor.batch_size,
         device=str(session.device),
         precision=session.precision,
@@ -679,21 +709,145 @@ def _run_scene(session: Session, scene: PreparedScene, emit: Events) -> SegmentR
     )
 
 
-def _run_tiles(predictor, feed, acc, sinks, y0, scaling, emit):
-    counts = np.zeros(predictor.num_classes, dtype=np.int64)
+def _start_notes(session: Session, scene: PreparedScene, emit: Events) -> None:
+    for note in session.notes + scene.reader.notes:
+        emit("note", {"message": note})
+    session.notes.clear()
+
+
+def _run_scene(session: Session, scene: PreparedScene, emit: Events) -> SegmentResult:
+    t0 = time.perf_counter()
+    reader = scene.reader
+    _start_notes(session, scene, emit)
+    emit("start", {"tiles": scene.tile_count, "height": reader.height, "width": reader.width})
+    sinks: list[GeoTiffSink] = []
+    try:
+        _open_sinks(session, scene, sinks)
+        write = _RowWriter(sinks, scene.rows.y0, session.spec.num_classes)
+        skipped = 0
+        for k, stripe in enumerate(scene.stripes):  # one stripe unless the scene is very wide
+            feed = scene.feed if k == 0 else session.feed(scene, stripe).prime()
+            acc = _accumulator(session, scene, stripe, sinks)
+            try:
+                skipped += _run_tiles(session.predictor, feed, acc, write,
+                                      reader.model_scaling(), emit)
+            finally:
+                feed.cancel()
+            del acc, feed  # free this stripe's band and strips before the next ones
+        _commit(sinks)
+        for note in reader.output_notes:
+            emit("note", {"message": note})
+    except BaseException:
+        for sink in sinks:
+            sink.abort()
+        raise
+    return _scene_result(session, scene, sinks, write.counts, skipped,
+                         time.perf_counter() - t0)
+
+
+@dataclass
+class _GroupMember:
+    index: int
+    scene: PreparedScene
+    sinks: list[GeoTiffSink]
+    acc: RowBandAccumulator | None = None
+    write: _RowWriter | None = None
+    tiles: list = field(default_factory=list)  # (tile, data or None for all-nodata, valid)
+
+
+def _run_group(session: Session, scenes: list[PreparedScene],
+               emit: Events) -> list[SegmentResult | Exception]:
+    """Small scenes of one ``group_key``: their tiles are read, run through the model together
+    (one forward pass per batch, not one per scene) and blended into each scene's own band;
+    then each scene's outputs are committed as ``segment`` commits them.
+
+    A folder of single-tile files otherwise runs every forward pass on one tile, however
+    large the batch. Returns each scene's result or the exception it failed with (its
+    outputs removed), in order; every scene is closed. A scene whose outputs, reads or
+    writes fail does not stop the others; a failed forward pass fails the whole group.
+    """
+    t0 = time.perf_counter()
+    predictor = session.predictor
+    results: list[SegmentResult | Exception | None] = [None] * len(scenes)
+    members = [_GroupMember(i, scene, []) for i, scene in enumerate(scenes)]
+
+    def fail(m: _GroupMember, exc: Exception) -> None:
+        for sink in m.sinks:
+            sink.abort()
+        results[m.index] = exc
+
+    try:
+        for m in members:
+            scene = m.scene
+            try:
+                check_outputs(scene.settings)
+                _start_notes(session, scene, emit)
+                emit("start", {"tiles": scene.tile_count, "height": scene.reader.height,
+                               "width": scene.reader.width})
+                _open_sinks(session, scene, m.sinks)
+                m.acc = _accumulator(session, scene, scene.stripes[0], m.sinks)
+                m.write = _RowWriter(m.sinks, scene.rows.y0, session.spec.num_classes)
+                m.tiles = [(t, d, v) if v.any() else (t, None, None) for t, d, v in scene.feed]
+            except Exception as exc:  # noqa: BLE001 - this scene fails, the group goes on
+                fail(m, exc)
+        live = [m for m in members if results[m.index] is None]
+        data = [(d, v) for m in live for _, d, v in m.tiles if d is not None]
+        scores = valid = None
+        if data:
+            images, valid = predictor.stage([d for d, _ in data], [v for _, v in data])
+            valid = valid.to(predictor.device, non_blocking=predictor.cuda)
+            try:
+                scores = predictor(images, valid, live[0].scene.reader.model_scaling())
+            except Exception as exc:  # noqa: BLE001 - every scene of the group fails
+                for m in live:
+                    fail(m, exc)
+                live = []
+        n_tiles = max(sum(m.scene.tile_count for m in live), 1)
+        k = 0
+        for m in live:
+            first, k = k, k + sum(d is not None for _, d, _ in m.tiles)
+            try:
+                skipped = 0
+                for t, d, _ in m.tiles:
+                    if d is None:
+                        rows = m.acc.add(t, None, None)
+                        skipped += 1
+                    else:
+                        rows = m.acc.add(t, scores[first], valid[first])
+                        first += 1
+                    for r in rows:
+                        m.write(r)
+                for r in m.acc.finish():
+                    m.write(r)
+                emit("advance", {"tiles": len(m.tiles)})
+                _commit(m.sinks)
+                for note in m.scene.reader.output_notes:
+                    emit("note", {"message": note})
+                seconds = (time.perf_counter() - t0) * m.scene.tile_count / n_tiles
+                results[m.index] = _scene_result(session, m.scene, m.sinks, m.write.counts,
+                                                 skipped, seconds)
+            except Exception as exc:  # noqa: BLE001 - this scene fails, the group goes on
+                fail(m, exc)
+            finally:
+                m.acc = m.tiles = None
+                m.scene.close()
+    except BaseException:  # interrupted: nothing half-written stays
+        for m in members:
+            if results[m.index] is None:
+                for sink in m.sinks:
+                    sink.abort()
+        raise
+    finally:
+        for m in members:
+            m.scene.close()
+    return results
+
+
+def _run_tiles(predictor, feed, acc, write, scaling, emit) -> int:
+    """One stripe's tiles through the model, in batches; returns the all-nodata tiles
+    skipped."""
     skipped = 0
     pin = predictor.device.type == "cuda"
-
-    def write(rows: FinishedRows) -> None:
-        rows.wait()  # CUDA: the rows' copies to the host are done
-        sinks[0].write_rows(rows.y - y0, rows.classes)
-        k = 1
-        if rows.confidence is not None:
-            sinks[k].write_rows(rows.y - y0, rows.confidence)
-            k += 1
-        if rows.probabilities is not None:
-            sinks[k].write_rows(rows.y - y0, rows.probabilities)
-        counts[:] += rows.class_counts
 
     # Finished rows not written yet, oldest first, with the number of the batch that emitted
     # them. On CUDA their copies to the host run behind that batch's forward: they are waited
@@ -754,7 +908,7 @@ def _run_tiles(predictor, feed, acc, sinks, y0, scaling, emit):
         # block whose copy is still queued is reused only after that copy)
         pending.clear()
         raise
-    return counts, skipped
+    return skipped
 
 
 def configure_cpu_threads(device: torch.device, io_threads: int | None) -> None:

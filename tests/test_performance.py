@@ -69,6 +69,7 @@ def test_gpu_session_dry_run_on_the_cpu(tmp_path):
     assert steps["end_to_end"]["tiles"] > 1 and steps["end_to_end"]["tiles_per_s"] > 0
     folder = steps["folder_of_tiles"]  # every single-tile file through run_batch
     assert folder["files"] == 4 and folder["tiles_per_s"] > 0
+    assert folder["without_groups_tiles_per_s"] > 0
     assert report["folder_of_tiles_vs_model_only"] > 0
 
 

@@ -1,0 +1,137 @@
+"""Folders of small scenes share forward passes (batch.run_batch → Session.run_group).
+
+A folder of single-tile crops would otherwise run every forward pass on one tile. The groups
+must give each file exactly the outputs it gets alone, keep files whose tiles differ (shape,
+pixel type, value scaling) or that fill a batch by themselves apart, and fail, interrupt and
+resume file by file.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from helpers import per_pixel_spec, random_scene, write_tif
+
+from crossearth_cli.batch import Manifest, expand_inputs, run_batch
+from crossearth_cli.engine import SegmentSettings, Session, segment
+from crossearth_cli.raster.writer import TEMP_SUFFIX
+
+
+class Counting(torch.nn.Module):
+    """Records the batch size of every forward pass; can fail on chosen calls."""
+
+    def __init__(self, inner: torch.nn.Module, fail_on: dict[int, BaseException] | None = None):
+        super().__init__()
+        self.inner, self.fail_on, self.calls = inner, fail_on or {}, []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append(x.shape[0])
+        exc = self.fail_on.get(len(self.calls))
+        if exc is not None:
+            raise exc
+        return self.inner(x)
+
+
+def mixed_folder(root):
+    """In path order: seven single-tile 64² uint8 files, one 200² file (16 tiles of 64), two
+    single-tile uint16 files (each with its own value range), one 48×64 file."""
+    tiles = root / "tiles"
+    tiles.mkdir()
+    for i in range(7):
+        write_tif(tiles / f"a_{i}.tif", random_scene(64, 64, seed=i))
+    write_tif(tiles / "b_big.tif", random_scene(200, 200, seed=10))
+    for i in range(2):
+        data = random_scene(64, 64, seed=20 + i).astype(np.uint16) * (40 + 30 * i)
+        write_tif(tiles / f"c_u16_{i}.tif", data)
+    write_tif(tiles / "d_small.tif", random_scene(48, 64, seed=30))
+    return tiles
+
+
+def run_folder(tiles, out, spec, batch=4, **settings):
+    template = SegmentSettings(input=tiles, output=out / "x.tif", device="cpu", tile=64,
+                               stride=48, **settings)
+    with Session(spec, "cpu", "fp32", batch) as session:
+        return run_batch(expand_inputs([str(tiles)]), out, template, session,
+                         ["classes", "confidence"], "test", Manifest(out))
+
+
+def outputs(out):
+    return sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+
+
+def test_small_files_share_batches_and_get_the_outputs_they_get_alone(tmp_path):
+    tiles = mixed_folder(tmp_path)
+    spec = per_pixel_spec(crop=64, stride=48)
+    counting = Counting(spec.module)
+    spec.module = counting
+    result = run_folder(tiles, tmp_path / "out", spec, confidence=tmp_path / "c.tif")
+    assert len(result.done) == 11 and not result.failed
+    # 4 + 3 small uint8 files, the big file alone (16 tiles in batches of 4), then files
+    # that share nothing: each uint16 file's own range, the 48×64 file's own tile shape
+    assert counting.calls == [4, 3, 4, 4, 4, 4, 1, 1, 1]
+
+    spec.module = counting.inner
+    for src in sorted(tiles.iterdir()):
+        alone = tmp_path / "alone" / f"{src.stem}_classes.tif"
+        segment(SegmentSettings(input=src, output=alone, confidence=alone.with_name(
+            f"{src.stem}_confidence.tif"), device="cpu", tile=64, stride=48, batch_size=4),
+            spec)
+        for kind in ("classes", "confidence"):
+            with rasterio.open(tmp_path / "out" / f"{src.stem}_{kind}.tif") as got, \
+                    rasterio.open(alone.with_name(f"{src.stem}_{kind}.tif")) as want:
+                assert np.array_equal(got.read(), want.read()), (src.name, kind)
+                assert got.transform == want.transform and got.crs == want.crs
+
+
+def test_a_failing_file_leaves_its_group_running(tmp_path):
+    tiles = mixed_folder(tmp_path)
+    (tiles / "a_1.tif").write_bytes(b"II*\x00" + bytes(300))  # cannot be opened
+    out = tmp_path / "out"
+    (out / "a_2_classes.tif").mkdir(parents=True)  # an output that cannot be written
+    spec = per_pixel_spec(crop=64, stride=48)
+    spec.module = counting = Counting(spec.module)
+    result = run_folder(tiles, out, spec)
+    assert sorted(r.input for r in result.failed) == ["a_1.tif", "a_2.tif"]
+    assert len(result.done) == 9
+    assert counting.calls[0] == 3  # a_0, a_3, a_4: the next good files fill the group
+    assert not any(TEMP_SUFFIX in p for p in outputs(out))
+
+
+def test_a_failed_forward_pass_fails_its_group_only(tmp_path):
+    tiles = mixed_folder(tmp_path)
+    spec = per_pixel_spec(crop=64, stride=48)
+    spec.module = Counting(spec.module, fail_on={1: RuntimeError("the device fell over")})
+    out = tmp_path / "out"
+    result = run_folder(tiles, out, spec)
+    failed = sorted(r.input for r in result.failed)
+    assert failed == [f"a_{i}.tif" for i in range(4)]
+    assert all("fell over" in r.reason for r in result.failed)
+    assert len(result.done) == 7
+    written = outputs(out)
+    assert not any(p.startswith(tuple(f"a_{i}_" for i in range(4))) for p in written)
+    assert not any(TEMP_SUFFIX in p for p in written)
+
+    spec.module = spec.module.inner  # a rerun does the failed files only
+    again = run_folder(tiles, out, spec)
+    assert sorted(r.input for r in again.done) == failed and len(again.skipped) == 7
+
+
+def test_an_interrupted_group_leaves_finished_files_only(tmp_path):
+    tiles = mixed_folder(tmp_path)
+    spec = per_pixel_spec(crop=64, stride=48)
+    spec.module = Counting(spec.module, fail_on={2: KeyboardInterrupt()})
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        run_folder(tiles, out, spec)
+    written = [p for p in outputs(out) if p.endswith(".tif")]
+    assert written == sorted(f"a_{i}_{k}.tif" for i in range(4)
+                             for k in ("classes", "confidence"))
+    for p in written:
+        with rasterio.open(out / p) as ds:
+            ds.read()
+    assert not any(TEMP_SUFFIX in p for p in outputs(out))
+    records = Manifest(out).read_all()
+    assert sorted(r.input for r in records if r.status == "done") == [
+        f"a_{i}.tif" for i in range(4)]
