@@ -135,3 +135,34 @@ def test_an_interrupted_group_leaves_finished_files_only(tmp_path):
     records = Manifest(out).read_all()
     assert sorted(r.input for r in records if r.status == "done") == [
         f"a_{i}.tif" for i in range(4)]
+
+
+def test_a_folder_of_crops_through_the_cli_with_crossearth(tmp_path, ckpt):
+    """The command users type, the tiny CrossEarth: single-tile files share forward passes
+    (batch 4 on the CPU) and agree with runs of each file alone. Batch composition changes
+    float rounding in the last bits, as any batch size does, so near-ties may flip."""
+    import json
+
+    from helpers import run_cli
+
+    from crossearth_cli.loading import resolve_model
+
+    tiles = tmp_path / "tiles"
+    tiles.mkdir()
+    for i in range(6):
+        write_tif(tiles / f"t{i}.tif", random_scene(64, 64, seed=i))
+    summary = tmp_path / "run.json"
+    proc = run_cli("segment", tiles, "-o", tmp_path / "out", "-c", ckpt, "--tile", "64",
+                   "--stride", "48", "--summary", summary)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(summary.read_text())["files_done"] == 6
+    spec = resolve_model(checkpoint=ckpt)
+    agree = []
+    for i in range(6):
+        alone = tmp_path / "alone" / f"t{i}.tif"
+        segment(SegmentSettings(input=tiles / f"t{i}.tif", output=alone, device="cpu",
+                                tile=64, stride=48), spec)
+        with rasterio.open(tmp_path / "out" / f"t{i}_classes.tif") as got, \
+                rasterio.open(alone) as want:
+            agree.append(np.mean(got.read() == want.read()))
+    assert min(agree) >= 0.999, agree
