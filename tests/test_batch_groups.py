@@ -166,3 +166,21 @@ def test_a_folder_of_crops_through_the_cli_with_crossearth(tmp_path, ckpt):
                 rasterio.open(alone) as want:
             agree.append(np.mean(got.read() == want.read()))
     assert min(agree) >= 0.999, agree
+
+
+def test_an_all_nodata_file_in_a_group_never_reaches_the_model(tmp_path):
+    tiles = tmp_path / "tiles"
+    tiles.mkdir()
+    for i in range(3):
+        data = random_scene(64, 64, seed=i)
+        data[data == 0] = 1  # 0 is nodata below: only file 1 is nodata throughout
+        write_tif(tiles / f"a_{i}.tif", data * (i != 1), nodata=0)
+    spec = per_pixel_spec(crop=64, stride=48)
+    spec.module = counting = Counting(spec.module)
+    out = tmp_path / "out"
+    result = run_folder(tiles, out, spec)
+    assert len(result.done) == 3 and counting.calls == [2]  # files 0 and 2, one pass
+    with rasterio.open(out / "a_1_classes.tif") as ds:
+        assert (ds.read(1) == ds.nodata).all()
+    with rasterio.open(out / "a_2_classes.tif") as ds:
+        assert (ds.read(1) != ds.nodata).all()
