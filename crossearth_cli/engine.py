@@ -234,11 +234,21 @@ class Predictor:
 
     # -- running ------------------------------------------------------------------------
 
+    def device_masks(self, valid: torch.Tensor) -> torch.Tensor:
+        """The staged masks on the model's device, copied behind earlier work: one copy serves
+        the model (pass it as ``valid_device``) and the blending band."""
+        return valid.to(self.device, non_blocking=self.cuda)
+
     def __call__(self, images: torch.Tensor, valid: torch.Tensor,
-                 scaling: Scaling | None = None) -> torch.Tensor:
+                 scaling: Scaling | None = None,
+                 valid_device: torch.Tensor | None = None) -> torch.Tensor:
         """images: B×3×h×w raw values (host), valid: B×h×w → scores B×C×h×w on the device.
 
-        ``scaling`` maps raw values to the model's 0–255 (None: already on that scale).
+        ``valid`` must be the host's masks: whether a batch has nodata is asked of them, which
+        on the GPU's copy would make the host wait for all queued work before every batch.
+        ``valid_device``: the same masks already on the device (:meth:`device_masks`), so the
+        model's masking needs no second copy. ``scaling`` maps raw values to the model's
+        0–255 (None: already on that scale).
         """
         self._scaling = self._scaling_on_device(scaling)
         if self.auto and self.cuda:
@@ -247,8 +257,10 @@ class Predictor:
         i = 0
         while i < images.shape[0]:
             n = min(self.batch_size, images.shape[0] - i)
+            part = slice(i, i + n)
             try:
-                outs.append(self._forward(images[i : i + n], valid[i : i + n]))
+                on_device = None if valid_device is None else valid_device[part]
+                outs.append(self._forward(images[part], valid[part], on_device))
             except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled here
                 if not is_out_of_memory(exc):
                     raise
@@ -271,7 +283,7 @@ class Predictor:
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         before = torch.cuda.memory_allocated(self.device)
-        self._forward(image, valid, self.probe_module)
+        self._forward(image, valid, module=self.probe_module)
         torch.cuda.synchronize(self.device)
         per_tile = max(torch.cuda.max_memory_allocated(self.device) - before, 1)
         free, _ = torch.cuda.mem_get_info(self.device)
@@ -330,11 +342,12 @@ class Predictor:
         return out
 
     def _forward(self, images: torch.Tensor, valid: torch.Tensor,
+                 valid_device: torch.Tensor | None = None,
                  module: torch.nn.Module | None = None) -> torch.Tensor:
         # asked of the host copy: on the device's copy the question would make the CPU wait
         # for the GPU before every batch, and the launches of the next batch could not queue
         nodata = not bool(valid.all())
-        x, v = self._to_device(images, valid)
+        x, v = self._to_device(images, valid if valid_device is None else valid_device)
         x = self._normalise(x, v, nodata)
         dtype = _PRECISIONS[self.precision]
         with torch.inference_mode(), torch.autocast(
@@ -794,10 +807,11 @@ def _run_group(session: Session, scenes: list[PreparedScene],
         data = [(d, v) for m in live for _, d, v in m.tiles if d is not None]
         scores = valid = None
         if data:
-            images, valid = predictor.stage([d for d, _ in data], [v for _, v in data])
-            valid = valid.to(predictor.device, non_blocking=predictor.cuda)
+            images, host_valid = predictor.stage([d for d, _ in data], [v for _, v in data])
+            valid = predictor.device_masks(host_valid)  # for the model and the bands
             try:
-                scores = predictor(images, valid, live[0].scene.reader.model_scaling())
+                scores = predictor(images, host_valid, live[0].scene.reader.model_scaling(),
+                                   valid_device=valid)
             except Exception as exc:  # noqa: BLE001 - every scene of the group fails
                 for m in live:
                     fail(m, exc)
@@ -847,7 +861,6 @@ def _run_tiles(predictor, feed, acc, write, scaling, emit) -> int:
     """One stripe's tiles through the model, in batches; returns the all-nodata tiles
     skipped."""
     skipped = 0
-    pin = predictor.device.type == "cuda"
 
     # Finished rows not written yet, oldest first, with the number of the batch that emitted
     # them. On CUDA their copies to the host run behind that batch's forward: they are waited
@@ -870,10 +883,9 @@ def _run_tiles(predictor, feed, acc, write, scaling, emit) -> int:
         data = [(d, v) for _, d, v in queue if d is not None]
         scores = None
         if data:
-            images, valid = predictor.stage([d for d, _ in data], [v for _, v in data])
-            # one copy of the masks serves the model (no-op move inside) and the band
-            valid = valid.to(predictor.device, non_blocking=pin)
-            scores = predictor(images, valid, scaling)
+            images, host_valid = predictor.stage([d for d, _ in data], [v for _, v in data])
+            valid = predictor.device_masks(host_valid)  # for the model and the band
+            scores = predictor(images, host_valid, scaling, valid_device=valid)
         k = 0
         for t, d, _ in queue:
             if d is None:

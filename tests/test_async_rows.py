@@ -15,7 +15,7 @@ import torch
 from helpers import per_pixel_spec, random_scene, write_tif
 
 from crossearth_cli import engine
-from crossearth_cli.engine import SegmentSettings, segment
+from crossearth_cli.engine import SegmentSettings, Session, segment
 from crossearth_cli.raster import accumulator
 from crossearth_cli.raster.accumulator import FinishedRows, RowBandAccumulator
 from crossearth_cli.raster.windows import tile_grid
@@ -254,3 +254,42 @@ def test_an_error_drops_the_pending_rows(tmp_path, deferred_log, monkeypatch):
     ys = [e[2] for e in logged if e[0] == "write" and e[1] == "failed_classes.tif"]
     assert ys == sorted(ys) and emitted[-1] not in ys
     assert not (tmp_path / "failed_classes.tif").exists()
+
+
+class DeviceOnly(torch.Tensor):
+    """Stands in for the GPU's copy of the masks: a question whose answer the host needs
+    (``all``, ``any``, ``bool``, ``item``) would make the host wait for all queued work."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in (torch.Tensor.all, torch.Tensor.any, torch.Tensor.__bool__,
+                    torch.Tensor.item, torch.all, torch.any):
+            raise AssertionError(f"{func.__name__} asked of the device's copy of the masks")
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+def test_no_host_question_is_asked_of_the_device_masks(tmp_path, monkeypatch):
+    """Whether a batch has nodata is asked of the host's masks; the device's copy only feeds
+    the model and the band. Single scenes and folder groups alike, with nodata present."""
+    from crossearth_cli.batch import Manifest, expand_inputs, run_batch
+
+    _scene(tmp_path)
+    want_result, want = _segment(tmp_path, "host")
+    monkeypatch.setattr(engine.Predictor, "device_masks",
+                        lambda self, valid: valid.clone().as_subclass(DeviceOnly))
+    got_result, got = _segment(tmp_path, "guarded")
+    for a, b in zip(want, got, strict=True):  # classes, confidence, probabilities
+        np.testing.assert_array_equal(a, b)
+    assert got_result.tiles_skipped == want_result.tiles_skipped > 0
+
+    tiles = tmp_path / "tiles"
+    tiles.mkdir()
+    for i in range(3):
+        img = random_scene(64, 64, seed=i)
+        img[:, : 10 * i] = 0
+        write_tif(tiles / f"t{i}.tif", img, nodata=0)
+    template = SegmentSettings(input=tiles, output=tmp_path / "x.tif", device="cpu")
+    with Session(per_pixel_spec(crop=64, stride=48), "cpu", "fp32", 4) as session:
+        result = run_batch(expand_inputs([str(tiles)]), tmp_path / "out", template, session,
+                           ["classes"], "test", Manifest(tmp_path / "out"))
+    assert len(result.done) == 3, result.failed
