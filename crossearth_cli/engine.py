@@ -248,16 +248,19 @@ class Predictor:
         on the GPU's copy would make the host wait for all queued work before every batch.
         ``valid_device``: the same masks already on the device (:meth:`device_masks`), so the
         model's masking needs no second copy. ``scaling`` maps raw values to the model's
-        0–255 (None: already on that scale).
+        0–255 (None: already on that scale); its ``low`` and ``factor`` hold one row of band
+        values for the batch or, for tiles of several scenes, one row per tile (B×bands).
         """
-        self._scaling = self._scaling_on_device(scaling)
+        scaling_all = self._scaling_on_device(scaling)
         if self.auto and self.cuda:
+            self._scaling = _tile_rows(scaling_all, slice(0, 1))
             self._probe(images[:1], valid[:1])
         outs = []
         i = 0
         while i < images.shape[0]:
             n = min(self.batch_size, images.shape[0] - i)
             part = slice(i, i + n)
+            self._scaling = _tile_rows(scaling_all, part)
             try:
                 on_device = None if valid_device is None else valid_device[part]
                 outs.append(self._forward(images[part], valid[part], on_device))
@@ -294,9 +297,10 @@ class Predictor:
             return None
         if scaling.low is None:
             return None, None, True
-        low = torch.as_tensor(scaling.low, device=self.device).view(1, -1, 1, 1)
-        factor = torch.as_tensor(scaling.factor, device=self.device).view(1, -1, 1, 1)
-        return low, factor, scaling.clip
+        low = torch.as_tensor(scaling.low, device=self.device)
+        factor = torch.as_tensor(scaling.factor, device=self.device)
+        bands = low.shape[-1]  # (bands,) for the batch or (B, bands): one row per tile
+        return low.reshape(-1, bands, 1, 1), factor.reshape(-1, bands, 1, 1), scaling.clip
 
     def _to_device(self, images: torch.Tensor, valid: torch.Tensor):
         if not self.cuda:  # the staged batch stays intact for out-of-memory retries
@@ -361,6 +365,14 @@ class Predictor:
                 hint="check --model / --checkpoint",
             )
         return scores.float()
+
+
+def _tile_rows(scaling, part: slice):
+    """The device scaling of tiles ``part`` of a batch (per-tile rows follow the tiles)."""
+    if scaling is None or scaling[0] is None or scaling[0].shape[0] == 1:
+        return scaling
+    low, factor, clip = scaling
+    return low[part], factor[part], clip
 
 
 def _raster_specs(settings: SegmentSettings, spec: ModelSpec, notes: dict) -> list[RasterSpec]:
@@ -601,14 +613,14 @@ class Session:
 
     def group_key(self, scene: PreparedScene) -> tuple | None:
         """Scenes with equal keys can share forward passes (:meth:`run_group`): tiles of one
-        shape, pixel type and value scaling. None for a scene that runs alone: one read in
-        vertical stripes, or one with tiles enough to fill a batch by itself."""
+        shape and pixel type, all stretched or none (each tile keeps its own scene's range).
+        None for a scene that runs alone: one read in vertical stripes, or one with tiles
+        enough to fill a batch by itself."""
         if len(scene.stripes) != 1 or scene.tile_count >= self.predictor.batch_size:
             return None
         first, sc = scene.grid[0][0], scene.reader.model_scaling()
         return (first.h, first.w, scene.tile, scene.stride, np.dtype(scene.reader.dtype).str,
-                sc.clip, None if sc.low is None else tuple(sc.low.tolist()),
-                None if sc.factor is None else tuple(sc.factor.tolist()))
+                sc.clip, sc.low is None)
 
     def run_group(self, scenes: list[PreparedScene],
                   events: Events | None = None) -> list[SegmentResult | Exception]:
@@ -804,13 +816,14 @@ def _run_group(session: Session, scenes: list[PreparedScene],
             except Exception as exc:  # noqa: BLE001 - this scene fails, the group goes on
                 fail(m, exc)
         live = [m for m in members if results[m.index] is None]
-        data = [(d, v) for m in live for _, d, v in m.tiles if d is not None]
+        data = [(d, v, m.scene) for m in live for _, d, v in m.tiles if d is not None]
         scores = valid = None
         if data:
-            images, host_valid = predictor.stage([d for d, _ in data], [v for _, v in data])
+            images, host_valid = predictor.stage([d for d, _, _ in data],
+                                                 [v for _, v, _ in data])
             valid = predictor.device_masks(host_valid)  # for the model and the bands
             try:
-                scores = predictor(images, host_valid, live[0].scene.reader.model_scaling(),
+                scores = predictor(images, host_valid, _group_scaling([s for *_, s in data]),
                                    valid_device=valid)
             except Exception as exc:  # noqa: BLE001 - every scene of the group fails
                 for m in live:
@@ -855,6 +868,17 @@ def _run_group(session: Session, scenes: list[PreparedScene],
         for m in members:
             m.scene.close()
     return results
+
+
+def _group_scaling(scenes: list[PreparedScene]) -> Scaling:
+    """One scaling for tiles of several scenes (``scenes[i]``: tile i's): per-tile rows of
+    each scene's own stretch, or the shared no-stretch (group keys agree on which)."""
+    scalings = [s.reader.model_scaling() for s in scenes]
+    first = scalings[0]
+    if first.low is None:
+        return first
+    return Scaling(np.stack([sc.low for sc in scalings]),
+                   np.stack([sc.factor for sc in scalings]), first.clip)
 
 
 def _run_tiles(predictor, feed, acc, write, scaling, emit) -> int:

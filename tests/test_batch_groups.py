@@ -1,9 +1,9 @@
 """Folders of small scenes share forward passes (batch.run_batch → Session.run_group).
 
 A folder of single-tile crops would otherwise run every forward pass on one tile. The groups
-must give each file exactly the outputs it gets alone, keep files whose tiles differ (shape,
-pixel type, value scaling) or that fill a batch by themselves apart, and fail, interrupt and
-resume file by file.
+must give each file exactly the outputs it gets alone (16-bit files each with their own value
+range too), keep files whose tiles differ (shape, pixel type) or that fill a batch by
+themselves apart, and fail, interrupt and resume file by file.
 """
 
 from __future__ import annotations
@@ -68,9 +68,9 @@ def test_small_files_share_batches_and_get_the_outputs_they_get_alone(tmp_path):
     spec.module = counting
     result = run_folder(tiles, tmp_path / "out", spec, confidence=tmp_path / "c.tif")
     assert len(result.done) == 11 and not result.failed
-    # 4 + 3 small uint8 files, the big file alone (16 tiles in batches of 4), then files
-    # that share nothing: each uint16 file's own range, the 48×64 file's own tile shape
-    assert counting.calls == [4, 3, 4, 4, 4, 4, 1, 1, 1]
+    # 4 + 3 small uint8 files, the big file alone (16 tiles in batches of 4), the two uint16
+    # files together (each stretched by its own range), the 48×64 file (its own tile shape)
+    assert counting.calls == [4, 3, 4, 4, 4, 4, 2, 1]
 
     spec.module = counting.inner
     for src in sorted(tiles.iterdir()):
@@ -184,3 +184,28 @@ def test_an_all_nodata_file_in_a_group_never_reaches_the_model(tmp_path):
         assert (ds.read(1) == ds.nodata).all()
     with rasterio.open(out / "a_2_classes.tif") as ds:
         assert (ds.read(1) != ds.nodata).all()
+
+
+def test_out_of_memory_in_a_group_halves_the_batch_and_keeps_each_files_range(tmp_path):
+    """16-bit files with their own value ranges in one pass; out of memory halves the batch
+    and retries the same tiles, each still stretched by its own scene's range."""
+    tiles = tmp_path / "tiles"
+    tiles.mkdir()
+    for i in range(3):
+        data = random_scene(64, 64, seed=40 + i).astype(np.uint16) * (30 + 40 * i)
+        write_tif(tiles / f"u{i}.tif", data)
+    spec = per_pixel_spec(crop=64, stride=48)
+    spec.module = counting = Counting(spec.module, fail_on={1: RuntimeError(
+        "CUDA out of memory (simulated)")})
+    out = tmp_path / "out"
+    result = run_folder(tiles, out, spec)
+    assert len(result.done) == 3 and not result.failed
+    assert counting.calls == [3, 1, 1, 1]  # the pass of 3 failed, then one tile at a time
+
+    spec.module = counting.inner
+    for i in range(3):
+        alone = tmp_path / "alone" / f"u{i}.tif"
+        segment(SegmentSettings(input=tiles / f"u{i}.tif", output=alone, device="cpu",
+                                tile=64, stride=48), spec)
+        with rasterio.open(out / f"u{i}_classes.tif") as got, rasterio.open(alone) as want:
+            assert np.array_equal(got.read(), want.read()), i
