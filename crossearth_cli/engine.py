@@ -803,16 +803,8 @@ def _run_group(session: Session, scenes: list[PreparedScene],
 
     try:
         for m in members:
-            scene = m.scene
             try:
-                check_outputs(scene.settings)
-                _start_notes(session, scene, emit)
-                emit("start", {"tiles": scene.tile_count, "height": scene.reader.height,
-                               "width": scene.reader.width})
-                _open_sinks(session, scene, m.sinks)
-                m.acc = _accumulator(session, scene, scene.stripes[0], m.sinks)
-                m.write = _RowWriter(m.sinks, scene.rows.y0, session.spec.num_classes)
-                m.tiles = [(t, d, v) if v.any() else (t, None, None) for t, d, v in scene.feed]
+                _open_member(session, m, emit)
             except Exception as exc:  # noqa: BLE001 - this scene fails, the group goes on
                 fail(m, exc)
         live = [m for m in members if results[m.index] is None]
@@ -834,22 +826,7 @@ def _run_group(session: Session, scenes: list[PreparedScene],
         for m in live:
             first, k = k, k + sum(d is not None for _, d, _ in m.tiles)
             try:
-                skipped = 0
-                for t, d, _ in m.tiles:
-                    if d is None:
-                        rows = m.acc.add(t, None, None)
-                        skipped += 1
-                    else:
-                        rows = m.acc.add(t, scores[first], valid[first])
-                        first += 1
-                    for r in rows:
-                        m.write(r)
-                for r in m.acc.finish():
-                    m.write(r)
-                emit("advance", {"tiles": len(m.tiles)})
-                _commit(m.sinks)
-                for note in m.scene.reader.output_notes:
-                    emit("note", {"message": note})
+                skipped = _finish_member(m, scores, valid, first, emit)
                 seconds = (time.perf_counter() - t0) * m.scene.tile_count / n_tiles
                 results[m.index] = _scene_result(session, m.scene, m.sinks, m.write.counts,
                                                  skipped, seconds)
@@ -868,6 +845,42 @@ def _run_group(session: Session, scenes: list[PreparedScene],
         for m in members:
             m.scene.close()
     return results
+
+
+def _open_member(session: Session, m: _GroupMember, emit: Events) -> None:
+    """A group member's outputs opened, its band made and all its tiles read."""
+    scene = m.scene
+    check_outputs(scene.settings)
+    _start_notes(session, scene, emit)
+    emit("start", {"tiles": scene.tile_count, "height": scene.reader.height,
+                   "width": scene.reader.width})
+    _open_sinks(session, scene, m.sinks)
+    m.acc = _accumulator(session, scene, scene.stripes[0], m.sinks)
+    m.write = _RowWriter(m.sinks, scene.rows.y0, session.spec.num_classes)
+    m.tiles = [(t, d, v) if v.any() else (t, None, None) for t, d, v in scene.feed]
+
+
+def _finish_member(m: _GroupMember, scores: torch.Tensor | None, valid: torch.Tensor | None,
+                   first: int, emit: Events) -> int:
+    """Blend a member's tiles (its scores start at row ``first`` of the group's), write its
+    rows and commit its outputs; returns its all-nodata tiles."""
+    skipped = 0
+    for t, d, _ in m.tiles:
+        if d is None:
+            rows = m.acc.add(t, None, None)
+            skipped += 1
+        else:
+            rows = m.acc.add(t, scores[first], valid[first])
+            first += 1
+        for r in rows:
+            m.write(r)
+    for r in m.acc.finish():
+        m.write(r)
+    emit("advance", {"tiles": len(m.tiles)})
+    _commit(m.sinks)
+    for note in m.scene.reader.output_notes:
+        emit("note", {"message": note})
+    return skipped
 
 
 def _group_scaling(scenes: list[PreparedScene]) -> Scaling:
