@@ -686,10 +686,13 @@ def _accumulator(session: Session, scene: PreparedScene, stripe: ColumnStripe,
     )
 
 
-def _commit(sinks: list[GeoTiffSink]) -> None:
+def _commit(sinks: list[GeoTiffSink], scene: PreparedScene, emit: Events) -> None:
+    """Rename the outputs into place, then tell the notes that describe them."""
     # auxiliary rasters first: a class raster under its final name means all are done
     for sink in sinks[1:] + sinks[:1]:
         sink.commit()
+    for note in scene.reader.output_notes:
+        emit("note", {"message": note})
 
 
 class _RowWriter:
@@ -734,17 +737,19 @@ def _scene_result(session: Session, scene: PreparedScene, sinks: list[GeoTiffSin
     )
 
 
-def _start_notes(session: Session, scene: PreparedScene, emit: Events) -> None:
+def _announce(session: Session, scene: PreparedScene, emit: Events) -> None:
+    """The notes of the session (once) and of the scene, then the scene's start."""
     for note in session.notes + scene.reader.notes:
         emit("note", {"message": note})
     session.notes.clear()
+    reader = scene.reader
+    emit("start", {"tiles": scene.tile_count, "height": reader.height, "width": reader.width})
 
 
 def _run_scene(session: Session, scene: PreparedScene, emit: Events) -> SegmentResult:
     t0 = time.perf_counter()
     reader = scene.reader
-    _start_notes(session, scene, emit)
-    emit("start", {"tiles": scene.tile_count, "height": reader.height, "width": reader.width})
+    _announce(session, scene, emit)
     sinks: list[GeoTiffSink] = []
     try:
         _open_sinks(session, scene, sinks)
@@ -759,9 +764,7 @@ def _run_scene(session: Session, scene: PreparedScene, emit: Events) -> SegmentR
             finally:
                 feed.cancel()
             del acc, feed  # free this stripe's band and strips before the next ones
-        _commit(sinks)
-        for note in reader.output_notes:
-            emit("note", {"message": note})
+        _commit(sinks, scene, emit)
     except BaseException:
         for sink in sinks:
             sink.abort()
@@ -851,9 +854,7 @@ def _open_member(session: Session, m: _GroupMember, emit: Events) -> None:
     """A group member's outputs opened, its band made and all its tiles read."""
     scene = m.scene
     check_outputs(scene.settings)
-    _start_notes(session, scene, emit)
-    emit("start", {"tiles": scene.tile_count, "height": scene.reader.height,
-                   "width": scene.reader.width})
+    _announce(session, scene, emit)
     _open_sinks(session, scene, m.sinks)
     m.acc = _accumulator(session, scene, scene.stripes[0], m.sinks)
     m.write = _RowWriter(m.sinks, scene.rows.y0, session.spec.num_classes)
@@ -877,9 +878,7 @@ def _finish_member(m: _GroupMember, scores: torch.Tensor | None, valid: torch.Te
     for r in m.acc.finish():
         m.write(r)
     emit("advance", {"tiles": len(m.tiles)})
-    _commit(m.sinks)
-    for note in m.scene.reader.output_notes:
-        emit("note", {"message": note})
+    _commit(m.sinks, m.scene, emit)
     return skipped
 
 
