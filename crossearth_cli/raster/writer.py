@@ -357,6 +357,24 @@ class RasterSpec:
     nbits: int | None = None  # 16 with dtype float32 stores IEEE half floats
 
 
+def compression_threads() -> int:
+    """GDAL threads that compress the blocks of a block row in parallel: half the cores, at
+    most 8, and 1 (GDAL's own, in the writer thread) on a 2-core machine, where the model needs
+    the other core. On a GPU machine one thread per output capped `segment` at ~22 Mpx/s with
+    noisy classes, below the model's speed (docs/performance.md). ``CROSSEARTH_COMPRESS_THREADS``
+    sets it."""
+    env = os.environ.get("CROSSEARTH_COMPRESS_THREADS")
+    if env:
+        return max(1, int(env))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(8, (cores or 1) // 2))
+
+
+def _thread_option(compress: str) -> dict:
+    threads = compression_threads()
+    return {"num_threads": threads} if threads > 1 and compress != "none" else {}
+
+
 def _creation_options(spec: RasterSpec) -> dict:
     compress = spec.compress.lower()
     opts = {
@@ -376,7 +394,7 @@ def _creation_options(spec: RasterSpec) -> dict:
         opts["zstd_level"] = 9
     if spec.nbits:
         opts["nbits"] = spec.nbits
-    return opts
+    return opts | _thread_option(compress)
 
 
 class GeoTiffSink:
@@ -533,6 +551,7 @@ class GeoTiffSink:
         )
         if self.spec.compress.lower() in ("deflate", "zstd", "lzw"):
             opts["predictor"] = "YES"
+        opts |= _thread_option(self.spec.compress.lower())
         try:
             rasterio.shutil.copy(self.tmp, cog_tmp, **opts)
         except BaseException:
