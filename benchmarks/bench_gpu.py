@@ -239,7 +239,9 @@ def before_gpu_changes():
     off (the caller also passes the float32 model, whose weights autocast casts at every
     call). The removal of host-device waits stays: "before" is a little faster than the
     code before it was."""
-    with pytorch_attention(), interpolated_mask_resizes():
+    from crossearth_cli.model.vit_triton import eager_blocks
+
+    with pytorch_attention(), interpolated_mask_resizes(), eager_blocks():
         yield
 
 

@@ -1,6 +1,6 @@
 """Two questions the first H200 run (2026-11-27) left, in one short GPU command.
 
-1. **Are the fused candidates as faithful as autocast?** ``fused_vit.py``'s kernels matched
+1. **Are the fused candidates as faithful as autocast?** ``vit_triton.py``'s kernels matched
    eager bit for bit one by one, yet the whole model's classes agreed with ``now`` on only
    99.5 % of pixels (random weights make near-ties everywhere, so any rounding change shows).
    The fair test is against the model in float32 (TF32 off): class agreement and relative
@@ -31,18 +31,18 @@ import torch
 from bench_gpu import StepLog
 from candidates import patch_embed_gemm, rein_in_place
 from fused_head import fused_semantic
-from fused_vit import fused_elementwise
 from scenes import ZeroCostHead, machine, random_model, write_scene
 
 from crossearth_cli.model.precision import autocast_weights
+from crossearth_cli.model.vit_triton import eager_blocks
 
 CANDIDATES = {
-    "now": (),
-    "rein_in_place": (rein_in_place,),
-    "fused_elementwise": (fused_elementwise,),
+    "now": (),  # with vit_triton's fused passes since they were adopted
+    "eager_vit": (eager_blocks,),  # as `now` was when this was first run
+    "rein_in_place": (eager_blocks, rein_in_place),
     "fused_semantic": (fused_semantic,),
     "patch_embed_gemm": (patch_embed_gemm,),
-    "all": (fused_elementwise, fused_semantic, patch_embed_gemm),
+    "all": (fused_semantic, patch_embed_gemm),
 }
 
 

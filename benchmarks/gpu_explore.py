@@ -12,8 +12,7 @@ One run, so every figure comes from the same card and can be compared as a ratio
 - batch sizes, and with ``--e2e-size`` `segment` end to end, now and with every candidate;
 - the candidates of ``candidates.py`` (not in crossearth yet): the Rein update in place,
   LayerScale as ``addcmul``, both, the patch embedding as one GEMM, and regional
-  ``torch.compile``, and of ``fused_vit.py``: the
-  backbone's element-wise passes fused into Triton kernels, and of ``fused_head.py``: the
+  ``torch.compile``, and of ``fused_head.py``: the
   semantic inference in one kernel (each with its exactness check on this GPU), each also
   compared with ``now``.
 The first H100 run used the earlier form of this script, which timed the changes as patches
@@ -44,10 +43,10 @@ from bench_gpu import (
 from candidates import layer_scale_addcmul, patch_embed_gemm, regional_compile, rein_in_place
 from fused_head import check as check_fused_semantic
 from fused_head import fused_semantic
-from fused_vit import check_kernels, fused_elementwise
 from scenes import TFLOP_PER_TILE, class_agreement, machine, matmul_tflops, random_model, sync
 
 from crossearth_cli.model.precision import autocast_weights
+from crossearth_cli.model.vit_triton import check_kernels, eager_blocks
 
 DATASHEET_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4}  # dense, SXM
 
@@ -252,6 +251,7 @@ def explore_size(step, size: int, batches: tuple[int, ...], dev: str, seconds: f
         "now_but_pytorch_attention": (now, (pytorch_attention,)),
         "now_but_interpolated_masks": (now, (interpolated_mask_resizes,)),
         "now_but_weights_cast_per_call": (net, ()),
+        "now_but_eager_vit": (now, (eager_blocks,)),  # vit_triton's fused passes off
     }
     for name, (model, patches) in variants.items():
         if not full and name.startswith("now_but"):
@@ -267,10 +267,8 @@ def explore_size(step, size: int, batches: tuple[int, ...], dev: str, seconds: f
         "now_plus_layer_scale_addcmul": (layer_scale_addcmul,),
         "now_plus_both": (rein_in_place, layer_scale_addcmul),
         "now_plus_patch_embed_gemm": (patch_embed_gemm,),
-        "now_plus_fused_elementwise": (fused_elementwise,),
         "now_plus_fused_semantic": (fused_semantic,),
-        "now_plus_both_fused": (fused_elementwise, fused_semantic),
-        "now_plus_all": (fused_elementwise, fused_semantic, patch_embed_gemm),  # the aim's step
+        "now_plus_all": (fused_semantic, patch_embed_gemm),  # the aim's step
     }
     for name, patches in candidates.items():
         step(f"model_{size}_{name}", lambda p=patches: variant_row(
@@ -281,10 +279,6 @@ def explore_size(step, size: int, batches: tuple[int, ...], dev: str, seconds: f
         step("end_to_end_now_plus_all", lambda: end_to_end_kept(
             net, e2e, dev, batches[0], work, size, patches=candidates["now_plus_all"]))
     if dev == "cuda":  # inductor on the CPU is slow to compile and not what this is for
-        step(f"components_{size}_now_plus_fused_elementwise",
-             lambda: components(now, x, dev, seconds, patches=(fused_elementwise,)))
-        step(f"profile_{size}_now_plus_fused_elementwise",
-             lambda: kernel_profile(now, x, dev, patches=(fused_elementwise,)))
         step(f"model_{size}_now_regional_compile",
              lambda: compiled_row(now, x, dev, seconds, ref_now))
         # the outside-the-blocks candidates on top (the blocks' graph is compiled already)

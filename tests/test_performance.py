@@ -56,8 +56,7 @@ def test_gpu_session_dry_run_on_the_cpu(tmp_path):
     explore = json.loads((tmp_path / "explore.json").read_text())
     assert not explore["errors"], explore["errors"]
     ran = set(explore["steps"])
-    assert {"model_64_now", "model_64_now_plus_fused_elementwise",
-            "model_64_now_plus_both_fused", "model_64_now_plus_all"} <= ran
+    assert {"model_64_now", "model_64_now_plus_fused_semantic", "model_64_now_plus_all"} <= ran
     assert "components_64_now" not in ran and "components_64_now" in explore["not_selected"]
     both = explore["steps"]["end_to_end_now_plus_all"]
     assert both["tiles"] > 1 and both["class_agreement_vs_now"] > 0.99
@@ -208,12 +207,13 @@ def test_fused_deformable_attention_matches_the_pytorch_path():
 
 
 def test_fused_vit_elementwise_kernels_match_eager_autocast():
-    """benchmarks/fused_vit.py (a GPU candidate), run by Triton's interpreter: each kernel gives
-    the bits of the eager autocast ops it replaces (LayerNorm up to its last bit), and a small
-    CrossEarth with a visible Rein and LayerScale gives the same features and classes."""
+    """crossearth_cli/model/vit_triton.py (what CUDA runs use), run by Triton's interpreter:
+    each kernel gives the bits of the eager autocast ops it replaces (LayerNorm up to its last
+    bit), and a small CrossEarth with a visible Rein and LayerScale gives the same features and
+    classes."""
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fused_vit.py")],
+    proc = subprocess.run([sys.executable, "-m", "crossearth_cli.model.vit_triton"],
                           capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -451,3 +451,65 @@ def test_outputs_are_compressed_by_several_threads_where_cores_allow(tmp_path, m
     none = writer.RasterSpec(path=tmp_path / "raw.tif", count=1, dtype="uint8", nodata=255,
                              compress="none")
     assert "num_threads" not in writer._creation_options(none)
+
+
+def test_fused_vit_is_chosen_only_where_it_applies_and_falls_back_once(monkeypatch):
+    """The backbone takes vit_triton's path only under autocast with no gradient on CUDA (or
+    Triton's interpreter) and not with CROSSEARTH_FUSED_VIT=0; kernels that cannot compile or
+    launch leave the eager blocks (same result) after one warning; out-of-memory still reaches
+    the batch halving."""
+    import torch
+
+    from crossearth_cli.model import CrossEarth
+    from crossearth_cli.model import backbone as backbone_module
+    from crossearth_cli.model.random_init import random_state_dict, tiny_config
+
+    config = tiny_config()
+    net = CrossEarth(config)
+    net.load_state_dict(random_state_dict(config, seed=0))
+    vit = net.eval().backbone
+    x = torch.randn(1, 3, 64, 64)
+    calls = []
+
+    def recorder(module, images):
+        calls.append(images.shape)
+        return ["fused"]
+
+    monkeypatch.setattr(backbone_module, "_import_fused_vit", lambda: recorder)
+    monkeypatch.setattr(backbone_module, "_FUSED_VIT_FAILED", [])
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with torch.inference_mode():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert vit.forward_features(x) != ["fused"]  # CPU: eager
+            monkeypatch.setenv("TRITON_INTERPRET", "1")
+            assert vit.forward_features(x) == ["fused"]
+            monkeypatch.setenv("CROSSEARTH_FUSED_VIT", "0")
+            assert vit.forward_features(x) != ["fused"]
+            monkeypatch.delenv("CROSSEARTH_FUSED_VIT")
+            assert vit.forward_features(x, use_rein=False) != ["fused"]
+        assert vit.forward_features(x) != ["fused"]  # no autocast: float32 eager
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # gradients recorded
+        assert vit.forward_features(x) != ["fused"]
+    assert len(calls) == 1
+
+    def broken(module, images):
+        raise RuntimeError("Failed to find C compiler")
+
+    monkeypatch.setattr(backbone_module, "_import_fused_vit", lambda: broken)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = vit.forward_features(x, fused=False)
+        with pytest.warns(RuntimeWarning, match="C compiler"):
+            got = vit.forward_features(x)
+        again = vit.forward_features(x)
+    assert all(torch.equal(a, b) for a, b in zip(got + again, want + want))
+    assert backbone_module.fused_vit_kernel() is None
+
+    def out_of_memory(module, images):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+
+    monkeypatch.setattr(backbone_module, "_import_fused_vit", lambda: out_of_memory)
+    monkeypatch.setattr(backbone_module, "_FUSED_VIT_FAILED", [])
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(torch.cuda.OutOfMemoryError):
+            vit.forward_features(x)
+    assert not backbone_module._FUSED_VIT_FAILED

@@ -7,6 +7,9 @@ official ``backbone.*`` keys, including the unused ``mask_token`` and final ``no
 
 from __future__ import annotations
 
+import functools
+import os
+import warnings
 from functools import partial
 
 import torch
@@ -15,11 +18,48 @@ from timm.layers import Mlp
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from crossearth_cli.errors import is_out_of_memory
 from crossearth_cli.model.attention import attention
 from crossearth_cli.model.config import CrossEarthConfig
 from crossearth_cli.model.reins import LoRAReins
 
-__all__ = ["ViTAttention", "PatchEmbed", "ReinsDinoVisionTransformer", "interpolate_pos_embed"]
+__all__ = ["ViTAttention", "PatchEmbed", "ReinsDinoVisionTransformer", "interpolate_pos_embed",
+           "fused_vit_kernel", "FUSED_VIT_ENV"]
+
+FUSED_VIT_ENV = "CROSSEARTH_FUSED_VIT"  # "0" keeps the eager blocks on CUDA too
+_FUSED_VIT_FAILED: list[str] = []  # why the fused blocks failed in this process, once they have
+
+
+def _fused_applies(x: torch.Tensor) -> bool:
+    """CUDA (or Triton's interpreter, for the tests) under autocast, no gradient (the kernels
+    have no backward pass), and not inside ``torch.compile`` (which fuses these passes itself)."""
+    on_triton = x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return (on_triton and torch.is_autocast_enabled(x.device.type)
+            and not torch.is_grad_enabled() and not torch.compiler.is_compiling())
+
+
+@functools.lru_cache(maxsize=1)
+def _import_fused_vit():
+    try:
+        from crossearth_cli.model.vit_triton import fused_forward_features
+    except Exception:  # noqa: BLE001 - no Triton (or a broken one): the eager blocks
+        return None
+    return fused_forward_features
+
+
+def fused_vit_kernel():
+    """``vit_triton.fused_forward_features`` if it can be used here, else None."""
+    if _FUSED_VIT_FAILED or os.environ.get(FUSED_VIT_ENV) == "0":
+        return None
+    return _import_fused_vit()
+
+
+def _give_up_fused_vit(exc: Exception) -> None:
+    """Kernels that cannot compile or launch here must not stop a run: say so once and run the
+    eager blocks from then on (the caller re-raises out-of-memory errors for batch halving)."""
+    _FUSED_VIT_FAILED.append(f"{type(exc).__name__}: {exc}")
+    warnings.warn(f"fused ViT kernels unavailable ({_FUSED_VIT_FAILED[0][:200]}); "
+                  "using the eager blocks", RuntimeWarning, stacklevel=3)
 
 
 class ViTAttention(nn.Module):
@@ -146,8 +186,21 @@ class ReinsDinoVisionTransformer(nn.Module):
         t = torch.cat([self.cls_token.expand(b, -1, -1).to(t.dtype), t], dim=1)
         return t + interpolate_pos_embed(self.pos_embed, gh, gw).to(t.dtype), gh, gw
 
-    def forward_features(self, x: torch.Tensor, use_rein: bool = True) -> list[torch.Tensor]:
-        """Maps after the blocks in ``out_indices`` (post-Rein, no final norm): 4 × B×C×gh×gw."""
+    def forward_features(self, x: torch.Tensor, use_rein: bool = True,
+                         fused: bool | None = None) -> list[torch.Tensor]:
+        """Maps after the blocks in ``out_indices`` (post-Rein, no final norm): 4 × B×C×gh×gw.
+
+        ``fused``: the element-wise passes through ``vit_triton``'s kernels (None: on CUDA under
+        autocast with no gradient, when Triton imports; the same numbers to rounding)."""
+        if use_rein and (fused or (fused is None and _fused_applies(x))):
+            kernel = fused_vit_kernel()
+            if kernel is not None:
+                try:
+                    return kernel(self, x)
+                except Exception as exc:  # noqa: BLE001 - any failure but OOM: eager blocks
+                    if is_out_of_memory(exc):
+                        raise
+                    _give_up_fused_vit(exc)
         t, gh, gw = self.tokens(x)
         b = t.shape[0]
         static = self.reins.static() if use_rein else None
