@@ -239,10 +239,25 @@ def before_gpu_changes():
     off (the caller also passes the float32 model, whose weights autocast casts at every
     call). The removal of host-device waits stays: "before" is a little faster than the
     code before it was."""
+    from crossearth_cli.model.head import FUSED_SEMANTIC
     from crossearth_cli.model.vit_triton import eager_blocks
 
-    with pytorch_attention(), interpolated_mask_resizes(), eager_blocks():
+    with (pytorch_attention(), interpolated_mask_resizes(), eager_blocks(),
+          FUSED_SEMANTIC.switched_off(), patch_convolution()):
         yield
+
+
+@contextlib.contextmanager
+def patch_convolution():
+    """The patch embedding as the convolution on CUDA too, as before its GEMM path."""
+    from crossearth_cli.model.backbone import PatchEmbed
+
+    forward = PatchEmbed.forward
+    PatchEmbed.forward = lambda self, x, gemm=None: forward(self, x, gemm=False)
+    try:
+        yield
+    finally:
+        PatchEmbed.forward = forward
 
 
 def before_after(net, batch: int, device: str, seconds: float) -> dict:

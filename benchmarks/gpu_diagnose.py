@@ -28,21 +28,19 @@ import time
 from pathlib import Path
 
 import torch
-from bench_gpu import StepLog
-from candidates import patch_embed_gemm, rein_in_place
-from fused_head import fused_semantic
+from bench_gpu import StepLog, before_gpu_changes, patch_convolution
 from scenes import ZeroCostHead, machine, random_model, write_scene
 
+from crossearth_cli.model.head import FUSED_SEMANTIC
 from crossearth_cli.model.precision import autocast_weights
 from crossearth_cli.model.vit_triton import eager_blocks
 
-CANDIDATES = {
-    "now": (),  # with vit_triton's fused passes since they were adopted
-    "eager_vit": (eager_blocks,),  # as `now` was when this was first run
-    "rein_in_place": (eager_blocks, rein_in_place),
-    "fused_semantic": (fused_semantic,),
-    "patch_embed_gemm": (patch_embed_gemm,),
-    "all": (fused_semantic, patch_embed_gemm),
+CANDIDATES = {  # `now` with one fused path switched off at a time, and all of them
+    "now": (),
+    "eager_vit": (eager_blocks,),
+    "eager_semantic": (FUSED_SEMANTIC.switched_off,),
+    "patch_convolution": (patch_convolution,),
+    "before": (before_gpu_changes,),
 }
 
 
@@ -125,8 +123,8 @@ def main() -> None:
     src = write_scene(work / "scene.tif", size)
     step("segment_zero_cost", lambda: segment_row(ZeroCostHead(6), src, work, dev, batch, tile))
     step("segment_now", lambda: segment_row(net, src, work, dev, batch, tile))
-    step("segment_all", lambda: segment_row(net, src, work, dev, batch, tile,
-                                            patches=CANDIDATES["all"]))
+    step("segment_before", lambda: segment_row(net, src, work, dev, batch, tile,
+                                               patches=CANDIDATES["before"]))
     step("segment_now_io_threads_8", lambda: segment_row(net, src, work, dev, batch, tile,
                                                           io_threads=8))
     step("segment_now_no_compression", lambda: segment_row(net, src, work, dev, batch, tile,

@@ -3,24 +3,22 @@
 One run, so every figure comes from the same card and can be compared as a ratio:
 - the card's own bf16 matmul rate (the peak the % figures use beside the data-sheet one);
 - model-only tiles/s at 512² and 1024² for the model as it ran before this issue's GPU
-  changes (``before``), as it runs now (``now``: fused Triton deformable attention, weights
-  stored in bf16 for autocast, mask resizes by slicing), and now with one change undone at a
-  time, each with its class-map agreement and largest score difference against ``before``;
+  changes (``before``), as it runs now (``now``: fused Triton deformable attention, the ViT's
+  element-wise passes and the semantic inference fused in Triton kernels, the patch embedding
+  as one GEMM, weights stored in bf16 for autocast, mask resizes by slicing), and now with one
+  change undone at a time, each with its class-map agreement and largest score difference
+  against ``before``, and the fused kernels' exactness checks on this GPU;
 - component times (backbone, pixel decoder, its deformable attention alone, transformer
   decoder, semantic inference) and the top kernels and ops of one batch, with how busy the
   GPU was (kernel time / wall time: low means launch-bound);
-- batch sizes, and with ``--e2e-size`` `segment` end to end, now and with every candidate;
-- the candidates of ``candidates.py`` (not in crossearth yet): the Rein update in place,
-  LayerScale as ``addcmul``, both, the patch embedding as one GEMM, and regional
-  ``torch.compile``, and of ``fused_head.py``: the
-  semantic inference in one kernel (each with its exactness check on this GPU), each also
-  compared with ``now``.
+- batch sizes, with ``--e2e-size`` `segment` end to end, now and before, and regional
+  ``torch.compile`` of the eager blocks (``candidates.py``).
 The first H100 run used the earlier form of this script, which timed the changes as patches
 (its JSON: docs/results/gpu-h100-explore-run1.json).
 
     python benchmarks/gpu_explore.py --json $OUT/explore.json
     python benchmarks/gpu_explore.py --only '512_(now|before)$|fused' --json $OUT/explore.json
-    bash benchmarks/gpu_session.sh   # the prepared candidates, then gpu.sh, in one command
+    bash benchmarks/gpu_session.sh   # the fused paths, then gpu.sh, in one command
     python benchmarks/gpu_explore.py --cpu-smoke --json /tmp/explore.json   # tiny, on the CPU
 """
 
@@ -38,14 +36,15 @@ from bench_gpu import (
     before_gpu_changes,
     end_to_end,
     interpolated_mask_resizes,
+    patch_convolution,
     pytorch_attention,
 )
-from candidates import layer_scale_addcmul, patch_embed_gemm, regional_compile, rein_in_place
-from fused_head import check as check_fused_semantic
-from fused_head import fused_semantic
+from candidates import regional_compile
 from scenes import TFLOP_PER_TILE, class_agreement, machine, matmul_tflops, random_model, sync
 
+from crossearth_cli.model.head import FUSED_SEMANTIC
 from crossearth_cli.model.precision import autocast_weights
+from crossearth_cli.model.semantic_triton import check as check_fused_semantic
 from crossearth_cli.model.vit_triton import check_kernels, eager_blocks
 
 DATASHEET_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4}  # dense, SXM
@@ -252,6 +251,8 @@ def explore_size(step, size: int, batches: tuple[int, ...], dev: str, seconds: f
         "now_but_interpolated_masks": (now, (interpolated_mask_resizes,)),
         "now_but_weights_cast_per_call": (net, ()),
         "now_but_eager_vit": (now, (eager_blocks,)),  # vit_triton's fused passes off
+        "now_but_eager_semantic": (now, (FUSED_SEMANTIC.switched_off,)),
+        "now_but_patch_convolution": (now, (patch_convolution,)),
     }
     for name, (model, patches) in variants.items():
         if not full and name.startswith("now_but"):
@@ -262,29 +263,14 @@ def explore_size(step, size: int, batches: tuple[int, ...], dev: str, seconds: f
         return
     with torch.inference_mode(), autocast(dev):
         ref_now = now(x).float()
-    candidates = {  # not in crossearth yet (benchmarks/candidates.py)
-        "now_plus_rein_in_place": (rein_in_place,),
-        "now_plus_layer_scale_addcmul": (layer_scale_addcmul,),
-        "now_plus_both": (rein_in_place, layer_scale_addcmul),
-        "now_plus_patch_embed_gemm": (patch_embed_gemm,),
-        "now_plus_fused_semantic": (fused_semantic,),
-        "now_plus_all": (fused_semantic, patch_embed_gemm),  # the aim's step
-    }
-    for name, patches in candidates.items():
-        step(f"model_{size}_{name}", lambda p=patches: variant_row(
-            now, x, dev, seconds, ref, patches=p, ref_now=ref_now))
     if e2e is not None:  # before the regional compile, which may take long
         work = Path(tempfile.mkdtemp(prefix="crossearth-explore-"))
         step("end_to_end_now", lambda: end_to_end_kept(net, e2e, dev, batches[0], work, size))
-        step("end_to_end_now_plus_all", lambda: end_to_end_kept(
-            net, e2e, dev, batches[0], work, size, patches=candidates["now_plus_all"]))
+        step("end_to_end_before", lambda: end_to_end_kept(
+            net, e2e, dev, batches[0], work, size, patches=(before_gpu_changes,)))
     if dev == "cuda":  # inductor on the CPU is slow to compile and not what this is for
-        step(f"model_{size}_now_regional_compile",
-             lambda: compiled_row(now, x, dev, seconds, ref_now))
-        # the outside-the-blocks candidates on top (the blocks' graph is compiled already)
-        step(f"model_{size}_now_plus_head_and_patch_regional_compile",
-             lambda: compiled_row(now, x, dev, seconds, ref_now,
-                                  patches=(fused_semantic, patch_embed_gemm)))
+        step(f"model_{size}_now_but_eager_vit_regional_compile",  # compiled eager blocks
+             lambda: compiled_row(now, x, dev, seconds, ref_now, patches=(eager_blocks,)))
     step(f"components_{size}_now", lambda: components(now, x, dev, seconds))
     step(f"profile_{size}_now", lambda: kernel_profile(now, x, dev))
     for b in batches[1:]:

@@ -56,10 +56,11 @@ def test_gpu_session_dry_run_on_the_cpu(tmp_path):
     explore = json.loads((tmp_path / "explore.json").read_text())
     assert not explore["errors"], explore["errors"]
     ran = set(explore["steps"])
-    assert {"model_64_now", "model_64_now_plus_fused_semantic", "model_64_now_plus_all"} <= ran
+    assert {"model_64_now", "model_64_now_but_eager_vit", "model_64_now_but_eager_semantic",
+            "model_64_now_but_patch_convolution"} <= ran
     assert "components_64_now" not in ran and "components_64_now" in explore["not_selected"]
-    both = explore["steps"]["end_to_end_now_plus_all"]
-    assert both["tiles"] > 1 and both["class_agreement_vs_now"] > 0.99
+    before = explore["steps"]["end_to_end_before"]
+    assert before["tiles"] > 1 and before["class_agreement_vs_now"] > 0.99
     report = json.loads((tmp_path / "gpu.json").read_text())
     assert report["smoke"] is True and not report["errors"], report["errors"]
     steps = report["steps"]
@@ -74,7 +75,7 @@ def test_gpu_session_dry_run_on_the_cpu(tmp_path):
 
 def test_gpu_explore_dry_run_on_the_cpu(tmp_path):
     """gpu_explore.py must still run when a GPU session comes (profile_gpu.py once broke
-    unnoticed), and its exact candidates must keep the model's numbers."""
+    unnoticed); on the CPU every switch it flips leaves the model's numbers as they are."""
     out = tmp_path / "explore.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_explore.py"),
                            "--cpu-smoke", "--json", str(out)],
@@ -84,9 +85,9 @@ def test_gpu_explore_dry_run_on_the_cpu(tmp_path):
     assert not report["errors"], report["errors"]
     steps = report["steps"]
     assert steps["model_64_now"]["tiles_per_s"] > 0
-    assert steps["model_64_now_plus_rein_in_place"]["max_abs_diff_vs_now"] == 0.0
-    assert steps["model_64_now_plus_both"]["class_agreement_vs_now"] > 0.99
-    assert steps["model_64_now_plus_patch_embed_gemm"]["class_agreement_vs_now"] > 0.99
+    for name in ("before", "now_but_eager_vit", "now_but_eager_semantic",
+                 "now_but_patch_convolution"):  # CPU runs take none of the CUDA paths
+        assert steps[f"model_64_{name}"]["max_abs_diff"] == 0.0, name
     assert steps["end_to_end_now"]["tiles"] > 1
 
 
@@ -132,13 +133,10 @@ def test_model_benchmark_quotes_vit_l_against_a_measured_matmul(monkeypatch):
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 64, 80), (1, 3, 70, 50)])  # 70, 50: a remainder
-def test_patch_embedding_as_one_gemm_matches_the_convolution(monkeypatch, shape):
-    """candidates.patch_embed_gemm (a GPU candidate): the patch convolution as a GEMM over the
-    image cut into patches gives the convolution's tokens, in float32 and under bf16 autocast."""
+def test_patch_embedding_as_one_gemm_matches_the_convolution(shape):
+    """PatchEmbed's CUDA path, the patch convolution as a GEMM over the image cut into
+    patches, gives the convolution's tokens, in float32 and under bf16 autocast."""
     import torch
-
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    from candidates import patch_embed_gemm
 
     from crossearth_cli.model.backbone import PatchEmbed
 
@@ -147,9 +145,8 @@ def test_patch_embedding_as_one_gemm_matches_the_convolution(monkeypatch, shape)
     x = torch.randn(shape)
     for autocast in (False, True):
         with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
-            want = embed(x).float()
-            with patch_embed_gemm():
-                got = embed(x).float()
+            want = embed(x).float()  # the CPU takes the convolution
+            got = embed(x, gemm=True).float()
         assert got.shape == want.shape == (shape[0], (shape[2] // 16) * (shape[3] // 16), 32)
         tolerance = 2e-2 if autocast else 1e-5  # bf16 rounding of another summation order
         assert (got - want).abs().max() <= tolerance * want.abs().max(), autocast
@@ -230,12 +227,13 @@ def test_fused_vit_elementwise_kernels_match_eager_autocast():
 
 
 def test_fused_semantic_inference_matches_the_eager_path():
-    """benchmarks/fused_head.py (a GPU candidate), run by Triton's interpreter: Mask2Former's
+    """crossearth_cli/model/semantic_triton.py (what CUDA runs use), run by Triton's
+    interpreter: Mask2Former's
     semantic scores in one kernel equal the eager upsample-sigmoid-matmul to float32 rounding,
     for a ×4 bf16 map and an odd-sized, cropped one."""
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fused_head.py")],
+    proc = subprocess.run([sys.executable, "-m", "crossearth_cli.model.semantic_triton"],
                           capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     for name, row in json.loads(proc.stdout.strip().splitlines()[-1]).items():
@@ -475,8 +473,9 @@ def test_fused_vit_is_chosen_only_where_it_applies_and_falls_back_once(monkeypat
         calls.append(images.shape)
         return ["fused"]
 
-    monkeypatch.setattr(backbone_module, "_import_fused_vit", lambda: recorder)
-    monkeypatch.setattr(backbone_module, "_FUSED_VIT_FAILED", [])
+    kernel = backbone_module.FUSED_VIT
+    monkeypatch.setattr(kernel, "load", lambda: recorder)
+    monkeypatch.setattr(kernel, "failed", [])
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with torch.inference_mode():
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -495,21 +494,58 @@ def test_fused_vit_is_chosen_only_where_it_applies_and_falls_back_once(monkeypat
     def broken(module, images):
         raise RuntimeError("Failed to find C compiler")
 
-    monkeypatch.setattr(backbone_module, "_import_fused_vit", lambda: broken)
+    monkeypatch.setattr(kernel, "load", lambda: broken)
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         want = vit.forward_features(x, fused=False)
         with pytest.warns(RuntimeWarning, match="C compiler"):
             got = vit.forward_features(x)
         again = vit.forward_features(x)
     assert all(torch.equal(a, b) for a, b in zip(got + again, want + want))
-    assert backbone_module.fused_vit_kernel() is None
+    assert not kernel.enabled()
 
     def out_of_memory(module, images):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
 
-    monkeypatch.setattr(backbone_module, "_import_fused_vit", lambda: out_of_memory)
-    monkeypatch.setattr(backbone_module, "_FUSED_VIT_FAILED", [])
+    monkeypatch.setattr(kernel, "load", lambda: out_of_memory)
+    monkeypatch.setattr(kernel, "failed", [])
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         with pytest.raises(torch.cuda.OutOfMemoryError):
             vit.forward_features(x)
-    assert not backbone_module._FUSED_VIT_FAILED
+    assert not kernel.failed
+
+
+def test_fused_semantic_inference_is_chosen_only_on_cuda_or_the_interpreter(monkeypatch):
+    """head.semantic_scores takes semantic_triton's kernel for CUDA tensors (here: Triton's
+    interpreter) with no gradient, unless CROSSEARTH_FUSED_SEMANTIC=0."""
+    import torch
+
+    from crossearth_cli.model import head
+
+    calls = []
+    monkeypatch.setattr(head.FUSED_SEMANTIC, "load", lambda: lambda *a: calls.append(a) or "k")
+    monkeypatch.setattr(head.FUSED_SEMANTIC, "failed", [])
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    cls, masks = torch.randn(1, 3, 5), torch.randn(1, 3, 4, 4)
+    with torch.inference_mode():
+        assert torch.is_tensor(head.semantic_scores(cls, masks, size=(16, 16)))
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        assert head.semantic_scores(cls, masks, size=(16, 16)) == "k"
+        with head.FUSED_SEMANTIC.switched_off():
+            assert torch.is_tensor(head.semantic_scores(cls, masks, size=(16, 16)))
+    assert torch.is_tensor(head.semantic_scores(cls, masks, size=(16, 16)))  # gradients on
+    assert len(calls) == 1
+
+
+def test_gpu_diagnose_dry_run_on_the_cpu(tmp_path):
+    """gpu_diagnose.py (float32 faithfulness of each fused path, what caps segment) runs."""
+    out = tmp_path / "diagnose.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_diagnose.py"),
+                           "--cpu-smoke", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert not report["errors"], report["errors"]
+    assert set(report["steps"]["faithfulness"]) == {"now", "eager_vit", "eager_semantic",
+                                                    "patch_convolution", "before"}
+    assert report["steps"]["segment_zero_cost"]["tiles"] > 1
+    assert "function calls" in report["steps"]["segment_now_profiled"]["profile"]

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from crossearth_cli.model.config import CrossEarthConfig
+from crossearth_cli.model.optional_kernel import OptionalKernel, on_triton
 from crossearth_cli.model.pixel_decoder import PixelDecoder
 from crossearth_cli.model.positional import sine_position_encoding
 from crossearth_cli.model.transformer_decoder import TransformerDecoder
@@ -123,18 +124,28 @@ def shrink_bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return _every_kth(_every_kth(x, x.ndim - 1, big_w // w), x.ndim - 2, big_h // h)
 
 
+FUSED_SEMANTIC = OptionalKernel("fused semantic inference", "crossearth_cli.model.semantic_triton",
+                                "semantic_scores_fused", "CROSSEARTH_FUSED_SEMANTIC")
+
+
 def semantic_scores(
     cls_logits: torch.Tensor,
     mask_logits: torch.Tensor,
     size: tuple[int, int],
     crop: tuple[int, int] | None = None,
+    fused: bool | None = None,
 ) -> torch.Tensor:
     """mmseg's per-pixel scores: softmax over classes without the no-object column (not
     renormalised) times the sigmoid of the mask logits bilinearly upsampled to ``size``.
 
     ``crop`` keeps only the top-left (h, w) of the result (padding removal) before the einsum.
     Runs in float32 whatever the autocast state; B×Q×(C+1), B×Q×h×w -> B×C×h×w float32.
+    ``fused``: in one Triton kernel (``semantic_triton``; None: on CUDA with no gradient).
     """
+    if fused is None:
+        fused = on_triton(mask_logits)
+    if fused and (out := FUSED_SEMANTIC.call(cls_logits, mask_logits, size, crop)) is not None:
+        return out
     dev = mask_logits.device
     with torch.autocast(device_type=dev.type, enabled=False):
         probs = cls_logits.float().softmax(dim=-1)[..., :-1]  # B×Q×C

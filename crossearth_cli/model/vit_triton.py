@@ -35,7 +35,6 @@ GPU it runs under Triton's interpreter, which is how the tests check it:
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 import triton
@@ -227,20 +226,11 @@ def fused_forward_features(vit, x: torch.Tensor) -> list[torch.Tensor]:
     return outs
 
 
-@contextlib.contextmanager
 def eager_blocks():
     """The eager backbone while inside (``CROSSEARTH_FUSED_VIT=0``), for comparisons."""
-    from crossearth_cli.model.backbone import FUSED_VIT_ENV
+    from crossearth_cli.model.backbone import FUSED_VIT
 
-    before = os.environ.get(FUSED_VIT_ENV)
-    os.environ[FUSED_VIT_ENV] = "0"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ[FUSED_VIT_ENV]
-        else:
-            os.environ[FUSED_VIT_ENV] = before
+    return FUSED_VIT.switched_off()
 
 
 # --- self-check --------------------------------------------------------------------------------
