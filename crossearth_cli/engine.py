@@ -825,18 +825,26 @@ def _run_group(session: Session, scenes: list[PreparedScene],
                     fail(m, exc)
                 live = []
         n_tiles = max(sum(m.scene.tile_count for m in live), 1)
-        k = 0
-        for m in live:
+        k, skipped = 0, {}
+        for m in live:  # every member's rows go to its writer threads first...
             first, k = k, k + sum(d is not None for _, d, _ in m.tiles)
             try:
-                skipped = _finish_member(m, scores, valid, first, emit)
-                seconds = (time.perf_counter() - t0) * m.scene.tile_count / n_tiles
-                results[m.index] = _scene_result(session, m.scene, m.sinks, m.write.counts,
-                                                 skipped, seconds)
+                skipped[m.index] = _blend_member(m, scores, valid, first, emit)
             except Exception as exc:  # noqa: BLE001 - this scene fails, the group goes on
                 fail(m, exc)
             finally:
                 m.acc = m.tiles = None
+        for m in live:  # ...then each is committed: their compression ran side by side
+            if results[m.index] is not None:
+                continue
+            try:
+                _commit(m.sinks, m.scene, emit)
+                seconds = (time.perf_counter() - t0) * m.scene.tile_count / n_tiles
+                results[m.index] = _scene_result(session, m.scene, m.sinks, m.write.counts,
+                                                 skipped[m.index], seconds)
+            except Exception as exc:  # noqa: BLE001 - this scene fails, the group goes on
+                fail(m, exc)
+            finally:
                 m.scene.close()
     except BaseException:  # interrupted: nothing half-written stays
         for m in members:
@@ -861,10 +869,10 @@ def _open_member(session: Session, m: _GroupMember, emit: Events) -> None:
     m.tiles = [(t, d, v) if v.any() else (t, None, None) for t, d, v in scene.feed]
 
 
-def _finish_member(m: _GroupMember, scores: torch.Tensor | None, valid: torch.Tensor | None,
-                   first: int, emit: Events) -> int:
-    """Blend a member's tiles (its scores start at row ``first`` of the group's), write its
-    rows and commit its outputs; returns its all-nodata tiles."""
+def _blend_member(m: _GroupMember, scores: torch.Tensor | None, valid: torch.Tensor | None,
+                  first: int, emit: Events) -> int:
+    """Blend a member's tiles (its scores start at row ``first`` of the group's) and hand its
+    rows to its outputs' writers (not committed yet); returns its all-nodata tiles."""
     skipped = 0
     for t, d, _ in m.tiles:
         if d is None:
@@ -878,7 +886,6 @@ def _finish_member(m: _GroupMember, scores: torch.Tensor | None, valid: torch.Te
     for r in m.acc.finish():
         m.write(r)
     emit("advance", {"tiles": len(m.tiles)})
-    _commit(m.sinks, m.scene, emit)
     return skipped
 
 

@@ -209,3 +209,31 @@ def test_out_of_memory_in_a_group_halves_the_batch_and_keeps_each_files_range(tm
                                 tile=64, stride=48), spec)
         with rasterio.open(out / f"u{i}_classes.tif") as got, rasterio.open(alone) as want:
             assert np.array_equal(got.read(), want.read()), i
+
+
+def test_a_group_hands_every_file_to_its_writers_before_committing_any(tmp_path, monkeypatch):
+    """The members' compression runs side by side: all their rows are written (handed to
+    their writer threads) before the first file is committed, which waits for its writes."""
+    from crossearth_cli.raster.writer import GeoTiffSink
+
+    tiles = tmp_path / "tiles"
+    tiles.mkdir()
+    for i in range(4):
+        write_tif(tiles / f"a_{i}.tif", random_scene(64, 64, seed=i))
+    events = []
+    write_rows, commit = GeoTiffSink.write_rows, GeoTiffSink.commit
+
+    def logged_write(self, y, rows):
+        events.append(("write", self.final.name))
+        return write_rows(self, y, rows)
+
+    def logged_commit(self):
+        events.append(("commit", self.final.name))
+        return commit(self)
+
+    monkeypatch.setattr(GeoTiffSink, "write_rows", logged_write)
+    monkeypatch.setattr(GeoTiffSink, "commit", logged_commit)
+    result = run_folder(tiles, tmp_path / "out", per_pixel_spec(crop=64, stride=48))
+    assert len(result.done) == 4 and not result.failed
+    kinds = [kind for kind, _ in events]
+    assert kinds == ["write"] * 8 + ["commit"] * 8, events  # classes + confidence, 4 files
