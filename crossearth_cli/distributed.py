@@ -20,7 +20,7 @@ from rasterio.windows import Window
 
 from crossearth_cli.batch import RankInfo
 from crossearth_cli.errors import ConfigError, OutputError
-from crossearth_cli.raster.writer import BLOCK, GeoTiffSink, RasterSpec
+from crossearth_cli.raster.writer import BLOCK, GeoTiffSink, RasterSpec, compression_threads
 
 
 def init(rank: RankInfo) -> None:
@@ -94,6 +94,7 @@ def merge_row_parts(parts: list[Path], final: Path, cog: bool = False,
             compress=compress, cog=cog,
             overview_resampling="mode" if cmap else "average",
             nbits=int(nbits) if nbits else None,
+            threads=compression_threads(),  # no model beside this merge
         )
         gcps = first.gcps if first.gcps[0] else None
         sink = GeoTiffSink(spec, height, first.width, first.crs, first.transform, gcps)

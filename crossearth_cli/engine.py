@@ -50,6 +50,7 @@ from crossearth_cli.raster.writer import (
     RasterSpec,
     check_output_path,
     class_tags,
+    compression_threads,
     palette_colormap,
     remove_stale_temps,
 )
@@ -570,6 +571,7 @@ class Session:
         self.predictor = Predictor(spec, self.device, self.precision, batch_size, module,
                                    probe_module=eager)
         self.io_threads = io_threads or cpu_io_threads()
+        self.compress_threads = compression_threads(self.device.type == "cpu")
         self.pool = ThreadPoolExecutor(self.io_threads, thread_name_prefix="crossearth-read")
 
     def prepare(self, settings: SegmentSettings, part: RowPart | None = None,
@@ -661,6 +663,7 @@ def _open_sinks(session: Session, scene: PreparedScene, sinks: list[GeoTiffSink]
     settings, reader, rows = scene.settings, scene.reader, scene.rows
     tag_notes = {"blend": settings.blend, "tile": str(scene.tile), "stride": str(scene.stride)}
     for rs in _raster_specs(settings, session.spec, tag_notes):
+        rs.threads = session.compress_threads
         sinks.append(GeoTiffSink(rs, rows.y1 - rows.y0, reader.width, reader.crs,
                                  _part_transform(reader, rows.y0), reader.gcps))
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
-from helpers import SAMPLE_DATA
+from helpers import SAMPLE_DATA, per_pixel_spec, random_scene, write_tif
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -420,11 +420,12 @@ def test_cpu_runs_keep_freed_model_temporaries_in_the_heap():
 
 
 def test_outputs_are_compressed_by_several_threads_where_cores_allow(tmp_path, monkeypatch):
-    """GDAL compresses a block row's blocks in parallel on machines with cores to spare (one
-    thread per output capped a GPU run at ~22 Mpx/s); the pixels read back are the same, for a
-    plain tiled output and a COG."""
+    """Beside a GPU model, GDAL compresses a block row's blocks in parallel (one thread per
+    output capped a GPU run at ~22 Mpx/s); beside a CPU model, which has the cores, one thread.
+    The pixels read back are the same, for a plain tiled output and a COG."""
     from affine import Affine
 
+    from crossearth_cli.engine import SegmentSettings, segment
     from crossearth_cli.raster import writer
 
     monkeypatch.delenv("CROSSEARTH_COMPRESS_THREADS", raising=False)
@@ -432,12 +433,28 @@ def test_outputs_are_compressed_by_several_threads_where_cores_allow(tmp_path, m
         monkeypatch.setattr(os, "sched_getaffinity", lambda _pid, n=cores: set(range(n)),
                             raising=False)
         assert writer.compression_threads() == threads
+        assert writer.compression_threads(model_on_cpu=True) == 1
+    monkeypatch.setenv("CROSSEARTH_COMPRESS_THREADS", "3")
+    assert writer.compression_threads(model_on_cpu=True) == 3
+    seen = []
+    init = writer.GeoTiffSink.__init__
+
+    def recording(self, spec, *args):
+        seen.append(spec.threads)
+        init(self, spec, *args)
+
+    monkeypatch.setattr(writer.GeoTiffSink, "__init__", recording)
+    src = write_tif(tmp_path / "in.tif", random_scene(64, 64, seed=0))
+    segment(SegmentSettings(input=src, output=tmp_path / "c.tif", device="cpu",
+                            confidence=tmp_path / "conf.tif"), per_pixel_spec())
+    assert seen == [3, 3]  # what `segment` gives its outputs
+    monkeypatch.undo()
     monkeypatch.setenv("CROSSEARTH_COMPRESS_THREADS", "3")
     rng = np.random.default_rng(0)
     rows = rng.integers(0, 6, (1100, 700), dtype=np.uint8)
     for cog in (False, True):
         spec = writer.RasterSpec(path=tmp_path / f"out_{cog}.tif", count=1, dtype="uint8",
-                                 nodata=255, cog=cog)
+                                 nodata=255, cog=cog, threads=3)
         assert writer._creation_options(spec)["num_threads"] == 3
         sink = writer.GeoTiffSink(spec, *rows.shape, "EPSG:32631",
                                   Affine(0.5, 0, 500000, 0, -0.5, 5800000))
@@ -447,8 +464,10 @@ def test_outputs_are_compressed_by_several_threads_where_cores_allow(tmp_path, m
         with rasterio.open(spec.path) as ds:
             assert np.array_equal(ds.read(1), rows)
     none = writer.RasterSpec(path=tmp_path / "raw.tif", count=1, dtype="uint8", nodata=255,
-                             compress="none")
+                             compress="none", threads=3)
     assert "num_threads" not in writer._creation_options(none)
+    one = writer.RasterSpec(path=tmp_path / "one.tif", count=1, dtype="uint8", nodata=255)
+    assert "num_threads" not in writer._creation_options(one)
 
 
 def test_fused_vit_is_chosen_only_where_it_applies_and_falls_back_once(monkeypatch):

@@ -355,24 +355,27 @@ class RasterSpec:
     cog: bool = False
     overview_resampling: str = "nearest"
     nbits: int | None = None  # 16 with dtype float32 stores IEEE half floats
+    threads: int = 1  # GDAL compression threads (compression_threads)
 
 
-def compression_threads() -> int:
-    """GDAL threads that compress the blocks of a block row in parallel: half the cores, at
-    most 8, and 1 (GDAL's own, in the writer thread) on a 2-core machine, where the model needs
-    the other core. On a GPU machine one thread per output capped `segment` at ~22 Mpx/s with
-    noisy classes, below the model's speed (docs/performance.md). ``CROSSEARTH_COMPRESS_THREADS``
+def compression_threads(model_on_cpu: bool = False) -> int:
+    """GDAL threads that compress the blocks of a block row in parallel: 1 (GDAL's own, in the
+    writer thread) beside a model on the CPU, which has the cores; otherwise half the cores, at
+    most 8. On a GPU machine one thread per output capped `segment` at ~22 Mpx/s with noisy
+    classes, below the model's speed (docs/performance.md). ``CROSSEARTH_COMPRESS_THREADS``
     sets it."""
     env = os.environ.get("CROSSEARTH_COMPRESS_THREADS")
     if env:
         return max(1, int(env))
+    if model_on_cpu:
+        return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return max(1, min(8, (cores or 1) // 2))
 
 
-def _thread_option(compress: str) -> dict:
-    threads = compression_threads()
-    return {"num_threads": threads} if threads > 1 and compress != "none" else {}
+def _thread_option(spec: RasterSpec) -> dict:
+    compress = spec.compress.lower()
+    return {"num_threads": spec.threads} if spec.threads > 1 and compress != "none" else {}
 
 
 def _creation_options(spec: RasterSpec) -> dict:
@@ -394,7 +397,7 @@ def _creation_options(spec: RasterSpec) -> dict:
         opts["zstd_level"] = 9
     if spec.nbits:
         opts["nbits"] = spec.nbits
-    return opts | _thread_option(compress)
+    return opts | _thread_option(spec)
 
 
 class GeoTiffSink:
@@ -551,7 +554,7 @@ class GeoTiffSink:
         )
         if self.spec.compress.lower() in ("deflate", "zstd", "lzw"):
             opts["predictor"] = "YES"
-        opts |= _thread_option(self.spec.compress.lower())
+        opts |= _thread_option(self.spec)
         try:
             rasterio.shutil.copy(self.tmp, cog_tmp, **opts)
         except BaseException:
