@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -40,6 +39,7 @@ import torch.nn.functional as F
 from scenes import TFLOP_PER_TILE, machine, random_model, sync, write_scene, write_tiles
 
 from crossearth_cli.model.ms_deform_attn import KERNEL_ENV
+from crossearth_cli.model.optional_kernel import env_set
 from crossearth_cli.model.precision import autocast_weights
 
 
@@ -123,18 +123,17 @@ def end_to_end(net, size: int, device: str, batch: int, precision: str, work: Pa
     return row
 
 
-@contextlib.contextmanager
 def pytorch_attention():
     """Deformable attention on its PyTorch path (grid_sample), as before the Triton kernel."""
-    env = os.environ.get(KERNEL_ENV)
-    os.environ[KERNEL_ENV] = "pytorch"
-    try:
-        yield
-    finally:
-        if env is None:
-            del os.environ[KERNEL_ENV]
-        else:
-            os.environ[KERNEL_ENV] = env
+    return env_set(KERNEL_ENV, "pytorch")
+
+
+def applied(patches) -> contextlib.ExitStack:
+    """Every context of ``patches`` (callables returning one) entered, for a ``with``."""
+    stack = contextlib.ExitStack()
+    for p in patches:
+        stack.enter_context(p())
+    return stack
 
 
 @contextlib.contextmanager
@@ -239,10 +238,10 @@ def before_gpu_changes():
     off (the caller also passes the float32 model, whose weights autocast casts at every
     call). The removal of host-device waits stays: "before" is a little faster than the
     code before it was."""
+    from crossearth_cli.model.backbone import FUSED_VIT
     from crossearth_cli.model.head import FUSED_SEMANTIC
-    from crossearth_cli.model.vit_triton import eager_blocks
 
-    with (pytorch_attention(), interpolated_mask_resizes(), eager_blocks(),
+    with (pytorch_attention(), interpolated_mask_resizes(), FUSED_VIT.switched_off(),
           FUSED_SEMANTIC.switched_off(), patch_convolution()):
         yield
 

@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import cProfile
 import io
 import pstats
@@ -28,27 +27,20 @@ import time
 from pathlib import Path
 
 import torch
-from bench_gpu import StepLog, before_gpu_changes, patch_convolution
+from bench_gpu import StepLog, applied, before_gpu_changes, patch_convolution
 from scenes import ZeroCostHead, machine, random_model, write_scene
 
+from crossearth_cli.model.backbone import FUSED_VIT
 from crossearth_cli.model.head import FUSED_SEMANTIC
 from crossearth_cli.model.precision import autocast_weights
-from crossearth_cli.model.vit_triton import eager_blocks
 
 CANDIDATES = {  # `now` with one fused path switched off at a time, and all of them
     "now": (),
-    "eager_vit": (eager_blocks,),
+    "eager_vit": (FUSED_VIT.switched_off,),
     "eager_semantic": (FUSED_SEMANTIC.switched_off,),
     "patch_convolution": (patch_convolution,),
     "before": (before_gpu_changes,),
 }
-
-
-def _applied(patches):
-    stack = contextlib.ExitStack()
-    for p in patches:
-        stack.enter_context(p())
-    return stack
 
 
 def faithfulness(net, now, dev: str, batch: int, size: int) -> dict:
@@ -65,7 +57,7 @@ def faithfulness(net, now, dev: str, batch: int, size: int) -> dict:
     ref_cls = ref.argmax(1)
     out = {}
     for name, patches in CANDIDATES.items():
-        with _applied(patches), torch.inference_mode(), torch.autocast(dev, torch.bfloat16):
+        with applied(patches), torch.inference_mode(), torch.autocast(dev, torch.bfloat16):
             y = now(x).double()
         out[name] = {
             "class_agreement_vs_fp32": round((y.argmax(1) == ref_cls).double().mean().item(), 5),
@@ -81,7 +73,7 @@ def segment_row(module, src: Path, work: Path, dev: str, batch: int, tile: int, 
     classes = getattr(module, "num_classes", 6)
     spec = ModelSpec(module=module, class_names=[f"c{i}" for i in range(classes)],
                      crop=tile, stride=round(tile * 2 / 3), label="diagnose")
-    with _applied(patches):
+    with applied(patches):
         t0 = time.perf_counter()
         r = segment(SegmentSettings(input=src, output=work / "classes.tif", overwrite=True,
                                     batch_size=batch, device=dev, precision="bf16", **settings),

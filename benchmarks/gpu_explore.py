@@ -25,7 +25,6 @@ The first H100 run used the earlier form of this script, which timed the changes
 from __future__ import annotations
 
 import argparse
-import contextlib
 import tempfile
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ from pathlib import Path
 import torch
 from bench_gpu import (
     StepLog,
+    applied,
     before_gpu_changes,
     end_to_end,
     interpolated_mask_resizes,
@@ -42,10 +42,11 @@ from bench_gpu import (
 from candidates import regional_compile
 from scenes import TFLOP_PER_TILE, class_agreement, machine, matmul_tflops, random_model, sync
 
+from crossearth_cli.model.backbone import FUSED_VIT
 from crossearth_cli.model.head import FUSED_SEMANTIC
 from crossearth_cli.model.precision import autocast_weights
 from crossearth_cli.model.semantic_triton import check as check_fused_semantic
-from crossearth_cli.model.vit_triton import check_kernels, eager_blocks
+from crossearth_cli.model.vit_triton import check_kernels
 
 DATASHEET_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4}  # dense, SXM
 
@@ -80,11 +81,7 @@ def compare(ref: torch.Tensor, out: torch.Tensor) -> dict:
 def variant_row(net, x, dev, seconds, ref, *, patches=(), ref_now=None) -> dict:
     """bf16 tiles/s of ``net`` with ``patches`` applied, compared with ``ref`` (before) and
     ``ref_now``."""
-    with contextlib.ExitStack() as stack:
-        for p in patches:
-            stack.enter_context(p())
-        stack.enter_context(torch.inference_mode())
-        stack.enter_context(autocast(dev))
+    with applied(patches), torch.inference_mode(), autocast(dev):
         if dev == "cuda":
             torch.cuda.reset_peak_memory_stats()
         ms = ms_per_call(lambda: net(x), dev, seconds)
@@ -106,11 +103,7 @@ def compiled_row(net, x, dev, seconds, ref_now, patches=()) -> dict:
     time (the first call), then tiles/s."""
     t0 = time.perf_counter()
     compiled = regional_compile(net)
-    with contextlib.ExitStack() as stack:
-        for p in patches:
-            stack.enter_context(p())
-        stack.enter_context(torch.inference_mode())
-        stack.enter_context(autocast(dev))
+    with applied(patches), torch.inference_mode(), autocast(dev):
         compiled(x)
         sync(dev)
     compile_s = time.perf_counter() - t0
@@ -130,11 +123,7 @@ def components(net, x, dev, seconds, patches=()) -> dict:
     def grab(module, args):
         captured.setdefault("msda", args)
 
-    with contextlib.ExitStack() as stack:
-        for p in patches:
-            stack.enter_context(p())
-        stack.enter_context(torch.inference_mode())
-        stack.enter_context(autocast(dev))
+    with applied(patches), torch.inference_mode(), autocast(dev):
         hook = head.pixel_decoder.encoder.layers[0].self_attn.register_forward_pre_hook(grab)
         try:
             maps, queries = net.backbone.forward_maps(x)
@@ -163,11 +152,7 @@ def kernel_profile(net, x, dev, patches=(), top: int = 25) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
-    with contextlib.ExitStack() as stack:
-        for p in patches:
-            stack.enter_context(p())
-        stack.enter_context(torch.inference_mode())
-        stack.enter_context(autocast(dev))
+    with applied(patches), torch.inference_mode(), autocast(dev):
         net(x)
         sync(dev)
         t0 = time.perf_counter()
@@ -222,9 +207,7 @@ def end_to_end_kept(net, e2e: int, dev: str, batch: int, work: Path, tile: int,
                     patches=()) -> dict:
     """``segment`` end to end (bench_gpu.end_to_end) with ``patches`` applied; its class map is
     kept, and compared with the one a run without patches kept before it."""
-    with contextlib.ExitStack() as stack:
-        for p in patches:
-            stack.enter_context(p())
+    with applied(patches):
         row = end_to_end(net, e2e, dev, batch, "bf16", work, tile)
     kept = work / ("classes_patched.tif" if patches else "classes_now.tif")
     (work / "classes.tif").replace(kept)
@@ -250,7 +233,7 @@ def explore_size(step, size: int, batches: tuple[int, ...], dev: str, seconds: f
         "now_but_pytorch_attention": (now, (pytorch_attention,)),
         "now_but_interpolated_masks": (now, (interpolated_mask_resizes,)),
         "now_but_weights_cast_per_call": (net, ()),
-        "now_but_eager_vit": (now, (eager_blocks,)),  # vit_triton's fused passes off
+        "now_but_eager_vit": (now, (FUSED_VIT.switched_off,)),  # vit_triton's fused passes off
         "now_but_eager_semantic": (now, (FUSED_SEMANTIC.switched_off,)),
         "now_but_patch_convolution": (now, (patch_convolution,)),
     }
@@ -270,7 +253,7 @@ def explore_size(step, size: int, batches: tuple[int, ...], dev: str, seconds: f
             net, e2e, dev, batches[0], work, size, patches=(before_gpu_changes,)))
     if dev == "cuda":  # inductor on the CPU is slow to compile and not what this is for
         step(f"model_{size}_now_but_eager_vit_regional_compile",  # compiled eager blocks
-             lambda: compiled_row(now, x, dev, seconds, ref_now, patches=(eager_blocks,)))
+             lambda: compiled_row(now, x, dev, seconds, ref_now, patches=(FUSED_VIT.switched_off,)))
     step(f"components_{size}_now", lambda: components(now, x, dev, seconds))
     step(f"profile_{size}_now", lambda: kernel_profile(now, x, dev))
     for b in batches[1:]:

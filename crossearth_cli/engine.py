@@ -376,7 +376,8 @@ def _tile_rows(scaling, part: slice):
     return low[part], factor[part], clip
 
 
-def _raster_specs(settings: SegmentSettings, spec: ModelSpec, notes: dict) -> list[RasterSpec]:
+def _raster_specs(settings: SegmentSettings, spec: ModelSpec, notes: dict,
+                  threads: int = 1) -> list[RasterSpec]:
     names = spec.class_names
     tags = class_tags(names, {"model": spec.label, **notes})
     desc = "class: " + ", ".join(f"{i}={n}" for i, n in enumerate(names))
@@ -390,6 +391,7 @@ def _raster_specs(settings: SegmentSettings, spec: ModelSpec, notes: dict) -> li
             tags=tags,
             band_descriptions=[desc],
             compress=settings.compress,
+            threads=threads,
             cog=settings.cog,
             overview_resampling="mode",
         )
@@ -405,6 +407,7 @@ def _raster_specs(settings: SegmentSettings, spec: ModelSpec, notes: dict) -> li
                 band_descriptions=["confidence (max class probability x 255)"],
                 scales=[1 / 255],
                 compress=settings.compress,
+                threads=threads,
                 cog=settings.cog,
                 overview_resampling="average",
             )
@@ -423,6 +426,7 @@ def _raster_specs(settings: SegmentSettings, spec: ModelSpec, notes: dict) -> li
                 band_descriptions=[f"probability: {n}" for n in names],
                 scales=[1 / PROBABILITY_SCALE_U8] * spec.num_classes if u8 else None,
                 compress=settings.compress,
+                threads=threads,
                 cog=settings.cog,
                 overview_resampling="average",
             )
@@ -662,8 +666,7 @@ def _open_sinks(session: Session, scene: PreparedScene, sinks: list[GeoTiffSink]
     the caller can abort those already open if one fails)."""
     settings, reader, rows = scene.settings, scene.reader, scene.rows
     tag_notes = {"blend": settings.blend, "tile": str(scene.tile), "stride": str(scene.stride)}
-    for rs in _raster_specs(settings, session.spec, tag_notes):
-        rs.threads = session.compress_threads
+    for rs in _raster_specs(settings, session.spec, tag_notes, session.compress_threads):
         sinks.append(GeoTiffSink(rs, rows.y1 - rows.y0, reader.width, reader.crs,
                                  _part_transform(reader, rows.y0), reader.gcps))
 
@@ -847,8 +850,6 @@ def _run_group(session: Session, scenes: list[PreparedScene],
                                                  skipped[m.index], seconds)
             except Exception as exc:  # noqa: BLE001 - this scene fails, the group goes on
                 fail(m, exc)
-            finally:
-                m.scene.close()
     except BaseException:  # interrupted: nothing half-written stays
         for m in members:
             if results[m.index] is None:

@@ -47,6 +47,18 @@ def test_bf16_and_fp32_class_maps_agree(tmp_path, tiny_spec):
     assert agree >= 0.99, agree
 
 
+def cpu_smoke_report(script: str, tmp_path: Path) -> dict:
+    """``benchmarks/<script> --cpu-smoke``'s JSON report, after checking it ran cleanly."""
+    out = tmp_path / f"{script}.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script),
+                           "--cpu-smoke", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert not report["errors"], report["errors"]
+    return report
+
+
 def test_gpu_session_dry_run_on_the_cpu(tmp_path):
     """gpu_session.sh (the prepared candidates, then gpu.sh) as a lent GPU would run it."""
     env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
@@ -76,14 +88,7 @@ def test_gpu_session_dry_run_on_the_cpu(tmp_path):
 def test_gpu_explore_dry_run_on_the_cpu(tmp_path):
     """gpu_explore.py must still run when a GPU session comes (profile_gpu.py once broke
     unnoticed); on the CPU every switch it flips leaves the model's numbers as they are."""
-    out = tmp_path / "explore.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_explore.py"),
-                           "--cpu-smoke", "--json", str(out)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads(out.read_text())
-    assert not report["errors"], report["errors"]
-    steps = report["steps"]
+    steps = cpu_smoke_report("gpu_explore.py", tmp_path)["steps"]
     assert steps["model_64_now"]["tiles_per_s"] > 0
     for name in ("before", "now_but_eager_vit", "now_but_eager_semantic",
                  "now_but_patch_convolution"):  # CPU runs take none of the CUDA paths
@@ -557,13 +562,7 @@ def test_fused_semantic_inference_is_chosen_only_on_cuda_or_the_interpreter(monk
 
 def test_gpu_diagnose_dry_run_on_the_cpu(tmp_path):
     """gpu_diagnose.py (float32 faithfulness of each fused path, what caps segment) runs."""
-    out = tmp_path / "diagnose.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_diagnose.py"),
-                           "--cpu-smoke", "--json", str(out)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads(out.read_text())
-    assert not report["errors"], report["errors"]
+    report = cpu_smoke_report("gpu_diagnose.py", tmp_path)
     assert set(report["steps"]["faithfulness"]) == {"now", "eager_vit", "eager_semantic",
                                                     "patch_convolution", "before"}
     assert report["steps"]["segment_zero_cost"]["tiles"] > 1

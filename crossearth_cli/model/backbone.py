@@ -21,11 +21,11 @@ from crossearth_cli.model.optional_kernel import OptionalKernel, on_triton
 from crossearth_cli.model.reins import LoRAReins
 
 __all__ = ["ViTAttention", "PatchEmbed", "ReinsDinoVisionTransformer", "interpolate_pos_embed",
-           "FUSED_VIT", "FUSED_VIT_ENV"]
+           "FUSED_VIT"]
 
-FUSED_VIT_ENV = "CROSSEARTH_FUSED_VIT"  # "0" keeps the eager blocks on CUDA too
+# CROSSEARTH_FUSED_VIT=0 keeps the eager blocks on CUDA too
 FUSED_VIT = OptionalKernel("fused ViT kernels", "crossearth_cli.model.vit_triton",
-                           "fused_forward_features", FUSED_VIT_ENV)
+                           "fused_forward_features", "CROSSEARTH_FUSED_VIT")
 
 
 class ViTAttention(nn.Module):

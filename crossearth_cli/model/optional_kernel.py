@@ -18,7 +18,7 @@ import torch
 
 from crossearth_cli.errors import is_out_of_memory
 
-__all__ = ["OptionalKernel", "on_triton"]
+__all__ = ["OptionalKernel", "on_triton", "env_set"]
 
 
 def on_triton(x: torch.Tensor) -> bool:
@@ -27,6 +27,20 @@ def on_triton(x: torch.Tensor) -> bool:
     traces (it fuses these passes itself)."""
     return ((x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
             and not torch.is_grad_enabled() and not torch.compiler.is_compiling())
+
+
+@contextlib.contextmanager
+def env_set(name: str, value: str):
+    """The environment variable ``name`` set to ``value`` while inside, then as it was."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before
 
 
 class OptionalKernel:
@@ -47,18 +61,9 @@ class OptionalKernel:
                 self._loaded = (None,)
         return self._loaded[0]
 
-    @contextlib.contextmanager
     def switched_off(self):
         """The eager path while inside (the environment variable set to 0), for comparisons."""
-        before = os.environ.get(self.env)
-        os.environ[self.env] = "0"
-        try:
-            yield
-        finally:
-            if before is None:
-                del os.environ[self.env]
-            else:
-                os.environ[self.env] = before
+        return env_set(self.env, "0")
 
     def enabled(self) -> bool:
         return not self.failed and os.environ.get(self.env) != "0"

@@ -42,7 +42,7 @@ import triton.language as tl
 
 from crossearth_cli.model.attention import attention
 
-__all__ = ["fused_forward_features", "eager_blocks", "check_kernels", "check"]
+__all__ = ["fused_forward_features", "check_kernels", "check"]
 
 
 # --- kernels: one program per token row of C channels ----------------------------------------
@@ -226,13 +226,6 @@ def fused_forward_features(vit, x: torch.Tensor) -> list[torch.Tensor]:
     return outs
 
 
-def eager_blocks():
-    """The eager backbone while inside (``CROSSEARTH_FUSED_VIT=0``), for comparisons."""
-    from crossearth_cli.model.backbone import FUSED_VIT
-
-    return FUSED_VIT.switched_off()
-
-
 # --- self-check --------------------------------------------------------------------------------
 
 
@@ -317,6 +310,7 @@ def check(device: str = "cpu", dtype: torch.dtype = torch.bfloat16) -> dict:
     """A small random CrossEarth, eager against fused under ``dtype`` autocast: largest relative
     difference of the four feature maps, of the scores, and class agreement."""
     from crossearth_cli.model import CrossEarth
+    from crossearth_cli.model.backbone import FUSED_VIT
     from crossearth_cli.model.random_init import random_state_dict, tiny_config
 
     config = tiny_config(embed_dim=96)  # C not a power of two: masked lanes are exercised
@@ -334,7 +328,7 @@ def check(device: str = "cpu", dtype: torch.dtype = torch.bfloat16) -> dict:
         want = net.backbone.forward_features(x, fused=False)
         got = net.backbone.forward_features(x, fused=True)
         got_scores = net(x).float()  # fused by default (CUDA or the interpreter)
-        with eager_blocks():
+        with FUSED_VIT.switched_off():
             want_scores = net(x).float()
     maps = max(float((a - b).abs().max() / a.abs().max()) for a, b in zip(want, got))
     return {"maps_max_rel_diff": maps,
