@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from scenes import TFLOP_PER_TILE, machine, random_model, sync, write_scene, write_tiles
 
+from crossearth_cli.cuda_graphs import ENV as GRAPHS_ENV
 from crossearth_cli.model.ms_deform_attn import KERNEL_ENV
 from crossearth_cli.model.optional_kernel import env_set
 from crossearth_cli.model.precision import autocast_weights
@@ -126,6 +127,12 @@ def end_to_end(net, size: int, device: str, batch: int, precision: str, work: Pa
 def pytorch_attention():
     """Deformable attention on its PyTorch path (grid_sample), as before the Triton kernel."""
     return env_set(KERNEL_ENV, "pytorch")
+
+
+def cuda_graphs():
+    """`segment` with the model's forward replayed from CUDA graphs (crossearth_cli/cuda_graphs.py,
+    opt-in until measured)."""
+    return env_set(GRAPHS_ENV, "1")
 
 
 def applied(patches) -> contextlib.ExitStack:

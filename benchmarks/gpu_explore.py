@@ -34,7 +34,9 @@ from bench_gpu import (
     StepLog,
     applied,
     before_gpu_changes,
+    cuda_graphs,
     end_to_end,
+    folder_of_tiles,
     interpolated_mask_resizes,
     patch_convolution,
     pytorch_attention,
@@ -42,6 +44,7 @@ from bench_gpu import (
 from candidates import regional_compile
 from scenes import TFLOP_PER_TILE, class_agreement, machine, matmul_tflops, random_model, sync
 
+from crossearth_cli.cuda_graphs import GraphedForward
 from crossearth_cli.model.backbone import FUSED_VIT
 from crossearth_cli.model.head import FUSED_SEMANTIC
 from crossearth_cli.model.precision import autocast_weights
@@ -216,6 +219,11 @@ def end_to_end_kept(net, e2e: int, dev: str, batch: int, work: Path, tile: int,
     return row
 
 
+def _folder(net, files: int, size: int, dev: str, batch: int, work: Path, patches) -> dict:
+    with applied(patches):
+        return folder_of_tiles(net, files, size, dev, batch, work)
+
+
 def explore_size(step, size: int, batches: tuple[int, ...], dev: str, seconds: float,
                  full: bool = True, e2e: int | None = None) -> None:
     """Before / now at ``size`` and ``batches[0]``; if ``full`` also now with one change undone,
@@ -251,6 +259,18 @@ def explore_size(step, size: int, batches: tuple[int, ...], dev: str, seconds: f
         step("end_to_end_now", lambda: end_to_end_kept(net, e2e, dev, batches[0], work, size))
         step("end_to_end_before", lambda: end_to_end_kept(
             net, e2e, dev, batches[0], work, size, patches=(before_gpu_changes,)))
+        step("end_to_end_cuda_graphs", lambda: end_to_end_kept(
+            net, e2e, dev, batches[0], work, size, patches=(cuda_graphs,)))
+        files = 128 if dev == "cuda" else 4
+        for name, patches in (("now", ()), ("cuda_graphs", (cuda_graphs,))):
+            step(f"folder_of_tiles_{name}", lambda p=patches: _folder(net, files, size, dev,
+                                                                      batches[0], work, p))
+    if dev == "cuda":  # each forward replayed from a CUDA graph: against now, at two batches
+        step(f"model_{size}_now_cuda_graphs", lambda: variant_row(
+            GraphedForward(now), x, dev, seconds, ref, ref_now=ref_now))
+        step(f"model_{size}_now_b1", lambda: variant_row(now, x[:1], dev, seconds, None))
+        step(f"model_{size}_now_cuda_graphs_b1", lambda: variant_row(
+            GraphedForward(now), x[:1], dev, seconds, None, ref_now=ref_now[:1]))
     if dev == "cuda":  # inductor on the CPU is slow to compile and not what this is for
         step(f"model_{size}_now_but_eager_vit_regional_compile",  # compiled eager blocks
              lambda: compiled_row(now, x, dev, seconds, ref_now, patches=(FUSED_VIT.switched_off,)))

@@ -22,6 +22,7 @@ import torch
 from rasterio.transform import Affine
 
 from crossearth_cli.allocator import keep_freed_memory
+from crossearth_cli.cuda_graphs import GraphedForward, cuda_graphs_wanted
 from crossearth_cli.errors import ConfigError, UserError, is_out_of_memory
 from crossearth_cli.raster.accumulator import (
     CLASS_NODATA,
@@ -542,6 +543,27 @@ COMPILE_CPU_NOTE = ("--compile applies to CUDA only and is ignored here: on the 
                     "torch.compile made the model slower (docs/performance.md)")
 
 
+def runtime_module(module: torch.nn.Module, device: torch.device, precision: str,
+                   compile: bool = False) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """What a session runs (and the eager module behind it, which ``--batch-size auto``
+    probes with): on CUDA the weights autocast would cast at every call are cast once (same
+    numbers, +3 % on an H100, +0.65 GB of GPU memory for ViT-L), then ``--compile`` or, when
+    asked for, CUDA graphs. The float32 ``module`` stays as it is. Not on the CPU: no gain
+    measured there (docs/performance.md, (c)), and the copy would cost host memory."""
+    from crossearth_cli.model.precision import autocast_weights
+
+    if device.type != "cuda":
+        return module, module
+    eager = autocast_weights(module, _PRECISIONS[precision])
+    if compile:
+        # Tiles have one size per scene, so shapes are static apart from a last, smaller
+        # batch: a couple of compilations per run.
+        return torch.compile(eager, dynamic=False), eager
+    if cuda_graphs_wanted():  # opt-in until measured: crossearth_cli/cuda_graphs.py
+        return GraphedForward(eager), eager
+    return eager, eager
+
+
 class Session:
     """What stays loaded across scenes: the model on its device, the predictor, reader threads."""
 
@@ -555,23 +577,10 @@ class Session:
         if self.device.type == "cpu":
             keep_freed_memory()  # reuse the model's temporaries (crossearth_cli/allocator.py)
         spec.module = spec.module.to(self.device).eval()
-        # on CUDA the weights autocast would cast at every call are cast once (same numbers,
-        # +3 % on an H100, +0.65 GB of GPU memory for ViT-L); the float32 model in spec stays
-        # as it is. Not on the CPU: no gain measured there (docs/performance.md, (c)), and
-        # it would cost host memory.
-        from crossearth_cli.model.precision import autocast_weights
-
-        module = spec.module
-        if self.device.type == "cuda":
-            module = autocast_weights(module, _PRECISIONS[self.precision])
         self.notes: list[str] = []  # told once, with the first scene's notes
         if compile and self.device.type != "cuda":
             self.notes.append(COMPILE_CPU_NOTE)
-        eager = module
-        if compile and self.device.type == "cuda":
-            # Tiles have one size per scene, so shapes are static apart from a last, smaller
-            # batch: a couple of compilations per run.
-            module = torch.compile(module, dynamic=False)
+        module, eager = runtime_module(spec.module, self.device, self.precision, compile)
         self.predictor = Predictor(spec, self.device, self.precision, batch_size, module,
                                    probe_module=eager)
         self.io_threads = io_threads or cpu_io_threads()

@@ -68,11 +68,14 @@ def test_gpu_session_dry_run_on_the_cpu(tmp_path):
     explore = json.loads((tmp_path / "explore.json").read_text())
     assert not explore["errors"], explore["errors"]
     ran = set(explore["steps"])
-    assert {"model_64_now", "model_64_now_but_eager_vit", "model_64_now_but_eager_semantic",
-            "model_64_now_but_patch_convolution"} <= ran
+    assert {"model_64_now", "model_64_before", "end_to_end_now", "end_to_end_cuda_graphs",
+            "folder_of_tiles_now", "folder_of_tiles_cuda_graphs"} <= ran
     assert "components_64_now" not in ran and "components_64_now" in explore["not_selected"]
-    before = explore["steps"]["end_to_end_before"]
-    assert before["tiles"] > 1 and before["class_agreement_vs_now"] > 0.99
+    for name in ("before", "cuda_graphs"):  # (on the CPU, no CUDA graph: the same run)
+        row = explore["steps"][f"end_to_end_{name}"]
+        assert row["tiles"] > 1 and row["class_agreement_vs_now"] > 0.99
+    folder = explore["steps"]["folder_of_tiles_cuda_graphs"]
+    assert folder["files"] == 4 and folder["tiles_per_s"] > 0
     report = json.loads((tmp_path / "gpu.json").read_text())
     assert report["smoke"] is True and not report["errors"], report["errors"]
     steps = report["steps"]

@@ -96,7 +96,7 @@ def ms_deform_attn_core(
     return out
 
 
-@functools.lru_cache(maxsize=64)
+@functools.cache  # never dropped: a CUDA graph may read it
 def _offset_scale(shapes: tuple[tuple[int, int], ...], heads: int, points: int,
                   device: torch.device) -> torch.Tensor:
     """2/size per offset row (heads→levels→points→xy), made once per level layout and device:

@@ -80,7 +80,7 @@ def _msda_kernel(value_ptr, grid_ptr, weight_ptr, shapes_ptr, starts_ptr, out_pt
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=qmask[:, None])
 
 
-@functools.lru_cache(maxsize=64)
+@functools.cache  # never dropped: a CUDA graph may read it
 def _level_table(shapes: tuple[tuple[int, int], ...], device: torch.device) -> torch.Tensor:
     """int32 [H, W per level, then each level's start in S], made once per layout and device
     (a copy from a Python list at every call would make the CPU wait for the GPU)."""
