@@ -83,6 +83,10 @@ class LoRAReins(nn.Module):
         """
         if self.training or torch.is_grad_enabled():
             return self.compute_static()
+        if torch.compiler.is_compiling():
+            # torch.compile cannot trace the key's data_ptr() (a graph break per call): take
+            # what an eager call cached, or compute it inside the graph
+            return self._cache[1] if self._cache is not None else self.compute_static()
         key = tuple((p.data_ptr(), p._version, p.device, p.dtype) for p in self._static_params())
         if self._cache is None or self._cache[0] != key:
             self._cache = (key, self.compute_static())
