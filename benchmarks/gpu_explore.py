@@ -101,11 +101,11 @@ def variant_row(net, x, dev, seconds, ref, *, patches=(), ref_now=None) -> dict:
     return row
 
 
-def compiled_row(net, x, dev, seconds, ref_now, patches=()) -> dict:
-    """Regional compilation (candidates.regional_compile) with ``patches`` applied: compile
-    time (the first call), then tiles/s."""
+def compiled_row(net, x, dev, seconds, ref_now, patches=(), compile: bool = True) -> dict:
+    """Regional compilation (candidates.regional_compile) of ``net`` (``compile=False``: net is
+    compiled already) with ``patches`` applied: compile time (the first call), then tiles/s."""
     t0 = time.perf_counter()
-    compiled = regional_compile(net)
+    compiled = regional_compile(net) if compile else net
     with applied(patches), torch.inference_mode(), autocast(dev):
         compiled(x)
         sync(dev)
@@ -271,6 +271,13 @@ def explore_size(step, size: int, batches: tuple[int, ...], dev: str, seconds: f
         step(f"model_{size}_now_b1", lambda: variant_row(now, x[:1], dev, seconds, None))
         step(f"model_{size}_now_cuda_graphs_b1", lambda: variant_row(
             GraphedForward(now), x[:1], dev, seconds, None, ref_now=ref_now[:1]))
+        # the whole model through inductor (one graph now: no Rein graph breaks), then the
+        # same compiled model replayed from CUDA graphs (no second compilation)
+        compiled = torch.compile(now, dynamic=False)
+        step(f"model_{size}_now_compiled", lambda: compiled_row(compiled, x, dev, seconds,
+                                                                 ref_now, compile=False))
+        step(f"model_{size}_now_compiled_cuda_graphs", lambda: variant_row(
+            GraphedForward(compiled), x, dev, seconds, None, ref_now=ref_now))
     if dev == "cuda":  # inductor on the CPU is slow to compile and not what this is for
         step(f"model_{size}_now_but_eager_vit_regional_compile",  # compiled eager blocks
              lambda: compiled_row(now, x, dev, seconds, ref_now, patches=(FUSED_VIT.switched_off,)))

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# A lent GPU's issue-6 work in one device command (about 8 minutes on an H100/H200):
+# A lent GPU's issue-6 work in one device command (about 9 minutes on an H100/H200):
 #   1. gpu_explore.py on CUDA graphs (crossearth_cli/cuda_graphs.py, opt-in until this measures
 #      it): model-only at batch 16 and 1 with and without, with its bitwise agreement with the
 #      eager forward; `segment` on an 8192² scene and a folder of 128 single-tile files, with
 #      and without; `now` and `before` at 512², the card's measured matmul rate and the fused
-#      kernels' exactness checks -> $OUT/explore.json;
+#      kernels' exactness checks; last, the whole model compiled (now one graph), alone and
+#      replayed from CUDA graphs -> $OUT/explore.json;
 #   2. gpu.sh, the issue's figures (model-only, end to end, memory) -> $OUT/gpu.json.
 # Each part has its own time budget (EXPLORE_BUDGET, GPU_BUDGET seconds; later steps are
 # skipped), so one part running long cannot take the other's time.
@@ -15,8 +16,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/gpu_env.sh
-only="cuda_graphs|now_b1\$|folder_of_tiles|end_to_end|fused|matmul"
-explore=(--seconds 2 --budget "${EXPLORE_BUDGET:-230}" --json "$out_dir/explore.json")
+only="cuda_graphs|now_b1\$|folder_of_tiles|end_to_end|fused|matmul|now_compiled"
+explore=(--seconds 2 --budget "${EXPLORE_BUDGET:-300}" --json "$out_dir/explore.json")
 gpu=(--budget "${GPU_BUDGET:-200}")
 if [ "${1:-}" = "--cpu-smoke" ]; then  # the tiny model at 64², its own small scene
   explore+=(--cpu-smoke --only "^model_64_(now|before)\$|$only")
