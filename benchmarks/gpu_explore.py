@@ -12,7 +12,9 @@ One run, so every figure comes from the same card and can be compared as a ratio
   decoder, semantic inference) and the top kernels and ops of one batch, with how busy the
   GPU was (kernel time / wall time: low means launch-bound);
 - batch sizes, with ``--e2e-size`` `segment` end to end, now and before, and regional
-  ``torch.compile`` of the eager blocks (``candidates.py``).
+  ``torch.compile`` of the eager blocks (``candidates.py``);
+- candidates not yet in the model: CUDA graphs (in the package, opt-in), the whole model
+  compiled, the fused pixel-decoder encoder (``fused_pixel.py``).
 The first H100 run used the earlier form of this script, which timed the changes as patches
 (its JSON: docs/results/gpu-h100-explore-run1.json).
 
@@ -42,6 +44,8 @@ from bench_gpu import (
     pytorch_attention,
 )
 from candidates import regional_compile
+from fused_pixel import check as check_fused_pixel
+from fused_pixel import fused_pixel_encoder
 from scenes import TFLOP_PER_TILE, class_agreement, machine, matmul_tflops, random_model, sync
 
 from crossearth_cli.cuda_graphs import GraphedForward
@@ -244,6 +248,7 @@ def explore_size(step, size: int, batches: tuple[int, ...], dev: str, seconds: f
         "now_but_eager_vit": (now, (FUSED_VIT.switched_off,)),  # vit_triton's fused passes off
         "now_but_eager_semantic": (now, (FUSED_SEMANTIC.switched_off,)),
         "now_but_patch_convolution": (now, (patch_convolution,)),
+        "now_plus_fused_pixel_encoder": (now, (fused_pixel_encoder,)),  # candidate
     }
     for name, (model, patches) in variants.items():
         if not full and name.startswith("now_but"):
@@ -317,6 +322,7 @@ def main() -> None:
         step("shrink_bilinear_equals_interpolate", lambda: shrink_check(dev))
         step("fused_elementwise_kernels_vs_eager", lambda: check_kernels(dev))
         step("fused_semantic_vs_eager", lambda: check_fused_semantic(dev))
+        step("fused_pixel_encoder_vs_eager", lambda: check_fused_pixel(dev))
     if smoke:
         explore_size(step, 64, (2, 4), dev, seconds, e2e=128)
         explore_size(step, 128, (1,), dev, seconds, full=False)

@@ -4,8 +4,9 @@
 #      it): model-only at batch 16 and 1 with and without, with its bitwise agreement with the
 #      eager forward; `segment` on an 8192² scene and a folder of 128 single-tile files, with
 #      and without; `now` and `before` at 512², the card's measured matmul rate and the fused
-#      kernels' exactness checks; last, the whole model compiled (now one graph), alone and
-#      replayed from CUDA graphs -> $OUT/explore.json;
+#      kernels' exactness checks; the candidate fused pixel-decoder encoder (fused_pixel.py:
+#      its check on the GPU, then the model with it); last, the whole model compiled (now one
+#      graph), alone and replayed from CUDA graphs -> $OUT/explore.json;
 #   2. gpu.sh, the issue's figures (model-only, end to end, memory) -> $OUT/gpu.json.
 # Each part has its own time budget (EXPLORE_BUDGET, GPU_BUDGET seconds; later steps are
 # skipped), so one part running long cannot take the other's time.

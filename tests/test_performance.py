@@ -68,8 +68,9 @@ def test_gpu_session_dry_run_on_the_cpu(tmp_path):
     explore = json.loads((tmp_path / "explore.json").read_text())
     assert not explore["errors"], explore["errors"]
     ran = set(explore["steps"])
-    assert {"model_64_now", "model_64_before", "end_to_end_now", "end_to_end_cuda_graphs",
-            "folder_of_tiles_now", "folder_of_tiles_cuda_graphs"} <= ran
+    assert {"model_64_now", "model_64_before", "model_64_now_plus_fused_pixel_encoder",
+            "end_to_end_now", "end_to_end_cuda_graphs", "folder_of_tiles_now",
+            "folder_of_tiles_cuda_graphs"} <= ran
     assert "components_64_now" not in ran and "components_64_now" in explore["not_selected"]
     for name in ("before", "cuda_graphs"):  # (on the CPU, no CUDA graph: the same run)
         row = explore["steps"][f"end_to_end_{name}"]
@@ -94,7 +95,8 @@ def test_gpu_explore_dry_run_on_the_cpu(tmp_path):
     steps = cpu_smoke_report("gpu_explore.py", tmp_path)["steps"]
     assert steps["model_64_now"]["tiles_per_s"] > 0
     for name in ("before", "now_but_eager_vit", "now_but_eager_semantic",
-                 "now_but_patch_convolution"):  # CPU runs take none of the CUDA paths
+                 "now_but_patch_convolution",
+                 "now_plus_fused_pixel_encoder"):  # CPU runs take none of the CUDA paths
         assert steps[f"model_64_{name}"]["max_abs_diff"] == 0.0, name
     assert steps["end_to_end_now"]["tiles"] > 1
 
@@ -596,3 +598,22 @@ def test_torch_compile_traces_the_whole_model_in_one_graph(eager_first):
         want = net(x) if want is None else want
     assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_pixel_decoder_candidate_matches_eager_autocast():
+    """benchmarks/fused_pixel.py (a GPU candidate gpu_session.sh times), run by Triton's
+    interpreter: its add-and-norm kernel gives eager's casts exactly and the LayerNorm to its
+    last bits; the encoder it replaces and the whole model (through the patch the benchmark
+    uses) stay within bf16 rounding of eager."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fused_pixel.py")],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    kernel = report["add_norm"]
+    assert kernel["cast_equal"] and kernel["pos_cast_equal"], kernel
+    assert kernel["ln_max_abs_diff"] < 1e-5, kernel
+    assert report["encoder"]["max_rel_diff"] < 2**-7, report["encoder"]  # a bf16 step
+    assert report["model"]["fused_calls"] == 1, report["model"]
+    assert report["model"]["class_agreement"] >= 0.98, report["model"]

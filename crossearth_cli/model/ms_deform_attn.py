@@ -137,9 +137,18 @@ class MSDeformAttn(nn.Module):
         """Where each query looks and how much each point counts, both float32:
         weights (B·h)×L×P×S (softmaxed over each head's L·P pairs) and points B×h×L×P×2×S
         in grid_sample units."""
-        b, s, _ = query.shape
+        return self.sampling_t((query + query_pos).transpose(1, 2), reference_points,
+                               spatial_shapes)
+
+    def sampling_t(
+        self,
+        q_t: torch.Tensor,
+        reference_points: torch.Tensor,
+        spatial_shapes: list[tuple[int, int]],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`sampling` given the queries with their positions, as B×C×S columns."""
+        b, _, s = q_t.shape
         h, nl, npts = self.num_heads, self.num_levels, self.num_points
-        q_t = (query + query_pos).transpose(1, 2)  # B×C×S
 
         # weights: softmax along dim 2 by hand (torch's softmax over a last axis of 12 is
         # several times slower on the CPU)
@@ -149,7 +158,7 @@ class MSDeformAttn(nn.Module):
 
         # points: reference + offset in cells of each level; in grid_sample units the offset
         # is scaled by 2/size, folded into the projection (rows ordered heads→levels→points→xy)
-        scale = _offset_scale(tuple(spatial_shapes), h, npts, query.device)
+        scale = _offset_scale(tuple(spatial_shapes), h, npts, q_t.device)
         off = _project(self.sampling_offsets, q_t, scale).float().view(b, h, nl, npts, 2, s)
         ref = reference_points.float().permute(0, 2, 3, 1) * 2 - 1  # (1|B)×L×2×S
         return w, off.add_(ref[:, None, :, None])

@@ -70,6 +70,12 @@ class _Encoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(EncoderLayer(**kw) for _ in range(num_layers))
 
+    def forward(self, x, pos, ref, shapes):
+        """x: B×S×D tokens of all levels, pos: 1×S×D, ref: 1×S×L×2 -> B×S×D."""
+        for layer in self.layers:
+            x = layer(x, pos, ref, shapes)
+        return x
+
 
 def reference_points(shapes: list[tuple[int, int]], device) -> torch.Tensor:
     """Centre of each token's own cell, ((j+0.5)/W_l, (i+0.5)/H_l), levels concatenated: S×2."""
@@ -142,8 +148,7 @@ class PixelDecoder(nn.Module):
         pos = torch.cat(poses, dim=1).to(x.dtype)  # 1×S×D
         ref = reference_points(shapes, x.device)[None, :, None, :]  # 1×S×1×2, same on all levels
         ref = ref.expand(1, -1, self.num_levels, 2)
-        for layer in self.encoder.layers:
-            x = layer(x, pos, ref, shapes)
+        x = self.encoder(x, pos, ref, shapes)
         mems, start = [], 0
         for hl, wl in shapes:  # back to maps: [s32, s16, s8]
             mems.append(x[:, start : start + hl * wl].transpose(1, 2).reshape(b, -1, hl, wl))
