@@ -36,7 +36,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from scenes import TFLOP_PER_TILE, machine, random_model, sync, write_scene, write_tiles
+from scenes import (
+    TFLOP_PER_TILE,
+    machine,
+    profiled,
+    random_model,
+    sync,
+    write_scene,
+    write_tiles,
+)
 
 from crossearth_cli.cuda_graphs import ENV as GRAPHS_ENV
 from crossearth_cli.model.ms_deform_attn import KERNEL_ENV
@@ -180,10 +188,13 @@ def host_waits(net, size: int, device: str, batch: int, work: Path, tile: int) -
             "by_line": dict(sorted(where.items(), key=lambda kv: -kv[1])[:15])}
 
 
-def folder_of_tiles(net, files: int, size: int, device: str, batch: int, work: Path) -> dict:
+def folder_of_tiles(net, files: int, size: int, device: str, batch: int, work: Path,
+                    profile: bool = False) -> dict:
     """`crossearth segment FOLDER` (batch.run_batch) on ``files`` tiles of ``size``², one tile
     per file, as datasets of evaluation crops are laid out: as it runs (files that cannot fill
-    a batch share forward passes) and with that sharing off (one tile per forward pass)."""
+    a batch share forward passes) and with that sharing off (one tile per forward pass).
+    ``profile``: the shared run under cProfile too (the main thread: where its time per file
+    goes), after the timed runs."""
     from bench_batch import groups
 
     from crossearth_cli.batch import Manifest, expand_inputs, run_batch
@@ -213,6 +224,10 @@ def folder_of_tiles(net, files: int, size: int, device: str, batch: int, work: P
                                    f"{result.failed[0].reason}")
             name = "tiles_per_s" if grouped else "without_groups_tiles_per_s"
             row[name] = round(len(result.done) / seconds, 2)
+        if profile:
+            shutil.rmtree(out)
+            row["profiled"] = profiled(lambda: {"files": len(run_batch(
+                items, out, template, session, ["classes"], "bench", Manifest(out)).done)})
     x = torch.randn(1, 3, size, size, device=device)
     row["model_only_batch1_tiles_per_s"] = timed(
         autocast_weights(net, torch.bfloat16), x, "bf16", device,

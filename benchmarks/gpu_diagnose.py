@@ -19,16 +19,13 @@
 from __future__ import annotations
 
 import argparse
-import cProfile
-import io
-import pstats
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 from bench_gpu import StepLog, applied, before_gpu_changes, patch_convolution
-from scenes import ZeroCostHead, machine, random_model, write_scene
+from scenes import ZeroCostHead, machine, profiled, random_model, write_scene
 
 from crossearth_cli.model.backbone import FUSED_VIT
 from crossearth_cli.model.head import FUSED_SEMANTIC
@@ -81,18 +78,6 @@ def segment_row(module, src: Path, work: Path, dev: str, batch: int, tile: int, 
         seconds = time.perf_counter() - t0
     return {"seconds": round(seconds, 2), "tiles": r.tiles,
             "tiles_per_s": round(r.tiles / seconds, 1), "mpx_per_s": round(r.mpx_per_s, 2)}
-
-
-def profiled(fn, top: int = 30) -> dict:
-    """``fn()`` under cProfile (the calling thread only: the one that launches GPU work)."""
-    prof = cProfile.Profile()
-    row = prof.runcall(fn)
-    buf = io.StringIO()
-    stats = pstats.Stats(prof, stream=buf)
-    stats.sort_stats("tottime").print_stats(top)
-    stats.sort_stats("cumulative").print_stats(top)
-    row["profile"] = buf.getvalue()[-12000:]
-    return row
 
 
 def main() -> None:

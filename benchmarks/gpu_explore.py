@@ -225,7 +225,7 @@ def end_to_end_kept(net, e2e: int, dev: str, batch: int, work: Path, tile: int,
 
 def _folder(net, files: int, size: int, dev: str, batch: int, work: Path, patches) -> dict:
     with applied(patches):
-        return folder_of_tiles(net, files, size, dev, batch, work)
+        return folder_of_tiles(net, files, size, dev, batch, work, profile=True)
 
 
 def explore_size(step, size: int, batches: tuple[int, ...], dev: str, seconds: float,

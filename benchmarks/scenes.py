@@ -7,6 +7,9 @@ needs little memory to create. Also the small models the benchmarks use.
 
 from __future__ import annotations
 
+import cProfile
+import io
+import pstats
 import sys
 from pathlib import Path
 
@@ -163,3 +166,15 @@ def machine() -> str:
         gpu = f", {torch.cuda.get_device_name(0)}"
     return (f"{platform.machine()}, {os.cpu_count()} CPU threads, Python "
             f"{platform.python_version()}, torch {torch.__version__}{gpu}")
+
+
+def profiled(fn, top: int = 30) -> dict:
+    """``fn()`` under cProfile (the calling thread only: the one that launches GPU work)."""
+    prof = cProfile.Profile()
+    row = prof.runcall(fn)
+    buf = io.StringIO()
+    stats = pstats.Stats(prof, stream=buf)
+    stats.sort_stats("tottime").print_stats(top)
+    stats.sort_stats("cumulative").print_stats(top)
+    row["profile"] = buf.getvalue()[-12000:]
+    return row
