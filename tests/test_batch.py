@@ -283,6 +283,28 @@ def test_many_outputs_share_the_writer_threads(tmp_path, monkeypatch):
     for i in (0, files - 1):
         with rasterio.open(tmp_path / f"f{i}.tif") as ds:
             assert np.array_equal(ds.read(1), rows)
+    monkeypatch.undo()
+    # a forked child (the vector workers fork) has none of the pool's threads: it must start
+    # its own rather than queue writes on threads that do not exist there and hang
+    pid = os.fork()
+    if pid == 0:
+        try:
+            spec = writer.RasterSpec(path=tmp_path / "child.tif", count=1, dtype="uint8",
+                                     nodata=255)
+            sink = writer.GeoTiffSink(spec, *rows.shape, "EPSG:32631", transform)
+            sink.write_rows(0, rows)
+            sink.commit()
+        finally:
+            os._exit(0)
+    deadline = time.time() + 60
+    while os.waitpid(pid, os.WNOHANG) == (0, 0):
+        if time.time() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("a forked child's write hung")
+        time.sleep(0.05)
+    with rasterio.open(tmp_path / "child.tif") as ds:
+        assert np.array_equal(ds.read(1), rows)
 
 
 def test_stale_temporaries_are_found_from_one_listing_of_the_folder(tmp_path, monkeypatch):

@@ -438,6 +438,10 @@ def _write_pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max(2, os.cpu_count() or 2), thread_name_prefix="crossearth-write")
 
 
+# a forked child has none of the parent's threads: it starts a pool of its own if it writes
+os.register_at_fork(after_in_child=_write_pool.cache_clear)
+
+
 class GeoTiffSink:
     """One output raster: written under a temporary name, renamed by :meth:`commit`."""
 
