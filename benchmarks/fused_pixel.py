@@ -132,7 +132,7 @@ def _msda_kernel_on_the_cpu(device: str):
 
 def check(device: str = "cpu", dtype: torch.dtype = torch.bfloat16) -> dict:
     """The kernel against the eager ops it replaces (the casts must be exact, the LayerNorm
-    may differ in its last bits), then the tiny model's pixel-decoder encoder (six layers) and
+    may differ in its last bits), then the tiny model's pixel-decoder encoder (two layers) and
     whole-model scores, eager against fused under ``dtype`` autocast."""
     import torch.nn.functional as F
 
