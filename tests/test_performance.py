@@ -577,7 +577,7 @@ def test_gpu_diagnose_dry_run_on_the_cpu(tmp_path):
 @pytest.mark.parametrize("eager_first", [True, False])
 def test_torch_compile_traces_the_whole_model_in_one_graph(eager_first):
     """``--compile`` on CUDA: dynamo must see the model as one graph (the Rein cache's
-    data_ptr() key had cost three graph breaks per forward) and give eager's scores, whether
+    data_ptr() key had cost four graph breaks in this forward) and give eager's scores, whether
     an eager call (the batch-size probe) filled the cache first or not. Traced with dynamo
     only (no inductor), on the CPU."""
     import torch
