@@ -105,11 +105,10 @@ def variant_row(net, x, dev, seconds, ref, *, patches=(), ref_now=None) -> dict:
     return row
 
 
-def compiled_row(net, x, dev, seconds, ref_now, patches=(), compile: bool = True) -> dict:
-    """Regional compilation (candidates.regional_compile) of ``net`` (``compile=False``: net is
-    compiled already) with ``patches`` applied: compile time (the first call), then tiles/s."""
+def compiled_row(compiled, x, dev, seconds, ref_now, patches=()) -> dict:
+    """A ``torch.compile``-d model (compiled at its first call) with ``patches`` applied:
+    compile time (the first call), then tiles/s."""
     t0 = time.perf_counter()
-    compiled = regional_compile(net) if compile else net
     with applied(patches), torch.inference_mode(), autocast(dev):
         compiled(x)
         sync(dev)
@@ -251,7 +250,7 @@ def explore_size(step, size: int, batches: tuple[int, ...], dev: str, seconds: f
         "now_plus_fused_pixel_encoder": (now, (fused_pixel_encoder,)),  # candidate
     }
     for name, (model, patches) in variants.items():
-        if not full and name.startswith("now_but"):
+        if not full and name.startswith(("now_but", "now_plus")):
             continue
         step(f"model_{size}_{name}",
              lambda m=model, p=patches: variant_row(m, x, dev, seconds, ref, patches=p))
@@ -280,12 +279,13 @@ def explore_size(step, size: int, batches: tuple[int, ...], dev: str, seconds: f
         # same compiled model replayed from CUDA graphs (no second compilation)
         compiled = torch.compile(now, dynamic=False)
         step(f"model_{size}_now_compiled", lambda: compiled_row(compiled, x, dev, seconds,
-                                                                 ref_now, compile=False))
+                                                                 ref_now))
         step(f"model_{size}_now_compiled_cuda_graphs", lambda: variant_row(
             GraphedForward(compiled), x, dev, seconds, None, ref_now=ref_now))
     if dev == "cuda":  # inductor on the CPU is slow to compile and not what this is for
         step(f"model_{size}_now_but_eager_vit_regional_compile",  # compiled eager blocks
-             lambda: compiled_row(now, x, dev, seconds, ref_now, patches=(FUSED_VIT.switched_off,)))
+             lambda: compiled_row(regional_compile(now), x, dev, seconds, ref_now,
+                                  patches=(FUSED_VIT.switched_off,)))
     step(f"components_{size}_now", lambda: components(now, x, dev, seconds))
     step(f"profile_{size}_now", lambda: kernel_profile(now, x, dev))
     for b in batches[1:]:
