@@ -255,6 +255,20 @@ def synchronous_rows():
 
 
 @contextlib.contextmanager
+def masks_resized_per_layer():
+    """Each decoder layer's B×Q×H4×W4 mask logits resized to the level (mmdet's order), as
+    before the mask features were resized once per level."""
+    from crossearth_cli.model import head
+
+    resize = head.level_mask_features
+    head.level_mask_features = lambda features, size: features
+    try:
+        yield
+    finally:
+        head.level_mask_features = resize
+
+
+@contextlib.contextmanager
 def before_gpu_changes():
     """The model without the GPU changes of issue 6's later sessions that can be switched
     off (the caller also passes the float32 model, whose weights autocast casts at every
@@ -263,8 +277,8 @@ def before_gpu_changes():
     from crossearth_cli.model.backbone import FUSED_VIT
     from crossearth_cli.model.head import FUSED_SEMANTIC
 
-    with (pytorch_attention(), interpolated_mask_resizes(), FUSED_VIT.switched_off(),
-          FUSED_SEMANTIC.switched_off(), patch_convolution()):
+    with (pytorch_attention(), interpolated_mask_resizes(), masks_resized_per_layer(),
+          FUSED_VIT.switched_off(), FUSED_SEMANTIC.switched_off(), patch_convolution()):
         yield
 
 

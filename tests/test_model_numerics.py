@@ -390,3 +390,44 @@ def test_convolving_before_the_pyramid_resize_equals_the_reference_order(tiny):
         cls, masks = tiny.forward_logits(x)  # conv first, resize after
     torch.testing.assert_close(cls, ref_cls, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(masks, ref_masks, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("size", [(4, 3), (8, 6), (5, 7)])  # whole factors, and not
+def test_resizing_mask_features_equals_resizing_mask_logits(size):
+    """The attention masks come from mask features resized to the level; mmdet resizes the
+    mask logits instead. The resize is linear per channel, so both orders give the same logits."""
+    from crossearth_cli.model.head import level_mask_features, shrink_bilinear
+
+    g = seeded(23)
+    embed, features = torch.randn(2, 5, 8, generator=g), torch.randn(2, 8, 16, 12, generator=g)
+    want = shrink_bilinear(torch.einsum("bqc,bchw->bqhw", embed, features), size)
+    got = torch.einsum("bqc,bchw->bqhw", embed, level_mask_features(features, size))
+    assert got.shape == (2, 5, *size)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_decoder_masks_from_resized_features_equal_the_reference_order(tiny, monkeypatch):
+    """Every layer's attention mask, and the class scores, as when each layer's full-size
+    mask logits are resized (the reference order) in float32."""
+    from crossearth_cli.model import head as head_module
+
+    masks: list[torch.Tensor] = []
+    allowed = head_module.ReinMask2FormerHead._allowed
+    monkeypatch.setattr(head_module.ReinMask2FormerHead, "_allowed",
+                        lambda self, logits, size: masks.append(allowed(self, logits, size))
+                        or masks[-1])
+    resized = []
+    resize = head_module.level_mask_features
+    monkeypatch.setattr(head_module, "level_mask_features",
+                        lambda features, size: resized.append(size) or resize(features, size))
+    x = torch.randn(2, 3, 128, 96, generator=seeded(22))
+    with torch.inference_mode():
+        got = tiny(x)
+        got_masks, masks[:] = list(masks), []
+        monkeypatch.setattr(head_module, "level_mask_features", lambda features, size: features)
+        want = tiny(x)
+    assert resized == [(4, 3), (8, 6), (16, 12)]  # once per level, not once per layer
+    assert len(got_masks) == len(masks) == len(tiny.decode_head.transformer_decoder.layers)
+    for g, w in zip(got_masks, masks):
+        assert torch.equal(g, w)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
