@@ -27,11 +27,13 @@ import contextlib
 import json
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from scenes import ROOT  # noqa: F401 - puts this checkout on sys.path
 
 from crossearth_cli.model.ms_deform_attn import fused_kernel
+from crossearth_cli.model.msda_triton import BLOCK_Q, _corner, _level_table
 from crossearth_cli.model.optional_kernel import on_triton
 from crossearth_cli.model.pixel_decoder import _Encoder
 from crossearth_cli.model.vit_triton import _launch, _layer_norm, interpreter_rounds_to_nearest
@@ -68,9 +70,101 @@ def add_norm(x: torch.Tensor, y: torch.Tensor, norm: torch.nn.LayerNorm,
     return out, cast, (qcast if pos is not None else None)
 
 
-def fused_encoder(encoder: _Encoder, x, pos, ref, shapes) -> torch.Tensor | None:
+@triton.jit
+def _column(row, bias_ptr, col, qmask):
+    """One projection column for a block of queries, float32, with its bias."""
+    return tl.load(row + col, mask=qmask, other=0.0).to(tl.float32) + tl.load(bias_ptr + col)
+
+
+@triton.jit
+def _msda_proj_kernel(value_ptr, proj_ptr, bias_ptr, ref_ptr, shapes_ptr, starts_ptr, out_ptr, S, Q,
+                      H: tl.constexpr, D: tl.constexpr, L: tl.constexpr, P: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    # msda_triton's kernel, but reading where and how much straight from the projection:
+    # proj B×Q×(H·L·P·3) = [offsets (heads→levels→points→xy, in cells) | logits (heads→
+    # levels·points)] without their bias, which is added here in float32 (bias: H·L·P·3); the
+    # softmax over each head's L·P logits and the sampling points (reference · size + offset
+    # − ½, in pixels) are made here too. ref: Q×L×2 (x, y) in [0, 1].
+    n = tl.program_id(0)
+    b = n // H
+    h = n % H
+    q = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    qmask = q < Q
+    dd = tl.arange(0, D)
+    C = H * D
+    row = proj_ptr + (b.to(tl.int64) * Q + q) * (H * L * P * 3)
+    offs = h * (L * P * 2)  # column of this head's first offset
+    logits = H * L * P * 2 + h * (L * P)  # and of its first logit
+    top = tl.full((BLOCK,), float("-inf"), tl.float32)
+    for lp in tl.static_range(L * P):
+        top = tl.maximum(top, _column(row, bias_ptr, logits + lp, qmask))
+    den = tl.zeros((BLOCK,), dtype=tl.float32)
+    for lp in tl.static_range(L * P):
+        den += tl.exp(_column(row, bias_ptr, logits + lp, qmask) - top)
+    vbase = value_ptr + b.to(tl.int64) * S * C + h * D
+    acc = tl.zeros((BLOCK, D), dtype=tl.float32)
+    for lvl in tl.static_range(L):
+        hl = tl.load(shapes_ptr + 2 * lvl)
+        wl = tl.load(shapes_ptr + 2 * lvl + 1)
+        start = tl.load(starts_ptr + lvl)
+        rx = tl.load(ref_ptr + (q * L + lvl) * 2, mask=qmask, other=0.0)
+        ry = tl.load(ref_ptr + (q * L + lvl) * 2 + 1, mask=qmask, other=0.0)
+        for p in tl.static_range(P):
+            lp = lvl * P + p
+            w = tl.exp(_column(row, bias_ptr, logits + lp, qmask) - top) / den
+            x = rx * wl + _column(row, bias_ptr, offs + 2 * lp, qmask) - 0.5
+            y = ry * hl + _column(row, bias_ptr, offs + 2 * lp + 1, qmask) - 0.5
+            x0f = tl.floor(x)
+            y0f = tl.floor(y)
+            fx = x - x0f
+            fy = y - y0f
+            x0 = x0f.to(tl.int32)
+            y0 = y0f.to(tl.int32)
+            v = _corner(vbase, C, start, hl, wl, y0, x0, (1 - fy) * (1 - fx), qmask, dd)
+            v += _corner(vbase, C, start, hl, wl, y0, x0 + 1, (1 - fy) * fx, qmask, dd)
+            v += _corner(vbase, C, start, hl, wl, y0 + 1, x0, fy * (1 - fx), qmask, dd)
+            v += _corner(vbase, C, start, hl, wl, y0 + 1, x0 + 1, fy * fx, qmask, dd)
+            acc += v * w[:, None]
+    out = out_ptr + (b.to(tl.int64) * Q + q[:, None]) * C + h * D + dd[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=qmask[:, None])
+
+
+def msda_from_projection(value: torch.Tensor, proj: torch.Tensor, bias: torch.Tensor,
+                         ref: torch.Tensor, shapes: list[tuple[int, int]], heads: int,
+                         points: int) -> torch.Tensor:
+    """value: B×S×C; proj: B×Q×(h·L·P·3) (offsets, then logits) less ``bias`` (float32);
+    ref: 1×Q×L×2 -> B×Q×C."""
+    b, s, c = value.shape
+    q, nl = proj.shape[1], len(shapes)
+    if proj.shape[-1] != heads * nl * points * 3:
+        raise ValueError(f"projection width {proj.shape[-1]} is not {heads}·{nl}·{points}·3")
+    meta = _level_table(tuple(shapes), value.device)
+    out = torch.empty(b, q, c, dtype=value.dtype, device=value.device)
+    with torch.cuda.device(value.device) if value.is_cuda else contextlib.nullcontext():
+        _msda_proj_kernel[(b * heads, triton.cdiv(q, BLOCK_Q))](
+            value.contiguous(), proj.contiguous(), bias.float().contiguous(),
+            ref[0].float().contiguous(), meta,
+            meta[2 * nl:], out, s, q, H=heads, D=c // heads, L=nl, P=points, BLOCK=BLOCK_Q)
+    return out
+
+
+def sampling_projection(attn, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The offset and weight projections as one (rows: offsets, then logits): the weight in
+    ``dtype``, the bias in float32 (the kernel adds it), made once per module and dtype."""
+    cache = attn.__dict__.setdefault("_sampling_projection", {})
+    if dtype not in cache:
+        w = torch.cat([attn.sampling_offsets.weight, attn.attention_weights.weight])
+        bias = torch.cat([attn.sampling_offsets.bias, attn.attention_weights.bias])
+        cache[dtype] = (w.detach().to(dtype), bias.detach().float())
+    return cache[dtype]
+
+
+def fused_encoder(encoder: _Encoder, x, pos, ref, shapes,
+                  sampling_in_kernel: bool = False) -> torch.Tensor | None:
     """``_Encoder.forward`` through :func:`add_norm` and the deformable-attention kernel, under
-    the autocast in force; None where that kernel cannot run (the eager path then does)."""
+    the autocast in force; None where that kernel cannot run (the eager path then does).
+    ``sampling_in_kernel``: the offset and weight projections as one GEMM whose output
+    :func:`msda_from_projection` reads (softmax and points made in the kernel)."""
     layers = list(encoder.layers)
     first = layers[0].self_attn
     kernel = fused_kernel(x.shape[-1] // first.num_heads)
@@ -84,8 +178,13 @@ def fused_encoder(encoder: _Encoder, x, pos, ref, shapes) -> torch.Tensor | None
     for i, layer in enumerate(layers):
         a = layer.self_attn
         h, nl, npts = a.num_heads, a.num_levels, a.num_points
-        w, points = a.sampling_t(qc.transpose(1, 2), ref, shapes)
-        out = kernel(a.value_proj(xc), shapes, points.view(b * h, nl, npts, 2, s), w, h)
+        if sampling_in_kernel:
+            weight, bias = sampling_projection(a, ct)
+            proj = torch.matmul(qc, weight.t())  # B×S×(h·L·P·3), no bias
+            out = msda_from_projection(a.value_proj(xc), proj, bias, ref, shapes, h, npts)
+        else:
+            w, points = a.sampling_t(qc.transpose(1, 2), ref, shapes)
+            out = kernel(a.value_proj(xc), shapes, points.view(b * h, nl, npts, 2, s), w, h)
         x, xc, _ = add_norm(x, a.output_proj(out), layer.norms[0])
         last = i == len(layers) - 1
         x, xc, qc = add_norm(x, layer.ffn.layers(xc), layer.norms[1], None if last else pos)
@@ -93,7 +192,7 @@ def fused_encoder(encoder: _Encoder, x, pos, ref, shapes) -> torch.Tensor | None
 
 
 @contextlib.contextmanager
-def fused_pixel_encoder(on_call=None):
+def fused_pixel_encoder(on_call=None, sampling_in_kernel: bool = False):
     """The candidate in place of ``_Encoder.forward`` where it applies (CUDA or the
     interpreter, autocast on, no gradient), for timing it inside the whole model;
     ``on_call(x)`` is told each time it runs."""
@@ -101,7 +200,7 @@ def fused_pixel_encoder(on_call=None):
 
     def forward(self, x, pos, ref, shapes):
         if on_triton(x) and torch.is_autocast_enabled(x.device.type):
-            out = fused_encoder(self, x, pos, ref, shapes)
+            out = fused_encoder(self, x, pos, ref, shapes, sampling_in_kernel)
             if out is not None:
                 if on_call is not None:
                     on_call(x)
@@ -134,8 +233,6 @@ def check(device: str = "cpu", dtype: torch.dtype = torch.bfloat16) -> dict:
     """The kernel against the eager ops it replaces (the casts must be exact, the LayerNorm
     may differ in its last bits), then the tiny model's pixel-decoder encoder (two layers) and
     whole-model scores, eager against fused under ``dtype`` autocast."""
-    import torch.nn.functional as F
-
     from crossearth_cli.model import CrossEarth
     from crossearth_cli.model.random_init import random_state_dict, tiny_config
 
@@ -156,6 +253,8 @@ def check(device: str = "cpu", dtype: torch.dtype = torch.bfloat16) -> dict:
                               "cast_equal": bool(torch.equal(cast, out.to(dtype))),
                               "pos_cast_equal": bool(torch.equal(qcast, (out + pos).to(dtype)))}
 
+    report["msda_from_projection"] = _check_msda_from_projection(device)
+
     config = tiny_config(num_classes=6)
     net = CrossEarth(config)
     net.load_state_dict(random_state_dict(config, seed=0))
@@ -173,23 +272,56 @@ def check(device: str = "cpu", dtype: torch.dtype = torch.bfloat16) -> dict:
     pos = torch.randn(1, s, d, device=device)
     ref = torch.rand(1, s, 1, 2, device=device).expand(1, s, len(shapes), 2)
     img = torch.randn(2, 3, 64, 64, device=device)
-    calls = []
-    with (torch.inference_mode(), torch.autocast(device, dtype=dtype),
-          _msda_kernel_on_the_cpu(device)):
-        want = decoder.encoder(x, pos, ref, shapes)
-        got = fused_encoder(decoder.encoder, x, pos, ref, shapes)
-        want_scores = net(img).float()
-        with fused_pixel_encoder(on_call=calls.append):
-            got_scores = net(img).float()
-    report["encoder"] = {"layers": len(decoder.encoder.layers),
-                         "max_abs_diff": float((want - got).abs().max()),
-                         "max_rel_diff": float((want - got).abs().max() / want.abs().max())}
-    report["model"] = {"fused_calls": len(calls),
-                       "scores_max_rel_diff": float((want_scores - got_scores).abs().max()
-                                                    / want_scores.abs().max()),
-                       "class_agreement": float((want_scores.argmax(1) == got_scores.argmax(1))
-                                                .float().mean())}
+    with torch.inference_mode():
+        exact = decoder.encoder(x, pos, ref, shapes)  # float32: what both bf16 paths approximate
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a - b).abs().max() / b.abs().max())
+
+    for variant, in_kernel in (("", False), ("_sampling_in_kernel", True)):
+        calls = []
+        with (torch.inference_mode(), torch.autocast(device, dtype=dtype),
+              _msda_kernel_on_the_cpu(device)):
+            want = decoder.encoder(x, pos, ref, shapes)
+            got = fused_encoder(decoder.encoder, x, pos, ref, shapes, in_kernel)
+            want_scores = net(img).float()
+            with fused_pixel_encoder(on_call=calls.append, sampling_in_kernel=in_kernel):
+                got_scores = net(img).float()
+        report["encoder" + variant] = {
+            "layers": len(decoder.encoder.layers),
+            "max_abs_diff": float((want - got).abs().max()),
+            "max_rel_diff": rel(got, want),
+            "max_rel_diff_vs_float32": rel(got, exact),
+            "eager_max_rel_diff_vs_float32": rel(want, exact)}
+        report["model" + variant] = {
+            "fused_calls": len(calls),
+            "scores_max_rel_diff": rel(got_scores, want_scores),
+            "class_agreement": float((want_scores.argmax(1) == got_scores.argmax(1))
+                                     .float().mean())}
     return report
+
+
+def _check_msda_from_projection(device: str) -> dict:
+    """The projection-reading kernel against the model's PyTorch deformable attention, both
+    float32, on a small random layer with points also off the map."""
+    from crossearth_cli.model.ms_deform_attn import MSDeformAttn
+
+    torch.manual_seed(0)
+    layer = MSDeformAttn(embed_dims=64, num_heads=8, num_levels=3, num_points=4).to(device)
+    torch.nn.init.normal_(layer.sampling_offsets.weight, std=0.5)
+    torch.nn.init.normal_(layer.attention_weights.weight, std=0.5)
+    shapes = [(2, 3), (4, 5), (8, 9)]
+    s = sum(hl * wl for hl, wl in shapes)
+    query = torch.randn(2, s, 64, device=device)
+    pos = torch.randn(1, s, 64, device=device)
+    ref = torch.rand(1, s, 3, 2, device=device)  # a different point on each level
+    with torch.no_grad():
+        want = layer(query, pos, ref, shapes, fused=False)
+        weight, bias = sampling_projection(layer, torch.float32)
+        proj = torch.matmul(query + pos, weight.t())
+        out = msda_from_projection(layer.value_proj(query), proj, bias, ref, shapes, 8, 4)
+        got = query + layer.output_proj(out)
+    return {"max_abs_diff": float((want - got).abs().max())}
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ The first H100 run used the earlier form of this script, which timed the changes
 from __future__ import annotations
 
 import argparse
+import functools
 import tempfile
 import time
 from pathlib import Path
@@ -40,6 +41,7 @@ from bench_gpu import (
     end_to_end,
     folder_of_tiles,
     interpolated_mask_resizes,
+    masks_resized_per_layer,
     patch_convolution,
     pytorch_attention,
 )
@@ -242,12 +244,16 @@ def explore_size(step, size: int, batches: tuple[int, ...], dev: str, seconds: f
         "before": (net, (before_gpu_changes,)),
         "now": (now, ()),
         "now_but_pytorch_attention": (now, (pytorch_attention,)),
-        "now_but_interpolated_masks": (now, (interpolated_mask_resizes,)),
+        "now_but_interpolated_masks": (now, (interpolated_mask_resizes,
+                                              masks_resized_per_layer)),
+        "now_but_masks_resized_per_layer": (now, (masks_resized_per_layer,)),
         "now_but_weights_cast_per_call": (net, ()),
         "now_but_eager_vit": (now, (FUSED_VIT.switched_off,)),  # vit_triton's fused passes off
         "now_but_eager_semantic": (now, (FUSED_SEMANTIC.switched_off,)),
         "now_but_patch_convolution": (now, (patch_convolution,)),
-        "now_plus_fused_pixel_encoder": (now, (fused_pixel_encoder,)),  # candidate
+        "now_plus_fused_pixel_encoder": (now, (fused_pixel_encoder,)),  # candidates
+        "now_plus_fused_pixel_encoder_sampling_in_kernel": (
+            now, (functools.partial(fused_pixel_encoder, sampling_in_kernel=True),)),
     }
     for name, (model, patches) in variants.items():
         if not full and name.startswith(("now_but", "now_plus")):

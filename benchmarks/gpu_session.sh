@@ -5,8 +5,11 @@
 #      eager forward; `segment` on an 8192² scene and a folder of 128 single-tile files, with
 #      and without; `now` and `before` at 512², the card's measured matmul rate and the fused
 #      kernels' exactness checks; the candidate fused pixel-decoder encoder (fused_pixel.py:
-#      its check on the GPU, then the model with it); last, the whole model compiled (now one
-#      graph), alone and replayed from CUDA graphs -> $OUT/explore.json;
+#      its check on the GPU, then the model with it, also with the deformable attention's
+#      softmax and points made in its kernel); the decoder's masks from each layer's
+#      full-size logits, as before they came from features resized once per level; last, the
+#      whole model compiled (now one graph), alone and replayed from CUDA graphs
+#      -> $OUT/explore.json;
 #   2. gpu.sh, the issue's figures (model-only, end to end, memory) -> $OUT/gpu.json.
 # Each part has its own time budget (EXPLORE_BUDGET, GPU_BUDGET seconds; later steps are
 # skipped), so one part running long cannot take the other's time.
@@ -17,7 +20,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/gpu_env.sh
-only="cuda_graphs|now_b1\$|folder_of_tiles|end_to_end|fused|matmul|now_compiled"
+only="cuda_graphs|now_b1\$|folder_of_tiles|end_to_end|fused|masks_resized|matmul|now_compiled"
 explore=(--seconds 2 --budget "${EXPLORE_BUDGET:-300}" --json "$out_dir/explore.json")
 gpu=(--budget "${GPU_BUDGET:-200}")
 if [ "${1:-}" = "--cpu-smoke" ]; then  # the tiny model at 64², its own small scene

@@ -96,9 +96,23 @@ def test_gpu_explore_dry_run_on_the_cpu(tmp_path):
     assert steps["model_64_now"]["tiles_per_s"] > 0
     for name in ("before", "now_but_eager_vit", "now_but_eager_semantic",
                  "now_but_patch_convolution",
-                 "now_plus_fused_pixel_encoder"):  # CPU runs take none of the CUDA paths
+                 "now_plus_fused_pixel_encoder",
+                 "now_plus_fused_pixel_encoder_sampling_in_kernel"):  # no CUDA path on a CPU
         assert steps[f"model_64_{name}"]["max_abs_diff"] == 0.0, name
     assert steps["end_to_end_now"]["tiles"] > 1
+
+
+def test_head_benchmark_times_both_mask_orders(tmp_path):
+    """bench_head.py: one command, a table and JSON, both orders of the decoder's masks."""
+    out = tmp_path / "head.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_head.py"),
+                           "--model", "tiny", "--size", "64", "--batch", "2", "--repeats", "1",
+                           "--precision", "bf16", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 2 and all(row["best_ms"] > 0 for row in rows.values())
+    assert "logits resized per layer (mmdet)" in proc.stdout
 
 
 def test_model_benchmark_runs_segment_beside_model_only(tmp_path):
@@ -604,7 +618,8 @@ def test_fused_pixel_decoder_candidate_matches_eager_autocast():
     """benchmarks/fused_pixel.py (a GPU candidate gpu_session.sh times), run by Triton's
     interpreter: its add-and-norm kernel gives eager's casts exactly and the LayerNorm to its
     last bits; the encoder it replaces and the whole model (through the patch the benchmark
-    uses) stay within bf16 rounding of eager."""
+    uses) stay within bf16 rounding of eager; so does its variant with the softmax and the
+    sampling points made in the deformable-attention kernel."""
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fused_pixel.py")],
@@ -617,3 +632,11 @@ def test_fused_pixel_decoder_candidate_matches_eager_autocast():
     assert report["encoder"]["max_rel_diff"] < 2**-7, report["encoder"]  # a bf16 step
     assert report["model"]["fused_calls"] == 1, report["model"]
     assert report["model"]["class_agreement"] >= 0.98, report["model"]
+    # the variant whose deformable-attention kernel makes the softmax and the sampling points
+    # from the projection itself: float32 as the PyTorch path, bf16 as near float32 as eager
+    assert report["msda_from_projection"]["max_abs_diff"] < 1e-5, report["msda_from_projection"]
+    in_kernel = report["encoder_sampling_in_kernel"]
+    assert (in_kernel["max_rel_diff_vs_float32"]
+            <= 1.25 * in_kernel["eager_max_rel_diff_vs_float32"]), in_kernel
+    assert report["model_sampling_in_kernel"]["fused_calls"] == 1, report
+    assert report["model_sampling_in_kernel"]["class_agreement"] >= 0.98, report
