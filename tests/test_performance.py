@@ -614,6 +614,46 @@ def test_torch_compile_traces_the_whole_model_in_one_graph(eager_first):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+COMPILED_WITH_FUSED_MSDA = """
+import json, torch, torch._dynamo
+from crossearth_cli.model import CrossEarth
+from crossearth_cli.model.ms_deform_attn import MSDeformAttn
+from crossearth_cli.model.random_init import random_state_dict, tiny_config
+forward, calls = MSDeformAttn.forward, []
+def fused(self, *args, fused=None):  # the Triton kernel, as CUDA runs take it
+    calls.append(torch.compiler.is_compiling())
+    return forward(self, *args, fused=True)
+MSDeformAttn.forward = fused
+config = tiny_config(num_classes=4)
+net = CrossEarth(config).eval()
+net.load_state_dict(random_state_dict(config, seed=0))
+x = torch.randn(2, 3, 64, 64)
+with torch.inference_mode():
+    want = net(x)
+    explained = torch._dynamo.explain(net)(x)
+    got = torch.compile(net, backend="aot_eager", fullgraph=True)(x)
+print(json.dumps({"breaks": [str(b.reason)[:300] for b in explained.break_reasons],
+                  "graphs": explained.graph_count, "traced": any(calls),
+                  "max_abs_diff": float((got - want).abs().max())}))
+"""
+
+
+def test_torch_compile_keeps_the_fused_deformable_attention_in_one_graph():
+    """On CUDA `--compile` meets the Triton deformable attention too. Traced into, Triton's
+    launcher broke the graph at every encoder layer (here, under the interpreter: 3 breaks,
+    4 graphs); while compiling the kernel is now the custom op ``crossearth::msda``, opaque to
+    dynamo, with a fake for shapes. Run by Triton's interpreter on the CPU, through dynamo and
+    AOTAutograd (no inductor)."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", COMPILED_WITH_FUSED_MSDA],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["traced"] and report["graphs"] == 1 and not report["breaks"], report
+    assert report["max_abs_diff"] < 1e-5, report
+
+
 def test_fused_pixel_decoder_candidate_matches_eager_autocast():
     """benchmarks/fused_pixel.py (a GPU candidate gpu_session.sh times), run by Triton's
     interpreter: its add-and-norm kernel gives eager's casts exactly and the LayerNorm to its

@@ -33,13 +33,17 @@ __all__ = ["MSDeformAttn", "ms_deform_attn_core", "fused_kernel"]
 KERNEL_ENV = "CROSSEARTH_DEFORM_ATTN"  # "pytorch" keeps the PyTorch path on CUDA too
 
 
-@functools.lru_cache(maxsize=1)
+_IMPORTED: list = []  # [msda_fused or None] once tried (a plain list: dynamo traces it)
+
+
 def _import_fused():
-    try:
-        from crossearth_cli.model.msda_triton import msda_fused
-    except Exception:  # noqa: BLE001 - no Triton (or a broken one): the PyTorch path
-        return None
-    return msda_fused
+    if not _IMPORTED:
+        try:
+            from crossearth_cli.model.msda_triton import msda_fused
+        except Exception:  # noqa: BLE001 - no Triton (or a broken one): the PyTorch path
+            msda_fused = None
+        _IMPORTED.append(msda_fused)
+    return _IMPORTED[0]
 
 
 _FUSED_FAILED: list[str] = []  # why the kernel failed in this process, once it has
@@ -158,7 +162,8 @@ class MSDeformAttn(nn.Module):
 
         # points: reference + offset in cells of each level; in grid_sample units the offset
         # is scaled by 2/size, folded into the projection (rows ordered heads→levels→points→xy)
-        scale = _offset_scale(tuple(spatial_shapes), h, npts, q_t.device)
+        offset_scale = _offset_scale.__wrapped__ if torch.compiler.is_compiling() else _offset_scale
+        scale = offset_scale(tuple(spatial_shapes), h, npts, q_t.device)  # (a constant to dynamo)
         off = _project(self.sampling_offsets, q_t, scale).float().view(b, h, nl, npts, 2, s)
         ref = reference_points.float().permute(0, 2, 3, 1) * 2 - 1  # (1|B)×L×2×S
         return w, off.add_(ref[:, None, :, None])

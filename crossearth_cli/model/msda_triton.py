@@ -92,7 +92,30 @@ def _level_table(shapes: tuple[tuple[int, int], ...], device: torch.device) -> t
 
 def msda_fused(value: torch.Tensor, spatial_shapes: list[tuple[int, int]], grids: torch.Tensor,
                weights: torch.Tensor, heads: int) -> torch.Tensor:
-    """value: B×S×C; grids: (B·h)×L×P×2×Q float32; weights: (B·h)×L×P×Q float32 -> B×Q×C."""
+    """value: B×S×C; grids: (B·h)×L×P×2×Q float32; weights: (B·h)×L×P×Q float32 -> B×Q×C.
+
+    While ``torch.compile`` traces, this goes through the custom op ``crossearth::msda``,
+    which dynamo keeps whole in its graph instead of tracing into Triton's launcher."""
+    if torch.compiler.is_compiling():
+        flat = [v for hw in spatial_shapes for v in hw]
+        return torch.ops.crossearth.msda(value, flat, grids, weights, heads)
+    return _msda(value, spatial_shapes, grids, weights, heads)
+
+
+@torch.library.custom_op("crossearth::msda", mutates_args=())
+def _msda_op(value: torch.Tensor, shapes: list[int], grids: torch.Tensor,
+             weights: torch.Tensor, heads: int) -> torch.Tensor:
+    pairs = [(shapes[i], shapes[i + 1]) for i in range(0, len(shapes), 2)]
+    return _msda(value, pairs, grids, weights, heads)
+
+
+@_msda_op.register_fake
+def _(value, shapes, grids, weights, heads):
+    return value.new_empty(value.shape[0], grids.shape[-1], value.shape[-1])
+
+
+def _msda(value: torch.Tensor, spatial_shapes: list[tuple[int, int]], grids: torch.Tensor,
+          weights: torch.Tensor, heads: int) -> torch.Tensor:
     b, s, c = value.shape
     d = c // heads
     if d & (d - 1):
