@@ -1,0 +1,90 @@
+"""``--compile``'s batch padding (crossearth_cli/padded_batches.py): one compilation per tile
+shape. A stand-in records the batch sizes the compiled module would see."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from crossearth_cli.padded_batches import PaddedBatches
+
+
+class Recorded(torch.nn.Module):
+    """``module``, with the batch sizes it is called with; out of memory where ``oom(x)``."""
+
+    def __init__(self, module, oom=lambda x: False):
+        super().__init__()
+        self.module, self.oom, self.sizes = module, oom, []
+
+    def forward(self, x):
+        self.sizes.append(x.shape[0])
+        if self.oom(x):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 8 GiB")
+        return self.module(x)
+
+
+@pytest.fixture(scope="module")
+def net():
+    from crossearth_cli.model import CrossEarth
+    from crossearth_cli.model.random_init import random_state_dict, tiny_config
+
+    config = tiny_config(num_classes=4)
+    net = CrossEarth(config).eval()
+    net.load_state_dict(random_state_dict(config, seed=0))
+    return net
+
+
+@torch.inference_mode()
+def test_smaller_batches_are_padded_to_the_largest_and_cut_back(net):
+    padded = PaddedBatches(recorded := Recorded(net))
+    gen = torch.Generator().manual_seed(0)
+    for n, size in ((4, 32), (3, 32), (1, 32), (2, 48), (4, 32), (3, 48)):
+        x = torch.randn(n, 3, size, size, generator=gen)
+        got = padded(x)
+        assert got.shape[0] == n
+        torch.testing.assert_close(got, net(x), rtol=1e-5, atol=1e-5)  # tiles are independent
+    # one batch size per tile shape: 32² at 4 throughout, 48² at 2 until a 3 came
+    assert recorded.sizes == [4, 4, 4, 2, 4, 3]
+
+
+def test_out_of_memory_reaches_the_batch_halving_and_no_tile_is_lost():
+    """Through the Predictor, as segment runs it: a batch of 4 runs out of memory, so 4 is
+    not what later batches are padded to; the halved batches run at 2 and the odd last tile
+    is padded to 2."""
+    from helpers import per_pixel_spec
+
+    from crossearth_cli.engine import Predictor
+
+    spec = per_pixel_spec(num_classes=4)
+    recorded = Recorded(spec.module, oom=lambda x: x.shape[0] > 2)
+    predictor = Predictor(spec, torch.device("cpu"), "fp32", 4, PaddedBatches(recorded))
+    plain = Predictor(spec, torch.device("cpu"), "fp32", 4)
+    images = torch.randint(0, 256, (7, 3, 16, 16), dtype=torch.uint8)
+    valid = torch.ones(7, 16, 16, dtype=torch.bool)
+    assert torch.equal(predictor(images, valid), plain(images, valid))
+    assert predictor.batch_size == 2 and predictor.halvings == 1
+    assert recorded.sizes == [4, 2, 2, 2, 2]  # the 7th tile padded into a batch of 2
+
+
+@torch.inference_mode()
+def test_a_padded_batch_out_of_memory_is_not_padded_again(net):
+    recorded = Recorded(net)
+    padded = PaddedBatches(recorded)
+    x = torch.randn(4, 3, 32, 32)
+    padded(x)
+    recorded.oom = lambda x: x.shape[0] == 4  # memory got scarcer since
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        padded(x[:3])
+    recorded.oom = lambda x: False
+    padded(x[:2])
+    padded(x[:1])
+    assert recorded.sizes == [4, 4, 2, 2]
+
+
+def test_compiled_sessions_pad_their_batches(net):
+    from crossearth_cli.engine import runtime_module
+
+    module, eager = runtime_module(net, torch.device("cuda"), "bf16", compile=True)
+    assert isinstance(module, PaddedBatches) and module.module is not eager
+    module, eager = runtime_module(net, torch.device("cuda"), "bf16")
+    assert not isinstance(module, PaddedBatches)
