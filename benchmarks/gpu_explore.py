@@ -45,7 +45,7 @@ from bench_gpu import (
     patch_convolution,
     pytorch_attention,
 )
-from candidates import regional_compile
+from candidates import head_compile, regional_compile
 from fused_pixel import check as check_fused_pixel
 from fused_pixel import fused_pixel_encoder
 from scenes import TFLOP_PER_TILE, class_agreement, machine, matmul_tflops, random_model, sync
@@ -281,11 +281,14 @@ def explore_size(step, size: int, batches: tuple[int, ...], dev: str, seconds: f
         step(f"model_{size}_now_b1", lambda: variant_row(now, x[:1], dev, seconds, None))
         step(f"model_{size}_now_cuda_graphs_b1", lambda: variant_row(
             GraphedForward(now), x[:1], dev, seconds, None, ref_now=ref_now[:1]))
-        # the whole model through inductor (one graph now: no Rein graph breaks), then the
-        # same compiled model replayed from CUDA graphs (no second compilation)
+        # the head alone through inductor (the backbone keeps its fused kernels), then the
+        # whole model (one graph now: no Rein graph breaks), then the same compiled model
+        # replayed from CUDA graphs (no second compilation)
+        step(f"model_{size}_now_compiled_head", lambda: compiled_row(
+            head_compile(now), x, dev, seconds, ref_now), needs=40)
         compiled = torch.compile(now, dynamic=False)
         step(f"model_{size}_now_compiled", lambda: compiled_row(compiled, x, dev, seconds,
-                                                                 ref_now))
+                                                                 ref_now), needs=90)
         step(f"model_{size}_now_compiled_cuda_graphs", lambda: variant_row(
             GraphedForward(compiled), x, dev, seconds, None, ref_now=ref_now))
     if dev == "cuda":  # inductor on the CPU is slow to compile and not what this is for

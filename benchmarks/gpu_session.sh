@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
 # A lent GPU's issue-6 work in one device command (about 9 minutes on an H100/H200):
-#   1. gpu_explore.py on CUDA graphs (crossearth_cli/cuda_graphs.py, opt-in until this measures
-#      it): model-only at batch 16 and 1 with and without, with its bitwise agreement with the
-#      eager forward; `segment` on an 8192² scene and a folder of 128 single-tile files, with
-#      and without; `now` and `before` at 512², the card's measured matmul rate and the fused
-#      kernels' exactness checks; the candidate fused pixel-decoder encoder (fused_pixel.py:
-#      its check on the GPU, then the model with it, also with the deformable attention's
-#      softmax and points made in its kernel); the decoder's masks from each layer's
-#      full-size logits, as before they came from features resized once per level; last, the
-#      whole model compiled (now one graph), alone and replayed from CUDA graphs
-#      -> $OUT/explore.json;
-#   2. gpu.sh, the issue's figures (model-only, end to end, memory) -> $OUT/gpu.json.
-# Each part has its own time budget (EXPLORE_BUDGET, GPU_BUDGET seconds; later steps are
-# skipped), so one part running long cannot take the other's time.
+#   1. gpu.sh, the issue's figures (model-only, end to end, memory) -> $OUT/gpu.json;
+#   2. gpu_explore.py on what is not measured yet -> $OUT/explore.json: CUDA graphs
+#      (crossearth_cli/cuda_graphs.py, opt-in until this measures it): model-only at batch 16
+#      and 1 with and without, with its bitwise agreement with the eager forward; `segment` on
+#      an 8192² scene and a folder of 128 single-tile files, with and without; `now` and
+#      `before` at 512², the card's measured matmul rate and the fused kernels' exactness
+#      checks; the candidate fused pixel-decoder encoder (fused_pixel.py: its check on the
+#      GPU, then the model with it, also with the deformable attention's softmax and points
+#      made in its kernel); the decoder's masks from each layer's full-size logits, as before
+#      they came from features resized once per level; last, the head alone compiled
+#      (candidates.head_compile), then the whole model (now one graph), alone and replayed
+#      from CUDA graphs.
+# Each part has its own time budget (GPU_BUDGET, EXPLORE_BUDGET seconds; later steps are
+# skipped, and a compilation is not started when the budget cannot hold it), and the issue's
+# figures come first, so the candidates cannot take their time. Both JSON files are rewritten
+# after every step: a run cut off by the device's time limit keeps what it measured.
 #
 #   bash benchmarks/gpu_wheels.sh                 # here, first: rasterio for the GPU image
 #   bash benchmarks/gpu_session.sh                # there, with carry [".whl"], timeout_s 590
@@ -29,7 +32,7 @@ if [ "${1:-}" = "--cpu-smoke" ]; then  # the tiny model at 64², its own small s
 else
   explore+=(--e2e-size 8192 --only "^model_512_(now|before)\$|$only")
 fi
-status=0
-"$PY" benchmarks/gpu_explore.py "${explore[@]}" || status=$?
+status=0  # gpu.sh first: the issue's figures must not wait on the candidates
 PYTHON=$PY bash benchmarks/gpu.sh "${gpu[@]}" || status=$?
+"$PY" benchmarks/gpu_explore.py "${explore[@]}" || status=$?
 exit "$status"

@@ -614,6 +614,59 @@ def test_torch_compile_traces_the_whole_model_in_one_graph(eager_first):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_benchmark_steps_run_within_their_budget(tmp_path):
+    """A GPU session's benchmark steps: a step whose expected time does not fit what is left
+    of the budget is skipped, not started (a compilation must not run past the device's
+    limit); the others run, and the JSON is written after each."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from bench_gpu import StepLog
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    report: dict = {}
+    step = StepLog(report, tmp_path / "steps.json", budget=30, only="^(a|b|c)$")
+    assert step("a", lambda: 1) == 1
+    assert step("b", lambda: 2, needs=60) is None  # would end past the budget
+    assert step("c", lambda: 3, needs=5) == 3
+    assert step("d", lambda: 4) is None  # not selected
+    saved = json.loads((tmp_path / "steps.json").read_text())
+    assert saved["steps"] == {"a": 1, "c": 3} and "budget" in saved["errors"]["b"]
+    assert report["not_selected"] == ["d"]
+
+
+def test_head_compile_candidate_is_one_graph_with_eager_scores():
+    """benchmarks/candidates.py's head_compile (the GPU session times it with inductor):
+    dynamo sees the Mask2Former head as one graph, and the scores are eager's. Through
+    dynamo and AOTAutograd on the CPU (no inductor)."""
+    import torch
+    import torch._dynamo
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from candidates import head_compile
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    from crossearth_cli.model import CrossEarth
+    from crossearth_cli.model.crossearth import FEATURE_SCALES
+    from crossearth_cli.model.random_init import random_state_dict, tiny_config
+
+    config = tiny_config(num_classes=4)
+    net = CrossEarth(config).eval()
+    net.load_state_dict(random_state_dict(config, seed=0))
+    x = torch.randn(2, 3, 64, 64)
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        want = net(x)
+        maps, queries = net.backbone.forward_maps(x)
+        explained = torch._dynamo.explain(net.decode_head)(maps, queries, FEATURE_SCALES)
+        compiled = head_compile(net, backend="aot_eager")
+        got = compiled(x)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, [
+        b.reason for b in explained.break_reasons]
+    assert compiled.decode_head is not net.decode_head and compiled.backbone is net.backbone
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 COMPILED_WITH_FUSED_MSDA = """
 import json, torch, torch._dynamo
 from crossearth_cli.model import CrossEarth
