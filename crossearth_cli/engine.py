@@ -22,9 +22,9 @@ import torch
 from rasterio.transform import Affine
 
 from crossearth_cli.allocator import keep_freed_memory
+from crossearth_cli.compiled import CompiledForward
 from crossearth_cli.cuda_graphs import GraphedForward, cuda_graphs_wanted
 from crossearth_cli.errors import ConfigError, UserError, is_out_of_memory
-from crossearth_cli.padded_batches import PaddedBatches
 from crossearth_cli.raster.accumulator import (
     CLASS_NODATA,
     CONFIDENCE_NODATA,
@@ -558,8 +558,8 @@ def runtime_module(module: torch.nn.Module, device: torch.device, precision: str
     eager = autocast_weights(module, _PRECISIONS[precision])
     if compile:
         # Tiles have one size per scene and smaller batches are padded: one compilation per
-        # tile shape (and per batch size the out-of-memory halving picks).
-        return PaddedBatches(torch.compile(eager, dynamic=False)), eager
+        # tile shape (and per batch size the out-of-memory halving picks); eager if it fails.
+        return CompiledForward(torch.compile(eager, dynamic=False), eager), eager
     if cuda_graphs_wanted():  # opt-in until measured: crossearth_cli/cuda_graphs.py
         return GraphedForward(eager), eager
     return eager, eager

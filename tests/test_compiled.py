@@ -1,25 +1,29 @@
-"""``--compile``'s batch padding (crossearth_cli/padded_batches.py): one compilation per tile
-shape. A stand-in records the batch sizes the compiled module would see."""
+"""``--compile`` (crossearth_cli/compiled.py): one compilation per tile shape (smaller batches
+padded), and the eager model where compiling fails. A stand-in for the compiled module
+records the batch sizes it would see."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from crossearth_cli.padded_batches import PaddedBatches
+from crossearth_cli.compiled import CompiledForward
 
 
 class Recorded(torch.nn.Module):
-    """``module``, with the batch sizes it is called with; out of memory where ``oom(x)``."""
+    """``module``, with the batch sizes it is called with; out of memory where ``oom(x)``,
+    ``error`` raised where given (a compilation failing)."""
 
-    def __init__(self, module, oom=lambda x: False):
+    def __init__(self, module, oom=lambda x: False, error: Exception | None = None):
         super().__init__()
-        self.module, self.oom, self.sizes = module, oom, []
+        self.module, self.oom, self.error, self.sizes = module, oom, error, []
 
     def forward(self, x):
         self.sizes.append(x.shape[0])
         if self.oom(x):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 8 GiB")
+        if self.error is not None:
+            raise self.error
         return self.module(x)
 
 
@@ -36,7 +40,7 @@ def net():
 
 @torch.inference_mode()
 def test_smaller_batches_are_padded_to_the_largest_and_cut_back(net):
-    padded = PaddedBatches(recorded := Recorded(net))
+    padded = CompiledForward(recorded := Recorded(net), net)
     gen = torch.Generator().manual_seed(0)
     for n, size in ((4, 32), (3, 32), (1, 32), (2, 48), (4, 32), (3, 48)):
         x = torch.randn(n, 3, size, size, generator=gen)
@@ -57,19 +61,21 @@ def test_out_of_memory_reaches_the_batch_halving_and_no_tile_is_lost():
 
     spec = per_pixel_spec(num_classes=4)
     recorded = Recorded(spec.module, oom=lambda x: x.shape[0] > 2)
-    predictor = Predictor(spec, torch.device("cpu"), "fp32", 4, PaddedBatches(recorded))
+    compiled = CompiledForward(recorded, spec.module)
+    predictor = Predictor(spec, torch.device("cpu"), "fp32", 4, compiled)
     plain = Predictor(spec, torch.device("cpu"), "fp32", 4)
     images = torch.randint(0, 256, (7, 3, 16, 16), dtype=torch.uint8)
     valid = torch.ones(7, 16, 16, dtype=torch.bool)
     assert torch.equal(predictor(images, valid), plain(images, valid))
     assert predictor.batch_size == 2 and predictor.halvings == 1
     assert recorded.sizes == [4, 2, 2, 2, 2]  # the 7th tile padded into a batch of 2
+    assert compiled.failed is None  # out of memory is not a failure to compile
 
 
 @torch.inference_mode()
 def test_a_padded_batch_out_of_memory_is_not_padded_again(net):
     recorded = Recorded(net)
-    padded = PaddedBatches(recorded)
+    padded = CompiledForward(recorded, net)
     x = torch.randn(4, 3, 32, 32)
     padded(x)
     recorded.oom = lambda x: x.shape[0] == 4  # memory got scarcer since
@@ -85,6 +91,20 @@ def test_compiled_sessions_pad_their_batches(net):
     from crossearth_cli.engine import runtime_module
 
     module, eager = runtime_module(net, torch.device("cuda"), "bf16", compile=True)
-    assert isinstance(module, PaddedBatches) and module.module is not eager
+    assert isinstance(module, CompiledForward) and module.eager is eager
+    assert module.compiled is not eager and eager is not net
     module, eager = runtime_module(net, torch.device("cuda"), "bf16")
-    assert not isinstance(module, PaddedBatches)
+    assert not isinstance(module, CompiledForward)
+
+
+@torch.inference_mode()
+def test_a_failed_compilation_warns_once_and_runs_eagerly_without_losing_the_batch(net):
+    recorded = Recorded(net, error=RuntimeError("InductorError: no working C compiler\nmore"))
+    compiled = CompiledForward(recorded, net)
+    x = torch.randn(3, 3, 32, 32)
+    with pytest.warns(RuntimeWarning, match="torch.compile unavailable.*no working C compiler"):
+        torch.testing.assert_close(compiled(x), net(x))
+    recorded.error = None  # even if it could now: given up for the process
+    for n in (3, 2):
+        torch.testing.assert_close(compiled(x[:n]), net(x[:n]))
+    assert recorded.sizes == [3] and compiled.failed.startswith("RuntimeError")
