@@ -108,3 +108,23 @@ def test_a_failed_compilation_warns_once_and_runs_eagerly_without_losing_the_bat
     for n in (3, 2):
         torch.testing.assert_close(compiled(x[:n]), net(x[:n]))
     assert recorded.sizes == [3] and compiled.failed.startswith("RuntimeError")
+
+
+def test_xformers_only_for_unmasked_cuda_attention_outside_compilation(monkeypatch):
+    """With xformers installed (the optional CUDA extra) the ViT's unmasked CUDA attention
+    uses it, as the original code did; masked or CPU attention, and anything dynamo traces
+    (`--compile`), use SDPA."""
+    from types import SimpleNamespace
+
+    from crossearth_cli.model import attention
+
+    cuda_q, cpu_q = SimpleNamespace(is_cuda=True), torch.zeros(1)
+    monkeypatch.setattr(attention, "_xformers_ops", lambda: SimpleNamespace())
+    assert attention.use_xformers(cuda_q, None)
+    assert not attention.use_xformers(cuda_q, torch.ones(1, dtype=torch.bool))
+    assert not attention.use_xformers(cpu_q, None)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not attention.use_xformers(cuda_q, None)
+    monkeypatch.undo()
+    monkeypatch.setattr(attention, "_xformers_ops", lambda: None)  # not installed
+    assert not attention.use_xformers(cuda_q, None)

@@ -3,7 +3,8 @@
 PyTorch's ``scaled_dot_product_attention`` by default (flash / memory-efficient kernels on CUDA,
 a fused kernel on CPU). xformers' ``memory_efficient_attention`` is used only when it is
 importable *and* the tensors live on CUDA and there is no mask: that is the case the original
-code ran it in (the ViT blocks), and it gives the same numbers up to rounding.
+code ran it in (the ViT blocks), and it gives the same numbers up to rounding. Not while
+``torch.compile`` traces: SDPA is what dynamo and inductor know.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-__all__ = ["attention", "xformers_available"]
+__all__ = ["attention", "use_xformers", "xformers_available"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -27,6 +28,12 @@ def _xformers_ops():
 
 def xformers_available() -> bool:
     return _xformers_ops() is not None
+
+
+def use_xformers(q, allowed) -> bool:
+    """xformers for this call: installed, CUDA tensors, no mask, not being compiled."""
+    return (allowed is None and q.is_cuda and not torch.compiler.is_compiling()
+            and xformers_available())
 
 
 def attention(
@@ -43,12 +50,9 @@ def attention(
     convention; callers holding an mmdet-style "True = blocked" mask must invert it).
     ``scale`` defaults to d**-0.5.
     """
-    if allowed is None and q.is_cuda:
-        xops = _xformers_ops()
-        if xops is not None:
-            # xformers wants B×N×h×d
-            out = xops.memory_efficient_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale
-            )
-            return out.transpose(1, 2)
+    if use_xformers(q, allowed):  # xformers wants B×N×h×d
+        out = _xformers_ops().memory_efficient_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale
+        )
+        return out.transpose(1, 2)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
