@@ -282,10 +282,13 @@ def explore_size(step, size: int, batches: tuple[int, ...], dev: str, seconds: f
         step(f"model_{size}_now_cuda_graphs_b1", lambda: variant_row(
             GraphedForward(now), x[:1], dev, seconds, None, ref_now=ref_now[:1]))
         # the head alone through inductor (the backbone keeps its fused kernels), then the
-        # whole model (one graph now: no Rein graph breaks), then the same compiled model
-        # replayed from CUDA graphs (no second compilation)
+        # whole model (one graph now: no Rein graph breaks), each also replayed from CUDA
+        # graphs (no second compilation)
+        head_compiled = head_compile(now)
         step(f"model_{size}_now_compiled_head", lambda: compiled_row(
-            head_compile(now), x, dev, seconds, ref_now), needs=40)
+            head_compiled, x, dev, seconds, ref_now), needs=40)
+        step(f"model_{size}_now_compiled_head_cuda_graphs", lambda: variant_row(
+            GraphedForward(head_compiled), x, dev, seconds, None, ref_now=ref_now))
         compiled = torch.compile(now, dynamic=False)
         step(f"model_{size}_now_compiled", lambda: compiled_row(compiled, x, dev, seconds,
                                                                  ref_now), needs=90)
