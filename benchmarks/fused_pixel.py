@@ -33,7 +33,7 @@ import triton.language as tl
 from scenes import ROOT  # noqa: F401 - puts this checkout on sys.path
 
 from crossearth_cli.model.ms_deform_attn import fused_kernel
-from crossearth_cli.model.msda_triton import BLOCK_Q, _corner, _level_table
+from crossearth_cli.model.msda_triton import BLOCK_Q, _bilinear, _level_table
 from crossearth_cli.model.optional_kernel import on_triton
 from crossearth_cli.model.pixel_decoder import _Encoder
 from crossearth_cli.model.vit_triton import _launch, _layer_norm, interpreter_rounds_to_nearest
@@ -114,17 +114,7 @@ def _msda_proj_kernel(value_ptr, proj_ptr, bias_ptr, ref_ptr, shapes_ptr, starts
             w = tl.exp(_column(row, bias_ptr, logits + lp, qmask) - top) / den
             x = rx * wl + _column(row, bias_ptr, offs + 2 * lp, qmask) - 0.5
             y = ry * hl + _column(row, bias_ptr, offs + 2 * lp + 1, qmask) - 0.5
-            x0f = tl.floor(x)
-            y0f = tl.floor(y)
-            fx = x - x0f
-            fy = y - y0f
-            x0 = x0f.to(tl.int32)
-            y0 = y0f.to(tl.int32)
-            v = _corner(vbase, C, start, hl, wl, y0, x0, (1 - fy) * (1 - fx), qmask, dd)
-            v += _corner(vbase, C, start, hl, wl, y0, x0 + 1, (1 - fy) * fx, qmask, dd)
-            v += _corner(vbase, C, start, hl, wl, y0 + 1, x0, fy * (1 - fx), qmask, dd)
-            v += _corner(vbase, C, start, hl, wl, y0 + 1, x0 + 1, fy * fx, qmask, dd)
-            acc += v * w[:, None]
+            acc += _bilinear(vbase, C, start, hl, wl, x, y, qmask, dd) * w[:, None]
     out = out_ptr + (b.to(tl.int64) * Q + q[:, None]) * C + h * D + dd[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=qmask[:, None])
 

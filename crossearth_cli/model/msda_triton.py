@@ -40,6 +40,23 @@ def _corner(vbase, C, start, hl, wl, yy, xx, cw, qmask, dd):
 
 
 @triton.jit
+def _bilinear(vbase, C, start, hl, wl, x, y, qmask, dd):
+    """A level's values at pixel coordinates (x, y) for a block of queries: BLOCK_Q×D, zero
+    outside the map."""
+    x0f = tl.floor(x)
+    y0f = tl.floor(y)
+    fx = x - x0f
+    fy = y - y0f
+    x0 = x0f.to(tl.int32)
+    y0 = y0f.to(tl.int32)
+    s = _corner(vbase, C, start, hl, wl, y0, x0, (1 - fy) * (1 - fx), qmask, dd)
+    s += _corner(vbase, C, start, hl, wl, y0, x0 + 1, (1 - fy) * fx, qmask, dd)
+    s += _corner(vbase, C, start, hl, wl, y0 + 1, x0, fy * (1 - fx), qmask, dd)
+    s += _corner(vbase, C, start, hl, wl, y0 + 1, x0 + 1, fy * fx, qmask, dd)
+    return s
+
+
+@triton.jit
 def _msda_kernel(value_ptr, grid_ptr, weight_ptr, shapes_ptr, starts_ptr, out_ptr, S, Q,
                  H: tl.constexpr, D: tl.constexpr, L: tl.constexpr, P: tl.constexpr,
                  BLOCK: tl.constexpr):
@@ -65,17 +82,7 @@ def _msda_kernel(value_ptr, grid_ptr, weight_ptr, shapes_ptr, starts_ptr, out_pt
             w = tl.load(weight_ptr + row.to(tl.int64) * Q + q, mask=qmask, other=0.0)
             x = ((gx + 1) * wl - 1) * 0.5  # pixel coordinates, align_corners=False
             y = ((gy + 1) * hl - 1) * 0.5
-            x0f = tl.floor(x)
-            y0f = tl.floor(y)
-            fx = x - x0f
-            fy = y - y0f
-            x0 = x0f.to(tl.int32)
-            y0 = y0f.to(tl.int32)
-            s = _corner(vbase, C, start, hl, wl, y0, x0, (1 - fy) * (1 - fx), qmask, dd)
-            s += _corner(vbase, C, start, hl, wl, y0, x0 + 1, (1 - fy) * fx, qmask, dd)
-            s += _corner(vbase, C, start, hl, wl, y0 + 1, x0, fy * (1 - fx), qmask, dd)
-            s += _corner(vbase, C, start, hl, wl, y0 + 1, x0 + 1, fy * fx, qmask, dd)
-            acc += s * w[:, None]
+            acc += _bilinear(vbase, C, start, hl, wl, x, y, qmask, dd) * w[:, None]
     out = out_ptr + (b.to(tl.int64) * Q + q[:, None]) * C + h * D + dd[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=qmask[:, None])
 
