@@ -86,6 +86,17 @@ def per_pixel_spec(num_classes: int = 4, crop: int = 64, stride: int = 40, seed:
     )
 
 
+def tiny_model(num_classes: int = 4, seed: int = 0) -> torch.nn.Module:
+    """The tiny CrossEarth with random weights in the official layout, in eval mode."""
+    from crossearth_cli.model import CrossEarth
+    from crossearth_cli.model.random_init import random_state_dict, tiny_config
+
+    config = tiny_config(num_classes=num_classes)
+    net = CrossEarth(config).eval()
+    net.load_state_dict(random_state_dict(config, seed=seed))
+    return net
+
+
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 300):
     """Run ``crossearth ARGS`` in a fresh interpreter, as a user would."""
     return subprocess.run(

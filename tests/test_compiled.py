@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import tiny_model
 
 from crossearth_cli.compiled import CompiledForward
 
@@ -29,13 +30,7 @@ class Recorded(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def net():
-    from crossearth_cli.model import CrossEarth
-    from crossearth_cli.model.random_init import random_state_dict, tiny_config
-
-    config = tiny_config(num_classes=4)
-    net = CrossEarth(config).eval()
-    net.load_state_dict(random_state_dict(config, seed=0))
-    return net
+    return tiny_model()
 
 
 @torch.inference_mode()

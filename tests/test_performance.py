@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
-from helpers import SAMPLE_DATA, per_pixel_spec, random_scene, write_tif
+from helpers import SAMPLE_DATA, per_pixel_spec, random_scene, tiny_model, write_tif
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -337,13 +337,9 @@ def test_weights_stored_in_the_autocast_dtype_give_the_same_scores():
     model does float32 maths with a weight, and the original model left untouched."""
     import torch
 
-    from crossearth_cli.model import CrossEarth
     from crossearth_cli.model.precision import autocast_weights, castable_parameters
-    from crossearth_cli.model.random_init import random_state_dict, tiny_config
 
-    config = tiny_config(num_classes=6)
-    net = CrossEarth(config).eval()
-    net.load_state_dict(random_state_dict(config, seed=3))
+    net = tiny_model(num_classes=6, seed=3)
     fast = autocast_weights(net, torch.bfloat16)
     x = torch.randn(2, 3, 64, 96)
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -597,12 +593,7 @@ def test_torch_compile_traces_the_whole_model_in_one_graph(eager_first):
     import torch
     import torch._dynamo
 
-    from crossearth_cli.model import CrossEarth
-    from crossearth_cli.model.random_init import random_state_dict, tiny_config
-
-    config = tiny_config(num_classes=4)
-    net = CrossEarth(config).eval()
-    net.load_state_dict(random_state_dict(config, seed=0))
+    net = tiny_model()
     x = torch.randn(2, 3, 64, 64)
     torch._dynamo.reset()
     with torch.inference_mode():
@@ -646,13 +637,9 @@ def test_head_compile_candidate_is_one_graph_with_eager_scores():
         from candidates import head_compile
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
-    from crossearth_cli.model import CrossEarth
     from crossearth_cli.model.crossearth import FEATURE_SCALES
-    from crossearth_cli.model.random_init import random_state_dict, tiny_config
 
-    config = tiny_config(num_classes=4)
-    net = CrossEarth(config).eval()
-    net.load_state_dict(random_state_dict(config, seed=0))
+    net = tiny_model()
     x = torch.randn(2, 3, 64, 64)
     torch._dynamo.reset()
     with torch.inference_mode():
