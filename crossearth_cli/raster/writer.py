@@ -98,15 +98,17 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-# folder -> {output name: its temporaries}, listed once per folder and process
-_temp_index: dict[str, dict[str, list[Path]]] = {}
+# folder -> {output name: its temporaries and their writers' pids}, listed once per folder
+# and process
+_temp_index: dict[str, dict[str, list[tuple[Path, int]]]] = {}
 
 
-def stale_temps(final: Path) -> list[Path]:
-    """Temporaries an earlier run left for ``final``, from one listing of its folder per
-    process: a folder run looks each output up instead of listing the folder once per file
-    (at 30,000 entries a listing took 19 ms). Each output is looked up once, when it is about
-    to be written; temporaries that appear later are the next run's to remove."""
+def stale_temps(final: Path) -> list[tuple[Path, int]]:
+    """Temporaries an earlier run left for ``final``, each with its writer's pid, from one
+    listing of its folder per process: a folder run looks each output up instead of listing
+    the folder once per file (at 30,000 entries a listing took 19 ms). Each output is looked
+    up once, when it is about to be written; temporaries that appear later are the next
+    run's to remove."""
     folder = Path(final).parent
     key = os.path.abspath(folder)
     with _live_guard:
@@ -120,7 +122,7 @@ def stale_temps(final: Path) -> list[Path]:
             for name in names:
                 owner = _temp_owner(name)
                 if owner is not None:
-                    index.setdefault(owner[0], []).append(folder / name)
+                    index.setdefault(owner[0], []).append((folder / name, owner[1]))
         return sorted(index.pop(final.name, []))
 
 
@@ -128,8 +130,7 @@ def remove_stale_temps(final: Path) -> list[Path]:
     """Delete the temporaries of ``final`` whose writing process is gone (killed runs); called
     with ``final``'s lock held, so no live run of ours is writing it."""
     removed = []
-    for p in stale_temps(final):
-        pid = _temp_owner(p.name)[1]
+    for p, pid in stale_temps(final):
         if pid != os.getpid() and not _pid_alive(pid):
             try:
                 p.unlink()
