@@ -115,3 +115,48 @@ def test_multipolygon_and_degenerate_inputs():
     tiny = shapely.box(0, 0, 1, 1)
     assert regularize_polygon(tiny).equals(tiny)
     assert regularize_polygon(shapely.Polygon()).is_empty
+
+
+@pytest.mark.parametrize("cut", [40, 80, 120])
+def test_a_corner_cut_by_nodata_is_not_squared_back_over_it(tmp_path, cut):
+    """A building clipped by the scene's diagonal nodata edge keeps its area and stays off the
+    nodata: a rectangle fits it with IoU > 0.8, but would cover pixels never segmented."""
+    mask = np.zeros((H, W), dtype=np.uint8)
+    mask[50:250, 50:250] = 1
+    yy, xx = np.mgrid[0:H, 0:W]
+    nodata = (xx + yy) < 100 + cut
+    mask[nodata] = 255
+    got, _ = vectorize(tmp_path, mask, regularize=True)
+    meta, _, _, fields = pyogrio.raw.read(tmp_path / "b.gpkg", layer="building")
+    area_m2 = fields[list(meta["fields"]).index("area_m2")]
+    assert len(got) == 1
+    building_px = float((mask == 1).sum())
+    assert got[0].area == pytest.approx(building_px, rel=0.01)
+    assert area_m2[0] == pytest.approx(building_px * PIXEL * PIXEL, rel=0.01)
+    nodata_px = shapely.Polygon([(0, 0), (100 + cut, 0), (0, 100 + cut)])
+    assert got[0].intersection(nodata_px).area < 1.0
+
+
+def test_a_courtyard_is_kept_as_a_hole():
+    """Holes are regularized at their own size: a 16-px courtyard in a 200-px building stays."""
+    yard = shapely.box(90, 90, 106, 106)
+    building = shapely.Polygon(shapely.box(0, 0, 200, 200).exterior.coords, [yard.exterior.coords])
+    noisy = shapely.simplify(building.buffer(0.4, join_style="mitre"), 0.1)
+    out = regularize_polygon(noisy, pixel=1.0)
+    assert out is not noisy and len(out.interiors) == 1
+    assert shapely.Polygon(out.interiors[0]).area == pytest.approx(yard.area, rel=0.25)
+
+
+def test_buildings_on_the_raster_edge_stay_inside_it(tmp_path):
+    """A squared-up edge is placed at the mean of the noisy one; at the raster's border that
+    would overshoot the raster, so regularized outlines are clipped to it."""
+    mask = np.zeros((H, W), dtype=np.uint8)
+    mask[100:160, 0:70] = 1  # left edge
+    mask[0:50, 200:260] = 1  # top edge
+    mask[300:400, 330:400] = 1  # bottom-right corner
+    mask = noisy_edges(mask.astype(bool), amplitude=1.0, seed=4)
+    got, _ = vectorize(tmp_path, mask, regularize=True)
+    assert len(got) == 3
+    assert all(len(g.exterior.coords) <= 7 for g in got)  # regularized, not pixel stairs
+    raster = shapely.box(0, 0, W, H)
+    assert max(g.difference(raster).area for g in got) == 0.0

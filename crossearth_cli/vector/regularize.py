@@ -12,10 +12,13 @@ angles on the ground). For each polygon:
    their neighbours;
 4. corners are the intersections of consecutive runs; the result is rotated back.
 
-Holes are regularized the same way with the building's orientation. A result that is invalid or
-far from the input (IoU below ``MIN_IOU``) falls back to the oriented bounding rectangle when that
-fits well, otherwise to the unregularized outline — regularization never makes a building worse
-than it was.
+Holes are regularized the same way with the building's orientation (runs scaled to the hole's
+own size). A candidate is kept only if it stays close to the segmented outline everywhere, not
+just on average: no part of it lies more than ``max_shift`` outside the outline or inside it, and
+its area is within ``MAX_AREA_CHANGE``. IoU alone let a rectangle square off a corner that the
+scene's nodata edge (or a neighbour) had cut, covering pixels that were never building. When no
+candidate qualifies (IoU below ``MIN_IOU`` included), the unregularized outline is kept —
+regularization never makes a building worse than it was.
 """
 
 from __future__ import annotations
@@ -28,6 +31,32 @@ from shapely import affinity
 
 MIN_IOU = 0.7
 SIMPLER_SLACK = 0.02  # IoU a simpler outline may give up to be preferred
+MAX_AREA_CHANGE = 0.05  # relative
+MAX_SHIFT_M = 3.0  # the most an edge or corner may move on a big building, metres
+
+
+def max_shift(pixel: float, min_run: float) -> float:
+    """How far a regularized outline may stray from the segmented one (metric units).
+
+    Three pixels on small buildings (a pixel of noise on both sides of an edge placed at its
+    mean); on big ones half the shortest run kept (a dissolved chamfer moves the corner about
+    that far), but never more than ``MAX_SHIFT_M``.
+    """
+    return max(3.0 * pixel, min(0.5 * min_run, MAX_SHIFT_M))
+
+
+def stays_close(cand, ref, shift: float, slack: float) -> bool:
+    """True when no part of ``ref`` lies more than ``shift`` outside ``cand`` and no part of
+    ``cand`` deeper than ``shift`` inside it lies outside ``ref`` (up to ``slack`` area each).
+
+    This bounds how far any part of the outline moved, which IoU does not. Only the candidate
+    (a handful of right-angled vertices) is buffered, which keeps it cheap.
+    """
+    inner = shapely.buffer(cand, -shift, join_style="mitre")
+    if shapely.difference(inner, ref).area > slack:
+        return False
+    outer = shapely.buffer(cand, shift, join_style="mitre")
+    return shapely.difference(ref, outer).area <= slack
 
 
 def dominant_angle(poly, tol: float) -> float:
@@ -123,7 +152,7 @@ def _mrr_angle(poly) -> float:
     return (a + math.pi / 4) % (math.pi / 2) - math.pi / 4
 
 
-def _regularize_at(poly, angle, tol, min_run):
+def _regularize_at(poly, angle, tol, min_run, pixel):
     origin = poly.centroid
     rot = affinity.rotate(poly, -angle, origin=origin, use_radians=True)
     shell = _regularize_ring(np.asarray(rot.exterior.coords), tol, min_run)
@@ -134,9 +163,12 @@ def _regularize_at(poly, angle, tol, min_run):
         return None
     holes = []
     for interior in rot.interiors:
-        h = _regularize_ring(np.asarray(interior.coords), tol, min_run)
-        if h is not None and shapely.Polygon(h).area > min_run * min_run:
-            holes.append(h)
+        xy = np.asarray(interior.coords)
+        area = shapely.Polygon(xy).area
+        if area <= (3.0 * pixel) ** 2:
+            continue  # a speck, not a courtyard
+        h = _regularize_ring(xy, tol, max(3.0 * pixel, 0.12 * math.sqrt(area)))
+        holes.append(h if h is not None else xy)
     if holes:
         with_holes = shapely.Polygon(shell, holes)
         if with_holes.is_valid:
@@ -170,22 +202,31 @@ def regularize_polygon(poly, pixel: float = 1.0, min_run: float | None = None):
     a2 = _mrr_angle(poly)
     if abs(math.remainder(a2 - angles[0], math.pi / 2)) > math.radians(0.5):
         angles.append(a2)
-    cands = [_regularize_at(poly, a, tol, min_run) for a in angles]
+    cands = [_regularize_at(poly, a, tol, min_run, pixel) for a in angles]
     cands.append(shapely.oriented_envelope(poly))
     scored = []
     for cand in cands:
         if cand is None or cand.geom_type != "Polygon" or not cand.is_valid:
             continue
         cand = _keep_area(cand, poly.area, pixel)
-        scored.append((iou(cand, ref), shapely.get_num_coordinates(cand), cand))
+        if abs(cand.area - poly.area) <= MAX_AREA_CHANGE * poly.area:
+            scored.append((iou(cand, ref), shapely.get_num_coordinates(cand), cand))
+    scored = [s for s in scored if s[0] >= MIN_IOU]
     if not scored:
         return poly
+    # Preferred: among outlines about as close as the best, the simplest (a rectangle when it
+    # fits); then the rest, closest first. The first that stays close everywhere wins.
     best = max(s[0] for s in scored)
-    if best < MIN_IOU:
-        return poly
-    # Among outlines about as close as the best, the simplest one (a rectangle when it fits).
-    close = [s for s in scored if s[0] >= best - SIMPLER_SLACK]
-    return min(close, key=lambda s: (s[1], -s[0]))[2]
+    close = sorted((s for s in scored if s[0] >= best - SIMPLER_SLACK), key=lambda s: (s[1], -s[0]))
+    rest = sorted((s for s in scored if s[0] < best - SIMPLER_SLACK), key=lambda s: -s[0])
+    shift = max_shift(pixel, min_run)
+    # Spikes of pixel noise along the outline may poke past the shift: a tenth of a pixel
+    # per pixel of outline, at least two pixels' worth.
+    slack = max(2.0 * pixel * pixel, 0.1 * pixel * ref.length)
+    for _, _, cand in close + rest:
+        if stays_close(cand, ref, shift, slack):
+            return cand
+    return poly
 
 
 def _keep_area(cand, area: float, pixel: float):

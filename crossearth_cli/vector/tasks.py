@@ -121,9 +121,14 @@ def finalize_polygons(job: Job, class_id, exact, out, conf_sum, conf_n) -> Polyg
             idx = np.nonzero(reg)[0]
             metric = frame.to_metric_px(np.asarray(exact)[idx])
             done, changed = regularize(metric, min(frame.pixel_size_m))
-            # Unchanged outlines keep their exact pixel vertices (no metric round trip).
-            geoms[idx[changed]] = frame.from_metric_px(done[changed])
-            touched[idx[changed]] = True
+            # Unchanged outlines keep their exact pixel vertices (no metric round trip); moved
+            # ones are clipped to the raster, which a squared-up edge may overshoot.
+            moved = shapely.intersection(
+                frame.from_metric_px(done[changed]), shapely.box(0, 0, frame.width, frame.height)
+            )
+            ok = np.isin(shapely.get_type_id(moved), (3, 6)) & ~shapely.is_empty(moved)
+            geoms[idx[changed][ok]] = moved[ok]
+            touched[idx[changed][ok]] = True
     if job.connectivity == 4:
         # Polygon layers hold Polygons only; a merged coverage piece never splits, but a
         # simplified or regularized one could in principle. Keep every part as its own feature.
