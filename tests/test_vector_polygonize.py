@@ -135,3 +135,20 @@ def test_windowed_fill_holes_equals_whole_raster(tmp_path):
     # Filling changes something here (otherwise the test proves nothing).
     g0, c0, _ = read_all(run(tmp_path, arr, 1024))
     assert len(g0) > len(g1)
+
+
+def test_a_hole_beyond_the_halo_is_left_open_whole_not_filled_up_to_a_seam(tmp_path):
+    """Past the 256-px halo cap, a hole may be seen whole by one window and cut by the next.
+    It must then stay open everywhere, not be filled on one side of the seam. A hole as big
+    that lies inside one window is still filled."""
+    yy, xx = np.mgrid[0:800, 0:800]
+    arr = np.full((800, 800), 1, dtype=np.uint8)  # building all round
+    across = (yy - 250) ** 2 + (xx - 200) ** 2 < 150**2  # rows 100-400, over the seam at 384
+    arr[across] = 2
+    inside = (yy - 560) ** 2 + (xx - 560) ** 2 < 150**2  # within the window [384, 768)²
+    arr[inside] = 3
+    fill_m2 = 0.25 * (across.sum() + 10)
+    geoms, cls, area = read_all(run(tmp_path, arr, 384, fill_holes=fill_m2, classes=[1, 2, 3]))
+    assert (cls == 2).sum() == 1 and area[cls == 2][0] == pytest.approx(0.25 * across.sum())
+    assert not (cls == 3).any()  # filled by building
+    assert area[cls == 1].sum() == pytest.approx(0.25 * (arr.size - across.sum()))

@@ -103,8 +103,9 @@ def build_job(
     fill_px = int(math.ceil(options.fill_holes / px_area)) if options.fill_holes > 0 else 0
     if fill_px > halo_for(fill_px):
         warnings.append(
-            f"--fill-holes {options.fill_holes:g} m² is {fill_px} pixels: holes reaching more "
-            f"than {halo_for(fill_px)} pixels beyond a window are left open"
+            f"--fill-holes {options.fill_holes:g} m² is {fill_px} pixels: holes wider or taller "
+            f"than {halo_for(fill_px)} pixels that cross a window seam are left open "
+            "(a bigger --window reaches further)"
         )
     size = int(options.window_size)
     windows = window_grid(src.height, src.width, size)

@@ -10,8 +10,10 @@ to the outermost enclosing class (the largest hole wins).
 
 Windowed: a hole of *n* pixels spans at most *n* pixels, so with a halo of that many pixels
 around the window every hole touching the window is seen whole and the result equals the
-whole-raster one. The halo is capped (``MAX_HALO``); holes reaching further than the cap beyond
-a window are left open.
+whole-raster one. The halo is capped (``MAX_HALO``). Beyond the cap, a window decides only the
+holes every window sharing them decides alike: those no wider or taller than the halo, and those
+inside a single window of the grid. Any other hole is left open whole: a window that happened to
+see it entirely must not fill its part while a neighbour leaves the rest open along the seam.
 """
 
 from __future__ import annotations
@@ -35,11 +37,15 @@ def fill_small_holes(
     max_pixels: int,
     connectivity: int,
     core: tuple[slice, slice] | None = None,
+    grid: tuple[int, int, int, int] | None = None,
 ) -> np.ndarray:
     """Return ``arr`` with holes of fewer than ``max_pixels`` pixels filled, for each class.
 
     A region touching any border of ``arr`` is never filled: at a window cut it may continue
     outside, and at the raster's own edge it is not enclosed. Only pixels in ``core`` change.
+    ``grid`` is ``(row_origin, col_origin, window_size, halo)`` when ``arr`` is a window of a
+    bigger raster read with a halo smaller than ``max_pixels``: holes that another window could
+    see only in part (see the module docstring) are then left open.
     """
     if max_pixels <= 1:
         return arr
@@ -65,6 +71,8 @@ def fill_small_holes(
         edge[np.unique(labels[:, 0])] = True
         edge[np.unique(labels[:, -1])] = True
         small = (sizes < max_pixels) & ~edge
+        if grid is not None and max_pixels > grid[3]:
+            small &= _decided_alike(labels, small, grid)
         if not small.any():
             continue
         lab_core = labels[core]
@@ -76,3 +84,19 @@ def fill_small_holes(
     changed = best > 0
     out[changed] = target[changed]
     return out
+
+
+def _decided_alike(labels: np.ndarray, candidates: np.ndarray, grid) -> np.ndarray:
+    """Which candidate holes every window sharing them sees whole (so all decide alike)."""
+    r_origin, c_origin, size, halo = grid
+    ok = np.zeros_like(candidates)
+    boxes = ndi.find_objects(labels)
+    for i in np.flatnonzero(candidates):
+        rows, cols = boxes[i - 1]
+        if rows.stop - rows.start <= halo and cols.stop - cols.start <= halo:
+            ok[i] = True
+            continue
+        r, c = rows.start + r_origin, cols.start + c_origin
+        r1, c1 = rows.stop - 1 + r_origin, cols.stop - 1 + c_origin
+        ok[i] = r // size == r1 // size and c // size == c1 // size
+    return ok

@@ -54,6 +54,11 @@ class Job:
             return np.ones(values.shape, dtype=bool)
         return values != self.src.nodata
 
+    @property
+    def window_size(self) -> int:
+        """The grid's square window side (the first window is a whole one unless it is alone)."""
+        return max(self.windows[0][2], self.windows[0][3])
+
     def wants(self, ids: frozenset | None, class_id: int) -> bool:
         return ids is None or class_id in ids
 
@@ -247,7 +252,8 @@ def process_window(job: Job, index: int) -> WindowResult:
         region = (slice(fr0 - er0, fr1 - er0), slice(fc0 - ec0, fc1 - ec0))
         present = np.unique(arr)
         classes = [int(v) for v in present if job.is_selected(np.asarray([v]))[0]]
-        arr = fill_small_holes(arr, classes, job.fill_px, job.connectivity, core=region)
+        grid = (er0, ec0, job.window_size, job.fill_halo)
+        arr = fill_small_holes(arr, classes, job.fill_px, job.connectivity, core=region, grid=grid)
     values = arr[core]
     selected = job.is_selected(values)
     seen = {int(v) for v in np.unique(values[selected])} if selected.any() else set()
