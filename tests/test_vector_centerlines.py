@@ -107,3 +107,25 @@ def test_joiner_chains_only_at_seams():
     assert lengths[-1] == pytest.approx(15.0, abs=0.05)  # a + b as one line of ~15 px
     ends = shapely.get_coordinates(done1[np.argmax(shapely.length(done1))])[[0, -1]]
     assert sorted(map(tuple, ends.tolist())) == [(5.0, 0.0), (5.0, 15.0)]
+
+
+@pytest.mark.parametrize("angle", [15, 30, 60])
+@pytest.mark.parametrize("width", [9, 21])
+@pytest.mark.parametrize("cut", ["square", "vertical"])
+def test_dead_ends_stay_on_the_axis(tmp_path, angle, width, cut):
+    """Thinning curls a dead end toward a corner of the road's end, further where the end is
+    cut obliquely; the line must still end on the axis, inside the road."""
+    yy, xx = np.mgrid[0:300, 0:300] + 0.5  # pixel centres
+    t = np.radians(angle)
+    d, n = np.array([np.cos(t), np.sin(t)]), np.array([-np.sin(t), np.cos(t)])
+    start = np.array([150.0, 150.0]) - 120 * d  # the near end is a dead end too
+    along = (xx - start[0]) * d[0] + (yy - start[1]) * d[1]
+    across = (xx - start[0]) * n[0] + (yy - start[1]) * n[1]
+    mask = (np.abs(across) <= width / 2) & (along >= 0)
+    mask &= (along <= 200) if cut == "square" else (xx <= start[0] + 200 * d[0])
+    lines = centerlines(tmp_path, mask, 1024)
+    assert len(lines) == 1
+    pts = np.asarray(lines[0].coords)
+    for tip in (pts[0], pts[-1]):
+        assert abs(np.dot(tip - start, n)) <= 1.25, (tip, pts)  # on the axis
+        assert mask[int(tip[1]), int(tip[0])]  # inside the road

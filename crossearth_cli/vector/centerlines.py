@@ -341,17 +341,47 @@ def _fit_axis(pts: np.ndarray, s: np.ndarray, lo: float, hi: float):
     return c, np.linalg.svd(q - c)[2][0]
 
 
-def _straighten_tip(pts: np.ndarray, width: float) -> np.ndarray:
-    """A dead end: thinning curls the last half-width; put the tip back on the road's axis."""
-    s = _arc_positions(pts[::-1])
-    r1 = max(width / 2.0, 1.5)
-    fit = _fit_axis(pts[::-1], s, r1, r1 + max(2.0 * width, 6.0))
+def _typical_width(pts: np.ndarray, dist: np.ndarray) -> float:
+    """The road's width along a chain of skeleton points: twice the median distance to its edge."""
+    h, w = dist.shape
+    rows = np.clip(pts[:, 1].astype(np.int64), 0, h - 1)
+    cols = np.clip(pts[:, 0].astype(np.int64), 0, w - 1)
+    return 2.0 * float(np.median(dist[rows, cols]))
+
+
+def _straighten_tip(pts: np.ndarray, width: float, dist: np.ndarray) -> np.ndarray:
+    """A dead end: thinning curls the tip toward a corner of the road's end (over a width or
+    more where the end is cut obliquely). Put it back on the road's axis, fitted a little way
+    back, and end it half a width inside the road as a square-cut end does."""
+    rev = pts[::-1]
+    s = _arc_positions(rev)
+    lo = max(1.5 * width, 3.0)
+    fit = _fit_axis(rev, s, lo, lo + max(3.0 * width, 6.0))
+    if fit is None:  # a short road: the stretch just behind the curl
+        lo = max(width / 2.0, 1.5)
+        fit = _fit_axis(rev, s, lo, lo + max(2.0 * width, 6.0))
     if fit is None:
         return pts
     c, d = fit
-    tip = c + d * np.dot(pts[-1] - c, d)
-    keep = s[::-1] > r1
-    return np.vstack([pts[keep], tip])
+    if np.dot(pts[-1] - c, d) < 0:
+        d = -d  # point toward the tip
+    off = np.abs((rev - c) @ np.array([-d[1], d[0]]))
+    on_axis = np.nonzero(off <= 1.0)[0]
+    last = len(pts) - 1 - (on_axis[0] if len(on_axis) else 0)  # last skeleton point kept
+    body = pts[: max(last, 0) + 1]
+    t0 = float(np.dot(body[-1] - c, d))
+    t = max(float(np.dot(pts[-1] - c, d)), t0)
+    # ...but not past where the axis comes within half a width of the road's edge
+    h, w = dist.shape
+    for step in np.arange(t0, t + 0.5, 0.5):
+        x, y = c + step * d
+        if not (0 <= x < w and 0 <= y < h) or dist[int(y), int(x)] < width / 2.0:
+            t = max(step - 0.5, t0)
+            break
+    tip = c + t * d
+    if t <= t0 + 1e-9:
+        return body if len(body) >= 2 else pts
+    return np.vstack([body, tip])
 
 
 def _cut_at_border(pts: np.ndarray, axis: int, value: float, inside: int, dist: np.ndarray):
@@ -427,10 +457,12 @@ def centerlines_from_mask(mask: np.ndarray, min_spur: float = 0.0, borders=()):
             if e.length < w and not touches_border:
                 continue  # a blob, not a road
         pts = e.pts
+        # A dead end's own width is the curl's, near zero at a corner: use the road's.
+        road_width = _typical_width(pts, dist)
         if nb is not None and nb.free and not nb.on_border:
-            pts = _straighten_tip(pts, nb.width)
+            pts = _straighten_tip(pts, max(nb.width, road_width), dist)
         if na is not None and na.free and not na.on_border:
-            pts = _straighten_tip(pts[::-1], na.width)[::-1]
+            pts = _straighten_tip(pts[::-1], max(na.width, road_width), dist)[::-1]
         parts = [pts]
         for axis, value, inside in borders:
             parts = [q for p in parts for q in _cut_at_border(p, axis, value, inside, dist)]
