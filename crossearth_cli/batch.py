@@ -110,8 +110,10 @@ def expand_inputs(args: list[str], exclude: Path | None = None) -> list[BatchInp
                 )
             for f in files:
                 add(f, p)
-        else:
-            add(p, p.parent)  # a missing file fails later, recorded against its name
+        elif p.exists():
+            add(p, p.parent)
+        else:  # a name typed by hand: fail before any work, not after the others are done
+            raise InputError("no such file", path=p, hint="check the path")
     return items
 
 

@@ -185,11 +185,57 @@ def write_mosaic_vrt(paths: list[Path], vrt: Path) -> tuple[Path, list[str]]:
     return vrt, notes
 
 
+SUMMARY_MARK = "crossearth_summary"
+
+
 def summary_json(path: Path, data: dict) -> None:
+    from crossearth_cli import __version__
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    data = {SUMMARY_MARK: __version__, **data}
     tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
     os.replace(tmp, path)
+
+
+def _is_our_summary(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return SUMMARY_MARK in json.loads(f.read(1 << 20) or b"null")
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def _is_a_vrt(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(64).lstrip().startswith(b"<VRTDataset")
+    except OSError:
+        return False
+
+
+def check_report_path(path: Path, what: str, overwrite: bool, taken) -> None:
+    """Refuse a --summary or --vrt path that is an input or another output, a folder, or an
+    existing file crossearth did not write (a rerun refreshes its own reports, so resuming a
+    folder needs no --overwrite); then prove its folder is writable, before any work."""
+    from crossearth_cli.raster.writer import ensure_writable_folder, same_path
+
+    option = "--summary" if what == "summary" else "--vrt"
+    for other in taken:
+        if same_path(path, Path(other)):
+            raise OutputError(
+                f"{option} names a file this run reads or writes", path=path,
+                hint=f"give {option} its own file name",
+            )
+    if path.is_dir():
+        raise OutputError(f"{option} is a folder", path=path, hint="give a file name")
+    ours = _is_our_summary if what == "summary" else _is_a_vrt
+    if path.exists() and not overwrite and not ours(path):
+        raise OutputError(
+            f"exists and is not a crossearth {what}", path=path,
+            hint="pass --overwrite to replace it, or choose another name",
+        )
+    ensure_writable_folder(path)
 
 
 def _json_default(o):

@@ -346,3 +346,73 @@ def test_second_batch_into_the_same_folder_is_refused(tmp_path, capfd, ckpt):
     finally:
         holder.kill()
         holder.wait(10)
+
+
+# -- reports and inputs named on the command line --------------------------------------------
+
+
+def test_summary_and_mosaic_never_replace_an_input_an_output_or_a_stranger(
+    tmp_path, capfd, ckpt, scene
+):
+    """--summary and --vrt are checked with the other outputs, before any work: not over the
+    input, not over another output, not a folder, not over a file crossearth did not write."""
+    tiles = tmp_path / "tiles"
+    tiles.mkdir()
+    tile = write_tif(tiles / "a.tif", random_scene(64, 64))
+    write_tif(tiles / "b.tif", random_scene(64, 64, seed=1))
+    precious = tmp_path / "notes.json"
+    precious.write_text("precious\n")
+    (tmp_path / "folder.json").mkdir()
+    out = tmp_path / "o.tif"
+    run = ("segment", scene, "-c", ckpt, "--tile", "64", "-o", out)
+    cases = [
+        (run + ("--summary", scene), "--summary names a file this run reads or writes"),
+        (run + ("--summary", out, "--overwrite"), "--summary names a file this run reads"),
+        (run + ("--summary", precious), "is not a crossearth summary"),
+        (run + ("--summary", tmp_path / "folder.json"), "--summary is a folder"),
+        (run + ("--vector", tmp_path / "v.shp"), "must be a GeoPackage"),
+        (("segment", tiles, "-c", ckpt, "--tile", "64", "-o", tmp_path / "out",
+          "--vrt", tile), "--vrt names a file this run reads or writes"),
+    ]
+    before_bytes = scene.read_bytes(), tile.read_bytes()
+    for args, needle in cases:
+        before = snapshot(tmp_path)
+        code, _, err = cli(capfd, *args)
+        assert_user_error(code, err, needle)
+        assert_nothing_written(tmp_path, before)
+    assert (scene.read_bytes(), tile.read_bytes()) == before_bytes
+    assert precious.read_text() == "precious\n"
+    # its own summary is refreshed by a rerun without --overwrite (resuming needs none)
+    summary = tmp_path / "s.json"
+    for target in (out, tmp_path / "o2.tif"):
+        code, _, err = cli(capfd, "segment", scene, "-c", ckpt, "--tile", "64", "-o", target,
+                           "--summary", summary)
+        assert code == 0, err
+        assert json.loads(summary.read_text())["output"] == str(target)
+
+
+def test_inputs_are_checked_before_any_work(tmp_path, capfd, ckpt, scene):
+    """A missing file among several, a pattern matching nothing, or an output folder holding
+    every input: one line, exit 2, nothing written. A pattern for one file with -o a .tif
+    runs as that file."""
+    tiles = tmp_path / "tiles"
+    tiles.mkdir()
+    write_tif(tiles / "a.tif", random_scene(64, 64))
+    base = ("-c", ckpt, "--tile", "64")
+    cases = [
+        (("segment", scene, tmp_path / "typo.tif", "-o", tmp_path / "out") + base,
+         "typo.tif: no such file"),
+        (("segment", str(tmp_path / "nothing_*.tif"), "-o", tmp_path / "x.tif") + base,
+         "matches no files"),
+        (("segment", tiles, "-o", tiles) + base, "every input is inside the output folder"),
+        (("segment", scene, "-o", tmp_path / "x.tif", "--overlap", "nan") + base, "--overlap"),
+        (("segment", scene, "-o", tmp_path / "x.tif", "--range", "0,inf") + base, "finite"),
+    ]
+    for args, needle in cases:
+        before = snapshot(tmp_path)
+        code, _, err = cli(capfd, *args)
+        assert_user_error(code, err, needle)
+        assert_nothing_written(tmp_path, before)
+    code, _, err = cli(capfd, "segment", str(tiles / "a*.tif"), "-o", tmp_path / "one.tif", *base)
+    assert code == 0, err
+    assert valid_raster(tmp_path / "one.tif").shape == (1, 64, 64)

@@ -109,3 +109,32 @@ def test_checkerboards_give_valid_geometries(tmp_path, capfd, connectivity, simp
             # no overlaps: the union covers exactly the class's pixels
             assert shapely.union_all(geoms).area == pytest.approx(
                 (arr == class_id).sum() * PIXEL_M2, rel=1e-9)
+
+
+def test_vectorize_refuses_its_input_as_output_and_reports_damaged_rasters(tmp_path, capfd):
+    """A class raster named .gpkg is not replaced by the GeoPackage; a truncated file, or a
+    tile that fails to decode mid-run, is one line and exit 2, not a traceback."""
+    from reliability_helpers import assert_user_error, snapshot
+
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 4, (512, 512), dtype=np.uint8)
+    named_gpkg = write_class_raster(tmp_path / "classes.gpkg", arr, names=["a", "b", "c", "d"])
+    before = named_gpkg.read_bytes()
+    code, _, err = cli(capfd, "vectorize", named_gpkg, "-o", named_gpkg, "--overwrite")
+    assert_user_error(code, err, "the vector output is an input raster")
+    assert named_gpkg.read_bytes() == before
+
+    good = write_class_raster(tmp_path / "good.tif", arr, names=["a", "b", "c", "d"])
+    data = good.read_bytes()
+    truncated = tmp_path / "truncated.tif"
+    truncated.write_bytes(data[: len(data) * 2 // 3])
+    damaged = tmp_path / "damaged.tif"  # a tile in the middle overwritten with junk
+    mid = len(data) // 2
+    damaged.write_bytes(data[:mid] + rng.integers(0, 256, 4096, dtype=np.uint8).tobytes()
+                        + data[mid + 4096:])
+    for src, workers in ((truncated, "1"), (damaged, "1"), (damaged, "2")):
+        before = snapshot(tmp_path)
+        code, _, err = cli(capfd, "vectorize", src, "-o", tmp_path / "v.gpkg", "--window", "256",
+                           "--workers", workers)
+        assert_user_error(code, err, src.name, "cannot be read")
+        assert snapshot(tmp_path) == before

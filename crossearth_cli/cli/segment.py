@@ -108,6 +108,15 @@ def segment_command(
 
     if stride is not None and overlap is not None:
         raise ConfigError("give --stride or --overlap, not both")
+    if overlap is not None and not overlap >= 0:  # NaN too; the tile is known only later
+        raise ConfigError(f"--overlap {overlap}: give a fraction of the tile (0.33) or pixels "
+                          "(171)")
+    if len(inputs) == 1 and _is_glob(inputs[0]):
+        from crossearth_cli.batch import expand_inputs
+
+        matches = expand_inputs(inputs)  # one that matches nothing fails here, by its pattern
+        if len(matches) == 1 and output is not None and output.suffix.lower() in (".tif", ".tiff"):
+            inputs = [str(matches[0].path)]  # one match and -o a .tif: run it as that file
     single = len(inputs) == 1 and not _is_glob(inputs[0]) and not Path(inputs[0]).is_dir()
     rank = RankInfo.from_env()
     job = _Job(
@@ -179,6 +188,20 @@ class _Job:
 
                 raise ConfigError(f"--overlap {self.overlap}: {exc}") from None
 
+    def check_reports(self, taken, single: bool) -> None:
+        """--summary and --vrt, before any work: not over an input or another output."""
+        from crossearth_cli.distributed import check_report_path
+
+        taken = [p for p in taken if p is not None]
+        if self.vrt and single and self.rank.rank == 0:
+            note(f"--vrt {self.vrt}: a mosaic is made over several inputs; with one input "
+                 "none is written")
+        if self.summary:
+            check_report_path(self.summary, "summary", self.overwrite, taken)
+        if self.vrt and not single:
+            check_report_path(self.vrt, "mosaic", self.overwrite,
+                              [*taken, self.summary] if self.summary else taken)
+
     def vector_options(self, spec):
         from crossearth_cli.vector.options import VectorizeOptions
 
@@ -214,6 +237,7 @@ class _Job:
         from crossearth_cli.engine import Session, check_outputs, validate_settings
         from crossearth_cli.raster.reader import probe_input
         from crossearth_cli.raster.writer import check_output_path
+        from crossearth_cli.vector.writer import check_suffix
 
         src, out, conf, probs, vec = self._single_paths()
         settings = self.template(out, src)
@@ -222,7 +246,9 @@ class _Job:
         probe_input(src)  # fail fast, before a model is loaded
         check_outputs(settings)
         if vec is not None:
+            check_suffix(vec)
             check_output_path(vec, self.overwrite, inputs=[src], what="vector output")
+        self.check_reports([src, out, conf, probs, vec], single=True)
         spec = self.load_model(self.device)
         self.finish_settings(settings, spec)
         with Session(spec, settings.device, settings.precision, settings.batch_size,
@@ -254,6 +280,7 @@ class _Job:
         validate_settings(settings)
         probe_input(src)
         check_outputs(settings)
+        self.check_reports([src, out, conf, probs, vec], single=True)
         dist.init(rank)
         spec = self.load_model(dist.device_for(rank, self.device))
         self.finish_settings(settings, spec)
@@ -326,12 +353,20 @@ class _Job:
         if outdir.suffix.lower() in (".tif", ".tiff") and not outdir.is_dir():
             raise ConfigError(f"-o {outdir}: with several inputs, -o names a folder")
         items = expand_inputs(self.inputs, exclude=outdir)
+        if not items:
+            raise ConfigError(
+                f"-o {outdir}: every input is inside the output folder, so nothing is left to do",
+                hint="choose an output folder outside the inputs",
+            )
         check_output_names(items, outdir)
         kinds = ["classes"] + [k for k, v in (("confidence", self.confidence),
                                              ("probabilities", self.probabilities),
                                              ("vector", self.vector)) if v]
-        key = settings_hash(self.request_key(kinds))
         manifest = Manifest(outdir, rank.rank, rank.world)
+        taken = [manifest.path] + [it.path for it in items]
+        taken += [p for it in items for p in it.outputs(outdir, kinds).values()]
+        self.check_reports(taken, single=False)
+        key = settings_hash(self.request_key(kinds))
         from crossearth_cli.raster.writer import ensure_writable_folder, lock_output
 
         ensure_writable_folder(manifest.path)

@@ -19,6 +19,7 @@ rasterio dataset handles are not thread-safe, so each reader thread opens its ow
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import threading
@@ -82,6 +83,11 @@ def parse_range(text: str | None, n_bands: int) -> list[BandScaling] | str | Non
             f"--range {text!r} is not 'auto', 'none' or numbers",
             hint="use e.g. --range 0,3000 or --range auto",
         ) from None
+    if not all(math.isfinite(v) for v in values):
+        raise ConfigError(
+            f"--range {text!r}: the limits must be finite numbers",
+            hint="use the data's real range, e.g. --range 0,3000, or --range auto",
+        )
     if len(values) == 2:
         return [BandScaling(values[0], values[1])] * n_bands
     if len(values) == 2 * n_bands:
@@ -203,7 +209,7 @@ def _equals_nodata(band: np.ndarray, nodata: float | None) -> np.ndarray:
 
 
 @contextmanager
-def _corrupt_is_input_error(path, what: str):
+def corrupt_is_input_error(path, what: str):
     """A GDAL read error inside becomes ``InputError("<what>: the file is truncated or
     corrupt")`` naming ``path``."""
     try:
@@ -218,7 +224,7 @@ def check_readable(src, bands: list[int] | None = None) -> None:
     h, w = src.block_shapes[0] if src.block_shapes else (1, src.width)
     window = Window(max(src.width - w, 0), max(src.height - h, 0), min(w, src.width),
                     min(h, src.height))
-    with _corrupt_is_input_error(src.name, "cannot be read to the end"):
+    with corrupt_is_input_error(src.name, "cannot be read to the end"):
         src.read(bands or 1, window=window)
 
 
@@ -448,7 +454,7 @@ class SceneReader:
         all_uint8 = all(src.dtypes[b - 1] == "uint8" for b in self.bands)
         if value_range == "none" or (value_range is None and all_uint8):
             return None
-        with _corrupt_is_input_error(self.path, "read failed while sampling its value range"):
+        with corrupt_is_input_error(self.path, "read failed while sampling its value range"):
             scaling = scene_percentiles(src, self.bands)
         self.notes.append(
             "scaled to 0-255 from the scene's "
@@ -487,7 +493,7 @@ class SceneReader:
         """(3×h×w in :attr:`dtype`, h×w bool valid): one read, masks derived from it."""
         src = self._src()
         window = Window(x, y, w, h)
-        with _corrupt_is_input_error(
+        with corrupt_is_input_error(
                 self.path, f"read failed at rows {y}-{y + h}, columns {x}-{x + w}"):
             data = src.read(self._read_bands, window=window, out_dtype=self._read_dtype)
             valid = np.ones((h, w), dtype=bool)

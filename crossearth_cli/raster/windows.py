@@ -12,6 +12,7 @@ so there is no dark frame and every pixel has a positive total weight.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -108,8 +109,8 @@ def tile_weights(
 
 def stride_from_overlap(tile: int, overlap: float) -> int:
     """Stride for an overlap given as a fraction of the tile (0.33) or in pixels (171)."""
-    if overlap < 0:
-        raise ValueError("overlap must be >= 0")
+    if not math.isfinite(overlap) or overlap < 0:
+        raise ValueError("overlap must be a fraction of the tile (0.33) or pixels (171)")
     px = overlap * tile if overlap < 1 else overlap
     stride = tile - int(round(px))
     if stride < 1:

@@ -167,6 +167,14 @@ def _same_file(a: Path, b: Path) -> bool:
         return a.resolve() == b.resolve()
 
 
+def same_path(a: Path, b: Path) -> bool:
+    """The same file, existing (hard and symbolic links included) or yet to be written."""
+    try:
+        return _same_file(a, b) or a.resolve() == b.resolve()
+    except (OSError, RuntimeError):  # a symlink loop: compare the names as given
+        return a.absolute() == b.absolute()
+
+
 def ensure_writable_folder(path: Path) -> None:
     """Create ``path``'s folder if needed and prove we can create files in it."""
     folder = path.parent

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from crossearth_cli.errors import OutputError
+from crossearth_cli.raster.writer import same_path
 from crossearth_cli.vector.areas import MetricFrame
 from crossearth_cli.vector.centerlines import LineJoiner
 from crossearth_cli.vector.holes import halo_for
@@ -271,6 +273,12 @@ def vectorize_raster(
     t0 = time.perf_counter()
     options = options or VectorizeOptions()
     check_output(out_path, options.overwrite)
+    for inp in (class_path, confidence_path):
+        if inp is not None and same_path(Path(out_path), Path(inp)):
+            raise OutputError(
+                "the vector output is an input raster", path=out_path,
+                hint="choose another -o path",
+            )
     src = open_class_raster(class_path)
     conf = check_confidence(confidence_path, src) if confidence_path else None
     job, warnings = build_job(src, options, conf)
@@ -292,7 +300,7 @@ def vectorize_raster(
         layers.declare_known(job.selected, job.centerline_ids)
         row: list[WindowResult] = []
         done = 0
-        for res in _results(job, workers):
+        for res in _read_guard(_results(job, workers), src.path):
             summary.classes.update({c: src.name_of(c) for c in res.classes_seen})
             layers.write_polygons(res.polygons)
             layers.write_lines(res.lines)
@@ -321,6 +329,14 @@ def vectorize_raster(
     summary.polygons = sum(c for n, c in counts.items() if n not in line_layers)
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _read_guard(results, path):
+    """A tile that fails to decode mid-run is the input's fault: one line, not a traceback."""
+    from crossearth_cli.raster.reader import corrupt_is_input_error
+
+    with corrupt_is_input_error(path, "cannot be read"):
+        yield from results
 
 
 def _finish(job: Job, merged) -> PolygonBatch:

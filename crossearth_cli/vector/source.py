@@ -65,11 +65,18 @@ def open_class_raster(path: str | os.PathLike) -> ClassRaster:
     import rasterio
     from rasterio.errors import RasterioIOError
 
+    from crossearth_cli.raster.reader import check_readable
+
     p = Path(path)
     if not p.exists():
         raise InputError("class raster not found", path=p, hint="check the path")
+    if p.is_dir():
+        raise InputError("is a folder, not a class raster", path=p, hint="pass a GeoTIFF file")
+    if p.stat().st_size == 0:
+        raise InputError("is empty (0 bytes)", path=p, hint="write or copy it again")
     try:
         with rasterio.open(p) as ds:
+            check_readable(ds)  # a truncated file fails now, before the output is started
             if ds.count != 1:
                 raise InputError(
                     f"has {ds.count} bands, but a class raster has one band of class ids",

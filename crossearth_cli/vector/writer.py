@@ -23,13 +23,17 @@ _DATASET_OPTIONS = {"VERSION": "1.2"}
 _CHUNK = 20_000
 
 
+def check_suffix(path: Path) -> None:
+    if Path(path).suffix.lower() != ".gpkg":
+        raise OutputError(
+            "vector output must be a GeoPackage", path=path, hint="give a path ending in .gpkg"
+        )
+
+
 def check_output(path: str | os.PathLike, overwrite: bool) -> Path:
     """Fail early, before any work, on an output that cannot be written."""
     p = Path(path)
-    if p.suffix.lower() != ".gpkg":
-        raise OutputError(
-            "vector output must be a GeoPackage", path=p, hint="give a path ending in .gpkg"
-        )
+    check_suffix(p)
     if p.is_dir():
         raise OutputError("output is a folder", path=p, hint="give a .gpkg file path")
     if p.exists() and not overwrite:
