@@ -138,3 +138,20 @@ def test_vectorize_refuses_its_input_as_output_and_reports_damaged_rasters(tmp_p
                            "--workers", workers)
         assert_user_error(code, err, src.name, "cannot be read")
         assert snapshot(tmp_path) == before
+
+
+def test_a_label_raster_with_thousands_of_ids_asks_for_one_layer(tmp_path, capfd):
+    """One layer per id of a 16-bit instance raster would be thousands of layers (minutes, and
+    a swamped GIS): refused before any work, and --single-layer does it in one layer."""
+    from reliability_helpers import assert_user_error, snapshot
+
+    ids = np.arange(60 * 60, dtype=np.uint16).reshape(60, 60) // 4  # 900 ids
+    src = write_class_raster(tmp_path / "labels.tif", ids, nodata=None)
+    before = snapshot(tmp_path)
+    code, _, err = cli(capfd, "vectorize", src, "-o", tmp_path / "v.gpkg")
+    assert_user_error(code, err, "labels.tif", "more than 256 distinct class ids",
+                      "--single-layer")
+    assert snapshot(tmp_path) == before
+    code, _, err = cli(capfd, "vectorize", src, "-o", tmp_path / "v.gpkg", "--single-layer")
+    assert code == 0, err
+    assert pyogrio.read_info(tmp_path / "v.gpkg", layer="polygons")["features"] == 900

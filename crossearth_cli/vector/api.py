@@ -84,6 +84,33 @@ def _auto_by_name(src: ClassRaster, selected, word: str) -> frozenset | None:
     return frozenset(pick_by_name(src, pool, word))
 
 
+MAX_LAYERS = 256  # one GeoPackage layer per class: each costs ~0.1 s and a table in GIS
+
+
+def _check_layer_count(src: ClassRaster) -> None:
+    """A wider-than-8-bit raster may hold thousands of ids (an instance or label raster, not
+    classes): one layer each would take minutes and swamp a GIS. Count them first (a read of
+    the raster, stopping as soon as there are too many)."""
+    import rasterio
+    from rasterio.windows import Window
+
+    from crossearth_cli.errors import InputError
+
+    seen: set[int] = set()
+    rows = max(1, (1 << 22) // max(src.width, 1))
+    with rasterio.open(src.path) as ds:
+        for r0 in range(0, src.height, rows):
+            arr = ds.read(1, window=Window(0, r0, src.width, min(rows, src.height - r0)))
+            seen.update(int(v) for v in np.unique(arr))
+            seen.discard(src.nodata)
+            if len(seen) > MAX_LAYERS:
+                raise InputError(
+                    f"holds more than {MAX_LAYERS} distinct class ids, one layer each",
+                    path=src.path,
+                    hint="pass --single-layer (one layer with a class_id field) or --classes",
+                )
+
+
 def build_job(
     src: ClassRaster, options: VectorizeOptions, confidence: str | None
 ) -> tuple[Job, list[str]]:
@@ -94,6 +121,8 @@ def build_job(
             f"{src.path} has no usable CRS: areas and lengths are in its own units, taken as metres"
         )
     selected = resolve_classes(src, options.classes)
+    if selected is None and options.layer_per_class and np.dtype(src.dtype).itemsize > 1:
+        _check_layer_count(src)
     reg = _resolve_feature_classes(src, options.regularize, selected)
     if options.regularize is True:
         reg = _auto_by_name(src, selected, "building")
