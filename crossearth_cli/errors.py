@@ -6,6 +6,7 @@ traceback unless ``--debug`` is given. Anything else is a bug and may crash loud
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 EXIT_USAGE = 2
@@ -24,11 +25,18 @@ class UserError(Exception):
 
     def one_line(self) -> str:
         msg = str(self)
-        if self.path and self.path not in msg:
+        if self.path and not _mentions(msg, self.path):
             msg = f"{self.path}: {msg}"
         if self.hint:
             msg = f"{msg} ({self.hint})"
         return " ".join(msg.split())
+
+
+def _mentions(msg: str, path: str) -> bool:
+    """``path`` appears in ``msg`` as a name of its own (not inside a word: "ck" is not
+    named by "checkpoint")."""
+    edge = r"""[\s'"(),:]"""
+    return re.search(rf"(^|{edge}){re.escape(path)}($|{edge})", msg) is not None
 
 
 class InputError(UserError):

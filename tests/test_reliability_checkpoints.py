@@ -191,3 +191,23 @@ def test_preset_with_a_checkpoint_of_another_class_count(tmp_path, scene):
     for needle in ("Potsdam(r)-source.pth", "4 classes", "potsdam-rgb", "has 6"):
         assert needle in line, line
     assert not (tmp_path / "o.tif").exists()
+
+
+def test_a_damaged_full_checkpoint_and_a_folder_are_named_for_what_they_are(
+    tmp_path, capfd, scene, monkeypatch
+):
+    """A full checkpoint missing one backbone tensor is reported as missing it, not as a
+    Rein-and-head-only file needing --backbone; a folder named like a word of the message
+    ("ck" in "checkpoint") is still named."""
+    sd = random_state_dict(CONFIG)
+    del sd["backbone.blocks.0.attn.qkv.weight"]
+    damaged = tmp_path / "damaged.pth"
+    torch.save({"state_dict": sd}, damaged)
+    code, _, err, before = segment_with(capfd, tmp_path, scene, damaged)
+    assert_user_error(code, err, "missing backbone.blocks.0.attn.qkv.weight")
+    assert "--backbone" not in err
+    assert_nothing_written(tmp_path, before)
+    (tmp_path / "ck").mkdir()
+    monkeypatch.chdir(tmp_path)
+    code, _, err, before = segment_with(capfd, tmp_path, scene, "ck")
+    assert_user_error(code, err, "error: ck: is a folder")

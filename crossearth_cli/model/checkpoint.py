@@ -364,6 +364,14 @@ def _drop_extras(sd: dict[str, torch.Tensor], info: CheckpointInfo) -> dict[str,
     return {k: v for k, v in sd.items() if k not in gone}
 
 
+def _holds_a_backbone(sd: dict[str, torch.Tensor]) -> bool:
+    """Any DINOv2 tensor other than the Rein adapter's: a full checkpoint, maybe damaged."""
+    return FULL_MARKER in sd or any(
+        k.startswith(("backbone.blocks.", "backbone.patch_embed.", "backbone.pos_embed"))
+        for k in sd
+    )
+
+
 def _complete_backbone(
     sd: dict[str, torch.Tensor],
     path: Path,
@@ -371,7 +379,7 @@ def _complete_backbone(
     info: CheckpointInfo,
     expected_img: int | None,
 ) -> dict[str, torch.Tensor]:
-    if FULL_MARKER in sd:
+    if _holds_a_backbone(sd):  # a missing tensor of it is then reported as missing
         if backbone is not None:
             info.warnings.append(
                 f"{path.name} already holds the backbone; --backbone {Path(backbone).name} "
