@@ -243,7 +243,7 @@ class _Job:
         settings = self.template(out, src)
         settings.confidence, settings.probabilities = conf, probs
         validate_settings(settings)
-        probe_input(src)  # fail fast, before a model is loaded
+        probe_input(src, settings.bands)  # fail fast, before a model is loaded
         check_outputs(settings)
         if vec is not None:
             check_suffix(vec)
@@ -278,7 +278,7 @@ class _Job:
         settings = self.template(out, src)
         settings.confidence, settings.probabilities = conf, probs
         validate_settings(settings)
-        probe_input(src)
+        probe_input(src, settings.bands)
         check_outputs(settings)
         self.check_reports([src, out, conf, probs, vec], single=True)
         dist.init(rank)

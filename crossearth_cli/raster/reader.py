@@ -228,10 +228,33 @@ def check_readable(src, bands: list[int] | None = None) -> None:
         src.read(bands or 1, window=window)
 
 
-def probe_input(path: str | Path) -> None:
+def probe_input(path: str | Path, bands: list[int] | None = None) -> None:
     """Fail fast (before loading a model) on inputs that cannot be segmented at all."""
     with open_raster(path) as src:
+        _check_real(src, path)
+        if bands is not None:
+            _check_band_numbers(src, path, bands)
         check_readable(src)
+
+
+def _check_real(src, path) -> None:
+    dtypes = set(src.dtypes)
+    if any(np.dtype(d).kind == "c" for d in dtypes):
+        raise InputError(
+            f"has complex pixels ({', '.join(sorted(dtypes))}); the model needs real values",
+            path=path,
+            hint="convert to amplitude first, e.g. with gdal_calc or gdal_translate",
+        )
+
+
+def _check_band_numbers(src, path, bands: list[int]) -> None:
+    for b in bands:
+        if not 1 <= b <= src.count:
+            raise InputError(
+                f"band {b} is out of range: the raster has {src.count} band(s)",
+                path=path,
+                hint=f"pass --bands with numbers from 1 to {src.count}",
+            )
 
 
 def _colorinterp_bands(src, interp: ColorInterp) -> int | None:
@@ -368,13 +391,7 @@ class SceneReader:
 
     def _inspect(self, src, bands, value_range, band_order) -> None:
         self.height, self.width, self.count = src.height, src.width, src.count
-        dtypes = set(src.dtypes)
-        if any(np.dtype(d).kind == "c" for d in dtypes):
-            raise InputError(
-                f"has complex pixels ({', '.join(sorted(dtypes))}); the model needs real values",
-                path=self.path,
-                hint="convert to amplitude first, e.g. with gdal_calc or gdal_translate",
-            )
+        _check_real(src, self.path)
         self.notes: list[str] = []
         self.palette: np.ndarray | None = None  # 3×N uint8 colour table of band 1
         self._palette_nodata: np.ndarray | None = None  # N bool: entries with alpha 0
@@ -390,13 +407,7 @@ class SceneReader:
                 "band 1 is paletted: --bands reads its colour-table indices, not colours "
                 "(leave out --bands to use the colours)"
             )
-        for b in bands:
-            if not 1 <= b <= src.count:
-                raise InputError(
-                    f"band {b} is out of range: the raster has {src.count} band(s)",
-                    path=self.path,
-                    hint=f"pass --bands with numbers from 1 to {src.count}",
-                )
+        _check_band_numbers(src, self.path, bands)
         self.bands = list(bands)
         # what is read from the file: band 1 once for a palette, else the selected bands
         self._read_bands = [1] if self.palette is not None else self.bands
