@@ -155,3 +155,13 @@ def test_a_label_raster_with_thousands_of_ids_asks_for_one_layer(tmp_path, capfd
     code, _, err = cli(capfd, "vectorize", src, "-o", tmp_path / "v.gpkg", "--single-layer")
     assert code == 0, err
     assert pyogrio.read_info(tmp_path / "v.gpkg", layer="polygons")["features"] == 900
+
+
+def test_bad_vectorize_options_name_the_option(tmp_path, capfd):
+    from reliability_helpers import assert_user_error
+
+    src = write_class_raster(tmp_path / "c.tif", np.zeros((32, 32), np.uint8), names=["a"])
+    for args, needle in ((("--workers", "-2"), "--workers must be"),
+                         (("--window", "0"), "--window must be")):
+        code, _, err = cli(capfd, "vectorize", src, "-o", tmp_path / "v.gpkg", *args)
+        assert_user_error(code, err, needle)

@@ -40,9 +40,11 @@ class VectorizeOptions:
             if value is None or not value >= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be ≥ 0, not {value}")
         if self.window_size < 16:
-            raise ConfigError(f"window size must be at least 16 pixels, not {self.window_size}")
-        if self.centerline_halo < 0 or self.workers < 0:
-            raise ConfigError("centerline halo and workers must be ≥ 0")
+            raise ConfigError(f"--window must be at least 16 pixels, not {self.window_size}")
+        if self.workers < 0:
+            raise ConfigError(f"--workers must be ≥ 0 (0 = automatic), not {self.workers}")
+        if self.centerline_halo < 0:
+            raise ConfigError(f"centerline_halo must be ≥ 0, not {self.centerline_halo}")
 
     @classmethod
     def preset(cls, class_names: Sequence[str], **overrides) -> VectorizeOptions:
