@@ -457,6 +457,12 @@ def validate_settings(settings: SegmentSettings) -> None:
     if settings.compress.lower() not in ("deflate", "zstd", "lzw", "none"):
         raise ConfigError("--compress must be deflate, zstd, lzw or none")
     outs = settings.outputs()
+    for p in outs:
+        if Path(p).suffix.lower() not in ("", ".tif", ".tiff"):
+            raise ConfigError(
+                f"{p}: the rasters written are GeoTIFFs, not {Path(p).suffix} files",
+                hint="give the output a .tif name",
+            )
     if len({str(Path(p).resolve()) for p in outs}) != len(outs):
         raise ConfigError("two outputs share one path", hint="give each output its own name")
 

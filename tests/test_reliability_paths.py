@@ -407,6 +407,7 @@ def test_inputs_are_checked_before_any_work(tmp_path, capfd, ckpt, scene):
         (("segment", tiles, "-o", tiles) + base, "every input is inside the output folder"),
         (("segment", scene, "-o", tmp_path / "x.tif", "--overlap", "nan") + base, "--overlap"),
         (("segment", scene, "-o", tmp_path / "x.tif", "--range", "0,inf") + base, "finite"),
+        (("segment", scene, "-o", tmp_path / "x.png") + base, "GeoTIFFs, not .png"),
         # before the model loads, so no "RANDOM WEIGHTS" note comes first
         (("segment", scene, "-o", tmp_path / "x.tif", "--allow-random-weights", "--bands",
           "4,1,2"), "band 4 is out of range"),
