@@ -736,11 +736,9 @@ def convert_checkpoint(
     overwrite: bool = False,
 ) -> CrossEarth:
     """Validate ``src`` fully (as :func:`load_checkpoint`) and write it as one safetensors file."""
-    dst = Path(dst)
-    if dst.exists() and not overwrite:  # fail before the slow read
-        from crossearth_cli.errors import OutputError
+    from crossearth_cli.model.files import check_destination
 
-        raise OutputError("already exists", path=dst, hint="pass --overwrite to replace it")
+    dst = check_destination(dst, overwrite)  # fail before the slow read
     model = load_checkpoint(src, backbone=backbone)
     save_safetensors(model, dst, overwrite=overwrite)
     return model

@@ -48,12 +48,9 @@ def convert_dinov2_file(
 ) -> Path:
     """Read a DINOv2 ViT checkpoint, convert it, write ``dst`` (.pth, or .safetensors by suffix)."""
     from crossearth_cli.model.checkpoint import read_tensors
+    from crossearth_cli.model.files import check_destination
 
-    src, dst = Path(src), Path(dst)
-    if dst.exists() and not overwrite:
-        from crossearth_cli.errors import OutputError
-
-        raise OutputError("already exists", path=dst, hint="pass --overwrite to replace it")
+    src, dst = Path(src), check_destination(dst, overwrite)  # before the slow read
     sd, _ = read_tensors(src)
     sd = {(k[7:] if k.startswith("module.") else k): v for k, v in sd.items()}
     for key in ("pos_embed", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight"):

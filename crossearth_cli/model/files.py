@@ -9,7 +9,23 @@ from pathlib import Path
 
 from crossearth_cli.errors import OutputError
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_write", "check_destination"]
+
+
+def check_destination(dst: str | Path, overwrite: bool) -> Path:
+    """Fail before any slow work on a destination that cannot take a new file."""
+    dst = Path(dst)
+    if dst.is_dir():
+        raise OutputError("is a folder, expected a file name", path=dst)
+    if dst.exists() and not overwrite:
+        raise OutputError("already exists", path=dst, hint="pass --overwrite to replace it")
+    folder = dst.parent if str(dst.parent) else Path(".")
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{folder} is a file, not a folder", path=dst,
+                          hint="choose another path")
+    if not folder.is_dir():
+        raise OutputError("its folder does not exist", path=dst, hint="create the folder first")
+    return dst
 
 
 def atomic_write(dst: str | Path, write: Callable[[Path], None], overwrite: bool = False) -> Path:
@@ -18,14 +34,8 @@ def atomic_write(dst: str | Path, write: Callable[[Path], None], overwrite: bool
     A crash or Ctrl-C leaves no file that looks complete (only a removed temporary).
     Refuses to replace an existing ``dst`` unless ``overwrite``.
     """
-    dst = Path(dst)
-    if dst.exists() and not overwrite:
-        raise OutputError("already exists", path=dst, hint="pass --overwrite to replace it")
-    if dst.is_dir():
-        raise OutputError("is a folder, expected a file name", path=dst)
+    dst = check_destination(dst, overwrite)
     folder = dst.parent if str(dst.parent) else Path(".")
-    if not folder.is_dir():
-        raise OutputError("its folder does not exist", path=dst, hint="create the folder first")
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=folder)
     except OSError as exc:
