@@ -211,3 +211,15 @@ def test_a_damaged_full_checkpoint_and_a_folder_are_named_for_what_they_are(
     monkeypatch.chdir(tmp_path)
     code, _, err, before = segment_with(capfd, tmp_path, scene, "ck")
     assert_user_error(code, err, "error: ck: is a folder")
+
+
+def test_convert_destinations_are_named_for_what_they_are(tmp_path, capfd):
+    src = tiny_checkpoint(tmp_path / "model.pth")
+    (tmp_path / "out.safetensors").mkdir()
+    (tmp_path / "afile").write_text("x")
+    for dst, needle in ((tmp_path / "out.safetensors", "is a folder"),
+                        (tmp_path / "afile" / "m.safetensors", "afile is a file, not a folder")):
+        before = snapshot(tmp_path)
+        code, _, err = cli(capfd, "convert-checkpoint", src, dst)
+        assert_user_error(code, err, needle)
+        assert_nothing_written(tmp_path, before)
