@@ -71,10 +71,24 @@ def _unreadable(tmp: Path, kind: str) -> Path:
         data[8:16] = (0x0001_0003_0100_0012).to_bytes(8, "little")  # first IFD at ~281 TB
         path.write_bytes(bytes(data))
         return path
+    if kind == "vrt-source-gone":
+        write_tif(tmp / "src.tif", random_scene(32, 32))
+        path = tmp / "mosaic.vrt"
+        path.write_text(
+            '<VRTDataset rasterXSize="32" rasterYSize="32">'
+            + "".join(f'<VRTRasterBand dataType="Byte" band="{b}"><SimpleSource>'
+                      f'<SourceFilename relativeToVRT="1">gone.tif</SourceFilename>'
+                      f'<SourceBand>{b}</SourceBand></SimpleSource></VRTRasterBand>'
+                      for b in (1, 2, 3))
+            + "</VRTDataset>"
+        )
+        return path
     raise AssertionError(kind)
 
 
 @pytest.mark.parametrize("kind,needles", [
+    pytest.param("vrt-source-gone", ("mosaic.vrt", "refers to a file that cannot be opened",
+                                     "gone.tif"), id="vrt-source-gone"),
     pytest.param("zero-byte", ("empty.tif", "empty file (0 bytes)"), id="zero-byte"),
     pytest.param("text", ("notes.tif", "not a readable raster"), id="text"),
     pytest.param("truncated-header", ("cut.tif",), id="truncated-header"),

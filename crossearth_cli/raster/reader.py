@@ -215,8 +215,27 @@ def corrupt_is_input_error(path, what: str):
     try:
         yield
     except (RasterioError, CPLE_BaseError) as exc:
+        missing = _open_failure(exc)
+        if missing:  # a VRT (or similar) whose source is gone: say so, not "corrupt"
+            raise InputError(f"{what}: it refers to a file that cannot be opened ({missing})",
+                             path=path, hint="check the paths of its sources") from exc
         raise InputError(f"{what}: the file is truncated or corrupt", path=path,
                          hint="copy or download it again") from exc
+
+
+def _open_failure(exc: BaseException) -> str | None:
+    try:
+        from rasterio._err import CPLE_OpenFailedError
+    except ImportError:  # rasterio's private module moved: just "truncated or corrupt"
+        return None
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, CPLE_OpenFailedError):
+            return str(exc)
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def check_readable(src, bands: list[int] | None = None) -> None:
