@@ -62,6 +62,8 @@ def test_resume_failures_and_settings_changes(tmp_path, tiny_ckpt):
     assert first["files_done"] == 5 and first["files_failed"] == 1
     assert first["failed"][0]["input"] == "north/tile_3.tif"
     assert "tile_3.tif" in proc.stdout and "failed" in proc.stdout
+    failed_line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("failed:"))
+    assert failed_line.count("north/tile_3.tif") == 1, failed_line  # named once, not twice
     outs = class_outputs(out)
     assert sorted(outs) == [f"{d}/tile_{i}_classes.tif" for d, i in
                             [("north", 1), ("north", 5), ("south", 0), ("south", 2),

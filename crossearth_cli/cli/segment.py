@@ -528,7 +528,13 @@ def _print_batch(total, world: int) -> None:
     console = out_console()
     console.print(table)
     for rec in total.failed:
-        console.print(f"failed: {rec.input}: {rec.reason}", highlight=False)
+        console.print(f"failed: {_failure(rec.input, rec.reason)}", highlight=False)
+
+
+def _failure(name: str, reason: str) -> str:
+    """``name: reason``, unless the reason already starts with the file's path."""
+    head = reason.split(": ", 1)[0]
+    return reason if head == name or head.endswith("/" + name) else f"{name}: {reason}"
 
 
 class _BatchProgress:
@@ -572,7 +578,7 @@ class _BatchProgress:
         elif kind in ("file_done", "file_failed") and self._stop is None:
             self.progress.advance(self.task)
         if kind == "file_failed":
-            note(f"{data['input']}: {data['reason']}", style="red")
+            note(_failure(data["input"], data["reason"]), style="red")
 
     def __exit__(self, *exc):
         if self._stop is not None:
