@@ -438,3 +438,15 @@ def test_nan_in_a_model_input_never_reaches_the_model(tmp_path):
     assert seen and all(seen)
     classes, _ = read(tmp_path / "o.tif")
     assert (classes[::3, ::5] == 255).all()
+
+
+def test_an_all_nan_scene_says_it_is_nodata_everywhere(tmp_path, capfd, ckpt):
+    """No valid pixel to take percentiles from: the note says so (it claimed a 0..255 range),
+    and the class raster is nodata throughout."""
+    src = write_tif(tmp_path / "nan.tif", np.full((3, 40, 40), np.nan, dtype=np.float32))
+    out = tmp_path / "out.tif"
+    code, _, err = cli(capfd, "segment", src, "-c", ckpt, "-o", out, "--tile", "64")
+    assert code == 0, err
+    assert "nodata everywhere" in err and "0..255" not in err
+    with rasterio.open(out) as ds:
+        assert (ds.read(1) == 255).all()

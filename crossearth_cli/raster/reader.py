@@ -64,6 +64,7 @@ class BandScaling:
 
     low: float
     high: float
+    sampled: bool = True  # False: no valid value was found to take percentiles from
 
     def __post_init__(self) -> None:
         if not self.high > self.low:
@@ -486,10 +487,16 @@ class SceneReader:
             return None
         with corrupt_is_input_error(self.path, "read failed while sampling its value range"):
             scaling = scene_percentiles(src, self.bands)
+        if not any(s.sampled for s in scaling):
+            self.notes.append("no valid pixel was found while sampling the value range: the "
+                              "scene looks like nodata everywhere")
+            return scaling
         self.notes.append(
             "scaled to 0-255 from the scene's "
             f"{PERCENTILES[0]:g}-{PERCENTILES[1]:g} percentiles: "
-            + "; ".join(f"band {b}: {s.low:.6g}..{s.high:.6g}" for b, s in zip(self.bands, scaling))
+            + "; ".join(f"band {b}: {s.low:.6g}..{s.high:.6g}" if s.sampled
+                        else f"band {b}: no valid values (0..255 assumed)"
+                        for b, s in zip(self.bands, scaling))
         )
         return scaling
 
@@ -612,9 +619,9 @@ def scene_percentiles(src, bands: list[int]) -> list[BandScaling]:
         values = np.concatenate([np.ma.compressed(c[i]) for c in chunks])
         values = values[np.isfinite(values)]
         if values.size == 0:
-            lo, hi = 0.0, 255.0
-        else:
-            lo, hi = (float(v) for v in np.percentile(values, PERCENTILES))
+            result.append(BandScaling(0.0, 255.0, sampled=False))
+            continue
+        lo, hi = (float(v) for v in np.percentile(values, PERCENTILES))
         if not hi > lo:
             hi = lo + 1.0
         result.append(BandScaling(lo, hi))
