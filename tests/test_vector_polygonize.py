@@ -152,3 +152,21 @@ def test_a_hole_beyond_the_halo_is_left_open_whole_not_filled_up_to_a_seam(tmp_p
     assert (cls == 2).sum() == 1 and area[cls == 2][0] == pytest.approx(0.25 * across.sum())
     assert not (cls == 3).any()  # filled by building
     assert area[cls == 1].sum() == pytest.approx(0.25 * (arr.size - across.sum()))
+
+
+def test_nested_holes_go_to_the_outermost_enclosing_class():
+    """A building inside the background with a background courtyard inside it: filling holes
+    up to the building's size leaves background everywhere, not a building island where the
+    courtyard was."""
+    from crossearth_cli.vector.holes import fill_small_holes
+
+    arr = np.zeros((60, 60), dtype=np.uint8)
+    arr[20:40, 20:40] = 1  # building
+    arr[27:33, 27:33] = 0  # its courtyard
+    arr[5:8, 45:48] = 2  # a road speck elsewhere
+    for connectivity in (4, 8):
+        out = fill_small_holes(arr, [0, 1, 2], 500, connectivity)
+        assert (out == 0).all(), np.unique(out, return_counts=True)
+    # below the building's size only the courtyard and the speck are holes
+    out = fill_small_holes(arr, [0, 1, 2], 300, 4)
+    assert (out[20:40, 20:40] == 1).all() and (out[5:8, 45:48] == 0).all()

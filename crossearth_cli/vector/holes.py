@@ -1,12 +1,13 @@
 """``--fill-holes``: small enclosed regions take the class that encloses them (raster domain).
 
 A hole of class *k* is a connected region of non-*k* pixels that does not reach the raster's
-edge. Holes are found with the complementary connectivity (4-connected regions have
-8-connected holes and vice versa), which is what makes a hole a hole in digital topology.
+edge, taken with everything it encloses (its size counts them too). Holes are found with the
+complementary connectivity (4-connected regions have 8-connected holes and vice versa), which is
+what makes a hole a hole in digital topology.
 
 Working on pixels rather than polygons keeps every class layer a clean coverage: a small
 polygon of another class inside a filled hole is absorbed, not left overlapping. Nested holes go
-to the outermost enclosing class (the largest hole wins).
+to the outermost enclosing class (the largest hole wins, and it holds the nested ones).
 
 Windowed: a hole of *n* pixels spans at most *n* pixels, so with a halo of that many pixels
 around the window every hole touching the window is seen whole and the result equals the
@@ -59,18 +60,12 @@ def fill_small_holes(
     for k in classes:
         if k not in present:
             continue
-        other = arr != k
-        labels, n = ndi.label(other, structure=structure)
+        labels, n = _enclosed_regions(arr != k, structure)
         if n == 0:
             continue
         sizes = np.bincount(labels.ravel(), minlength=n + 1)
-        edge = np.zeros(n + 1, dtype=bool)
-        edge[0] = True
-        edge[np.unique(labels[0, :])] = True
-        edge[np.unique(labels[-1, :])] = True
-        edge[np.unique(labels[:, 0])] = True
-        edge[np.unique(labels[:, -1])] = True
-        small = (sizes < max_pixels) & ~edge
+        small = sizes < max_pixels
+        small[0] = False
         if grid is not None and max_pixels > grid[3]:
             small &= _decided_alike(labels, small, grid)
         if not small.any():
@@ -84,6 +79,29 @@ def fill_small_holes(
     changed = best > 0
     out[changed] = target[changed]
     return out
+
+
+def _enclosed_regions(other: np.ndarray, structure) -> tuple[np.ndarray, int]:
+    """Labelled regions enclosed by the class: each hole together with everything inside it.
+
+    A hole's own pixels exclude whatever it encloses (a building hole in the background does
+    not contain the background courtyard inside the building); taking them with it makes the
+    outermost enclosing class win for the nested content too.
+    """
+    labels, n = ndi.label(other, structure=structure)
+    if n == 0:
+        return labels, 0
+    edge = np.zeros(n + 1, dtype=bool)
+    edge[0] = True
+    for side in (labels[0, :], labels[-1, :], labels[:, 0], labels[:, -1]):
+        edge[np.unique(side)] = True
+    holes = ~edge[labels]
+    if not holes.any():
+        return np.zeros_like(labels), 0
+    # the class and the outside connect with the opposite connectivity to the holes
+    outside = _FOUR if structure is _EIGHT else _EIGHT
+    filled = ndi.binary_fill_holes(holes, structure=outside)
+    return ndi.label(filled, structure=structure)
 
 
 def _decided_alike(labels: np.ndarray, candidates: np.ndarray, grid) -> np.ndarray:
