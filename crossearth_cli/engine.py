@@ -714,7 +714,7 @@ def _commit(sinks: list[GeoTiffSink], scene: PreparedScene, emit: Events) -> Non
     for sink in sinks[1:] + sinks[:1]:
         sink.commit()
     for note in scene.reader.output_notes:
-        emit("note", {"message": note})
+        emit("note", {"message": note, "outputs": True})
 
 
 class _RowWriter:

@@ -339,3 +339,16 @@ def test_stale_temporaries_are_found_from_one_listing_of_the_folder(tmp_path, mo
         assert writer.remove_stale_temps(tmp_path / f"tile_{i}_classes.tif") == []
     assert len(listings) == 1
     assert b_live.exists() and not (a_dead.exists() or a_dotted.exists() or c_dead.exists())
+
+
+def test_a_folder_says_once_that_its_outputs_have_no_crs(tmp_path, tiny_ckpt):
+    """Notes about the outputs reach a folder run too, once, with a count of the others;
+    the per-file set-up notes stay quiet."""
+    tiles = tmp_path / "tiles"
+    tiles.mkdir()
+    for i in range(3):
+        write_tif(tiles / f"t{i}.tif", random_scene(48, 48, seed=i), crs=None)
+    proc = run_cli("segment", tiles, "-o", tmp_path / "o", "-c", tiny_ckpt, "--tile", "64")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("has no CRS") == 2, proc.stderr
+    assert "likewise for 2 more file(s)" in proc.stderr

@@ -68,11 +68,13 @@ def segment_command(
     ),
     confidence: str | None = typer.Option(
         None, "--confidence", help="Also write a confidence raster (uint8, max probability x "
-        "255): a path, or 'auto' for INPUT_confidence.tif (the only choice for several inputs)."
+        "255): a path, or 'auto': beside the class raster, named after it (classes.tif -> "
+        "classes_confidence.tif, scene_classes.tif -> scene_confidence.tif); the only choice "
+        "for several inputs."
     ),
     probabilities: str | None = typer.Option(
         None, "--probabilities", help="Also write per-class probabilities, one band per class: "
-        "a path or 'auto'."
+        "a path or 'auto' (named like --confidence auto, with _probabilities)."
     ),
     probabilities_dtype: str = typer.Option(
         "uint8", "--probabilities-dtype", help="uint8 (p x 254, nodata 255) | float16 | float32."
@@ -544,6 +546,8 @@ class _BatchProgress:
     def __init__(self, total: int, rank, manifest):
         self.total, self.rank, self.manifest = total, rank, manifest
         self._stop = None
+        self._input = ""
+        self._told: dict[str, int] = {}  # notes about outputs (no CRS...) → further files
 
     def __enter__(self):
         import sys
@@ -574,7 +578,17 @@ class _BatchProgress:
 
     def events(self, kind: str, data: dict) -> None:
         if kind == "file_start":
-            self.progress.update(self.task, description=str(data["input"]))
+            self._input = str(data["input"])
+            self.progress.update(self.task, description=self._input)
+        elif kind == "note" and data.get("outputs"):
+            # what users must know of their outputs (no CRS, no georeferencing), once per
+            # kind; the per-file set-up notes (bands, scaling) would drown a long run
+            message = data["message"]
+            if message in self._told:
+                self._told[message] += 1
+            else:
+                self._told[message] = 0
+                note(f"{self._input}: {message}")
         elif kind in ("file_done", "file_failed") and self._stop is None:
             self.progress.advance(self.task)
         if kind == "file_failed":
@@ -584,3 +598,6 @@ class _BatchProgress:
         if self._stop is not None:
             self._stop.set()
         self.progress.__exit__(*exc)
+        for message, more in self._told.items():
+            if more:
+                note(f"likewise for {more} more file(s): {message}")
