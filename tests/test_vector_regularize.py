@@ -160,3 +160,13 @@ def test_buildings_on_the_raster_edge_stay_inside_it(tmp_path):
     assert all(len(g.exterior.coords) <= 7 for g in got)  # regularized, not pixel stairs
     raster = shapely.box(0, 0, W, H)
     assert max(g.difference(raster).area for g in got) == 0.0
+
+
+def test_a_long_outline_cannot_hide_one_deep_spill():
+    """The noise allowance grows with the outline, but nothing may stray beyond twice the
+    shift: a 1 km long block with a cut corner keeps its cut (a rectangle would cover
+    111 m² that were never building, within the allowance of a long outline)."""
+    poly = shapely.box(0, 0, 1000, 20).difference(shapely.Polygon([(0, 20), (15, 20), (0, 5)]))
+    out = regularize_polygon(poly, pixel=0.5)
+    assert out.difference(poly).area < 1.0
+    assert out.area == pytest.approx(poly.area, rel=0.01)

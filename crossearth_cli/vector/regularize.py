@@ -45,18 +45,23 @@ def max_shift(pixel: float, min_run: float) -> float:
     return max(3.0 * pixel, min(0.5 * min_run, MAX_SHIFT_M))
 
 
-def stays_close(cand, ref, shift: float, slack: float) -> bool:
+def stays_close(cand, ref, shift: float, slack: float, speck: float) -> bool:
     """True when no part of ``ref`` lies more than ``shift`` outside ``cand`` and no part of
-    ``cand`` deeper than ``shift`` inside it lies outside ``ref`` (up to ``slack`` area each).
+    ``cand`` deeper than ``shift`` inside it lies outside ``ref``, up to ``slack`` area each
+    (pixel noise along the outline), and nothing beyond twice the shift, up to ``speck``
+    (so a long outline's slack cannot hide one deep spill).
 
     This bounds how far any part of the outline moved, which IoU does not. Only the candidate
     (a handful of right-angled vertices) is buffered, which keeps it cheap.
     """
-    inner = shapely.buffer(cand, -shift, join_style="mitre")
-    if shapely.difference(inner, ref).area > slack:
-        return False
-    outer = shapely.buffer(cand, shift, join_style="mitre")
-    return shapely.difference(ref, outer).area <= slack
+    for reach, allowed in ((shift, slack), (2.0 * shift, speck)):
+        inner = shapely.buffer(cand, -reach, join_style="mitre")
+        if shapely.difference(inner, ref).area > allowed:
+            return False
+        outer = shapely.buffer(cand, reach, join_style="mitre")
+        if shapely.difference(ref, outer).area > allowed:
+            return False
+    return True
 
 
 def dominant_angle(poly, tol: float) -> float:
@@ -224,7 +229,7 @@ def regularize_polygon(poly, pixel: float = 1.0, min_run: float | None = None):
     # per pixel of outline, at least two pixels' worth.
     slack = max(2.0 * pixel * pixel, 0.1 * pixel * ref.length)
     for _, _, cand in close + rest:
-        if stays_close(cand, ref, shift, slack):
+        if stays_close(cand, ref, shift, slack, speck=4.0 * pixel * pixel):
             return cand
     return poly
 
