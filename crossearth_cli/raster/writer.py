@@ -147,7 +147,7 @@ def check_output_path(
     another run is writing right now; then hold the output's lock (see :func:`lock_output`)."""
     path = Path(path)
     for inp in inputs:
-        if _same_file(path, Path(inp)):
+        if same_path(path, Path(inp)):
             raise OutputError(
                 f"the {what} is the input file itself", path=path, hint="choose another -o path"
             )
@@ -160,17 +160,12 @@ def check_output_path(
     return path
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return a.resolve() == b.resolve()
-
-
 def same_path(a: Path, b: Path) -> bool:
     """The same file, existing (hard and symbolic links included) or yet to be written."""
     try:
-        return _same_file(a, b) or a.resolve() == b.resolve()
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+        return a.resolve() == b.resolve()
     except (OSError, RuntimeError):  # a symlink loop: compare the names as given
         return a.absolute() == b.absolute()
 

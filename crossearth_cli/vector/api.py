@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from crossearth_cli.errors import OutputError
+from crossearth_cli.errors import InputError, OutputError
 from crossearth_cli.raster.writer import same_path
 from crossearth_cli.vector.areas import MetricFrame
 from crossearth_cli.vector.centerlines import LineJoiner
@@ -93,8 +93,6 @@ def _check_layer_count(src: ClassRaster) -> None:
     the raster, stopping as soon as there are too many)."""
     import rasterio
     from rasterio.windows import Window
-
-    from crossearth_cli.errors import InputError
 
     seen: set[int] = set()
     rows = max(1, (1 << 22) // max(src.width, 1))
