@@ -23,7 +23,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/gpu_env.sh
-only="cuda_graphs|now_b1\$|folder_of_tiles|end_to_end|fused|masks_resized|matmul|now_compiled"
+only="cuda_graphs|now_b(1|64)\$|now_plus_best|folder_of_tiles|end_to_end|fused|masks_resized|matmul|now_compiled"
 explore=(--seconds 2 --budget "${EXPLORE_BUDGET:-300}" --json "$out_dir/explore.json")
 gpu=(--budget "${GPU_BUDGET:-200}")
 if [ "${1:-}" = "--cpu-smoke" ]; then  # the tiny model at 64², its own small scene
