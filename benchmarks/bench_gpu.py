@@ -108,13 +108,13 @@ def kernel_profile(net, x, device: str, top: int = 15) -> list[dict]:
 
 
 def end_to_end(net, size: int, device: str, batch: int, precision: str, work: Path,
-               tile: int) -> dict:
+               tile: int, dtype: str = "uint8") -> dict:
     from crossearth_cli.engine import ModelSpec, SegmentSettings, segment
 
-    src = work / f"scene_{size}.tif"
+    src = work / f"scene_{size}{'' if dtype == 'uint8' else '_' + dtype}.tif"
     t0 = time.perf_counter()
     if not src.exists():
-        write_scene(src, size)
+        write_scene(src, size, dtype=dtype)
     make_s = time.perf_counter() - t0
     spec = ModelSpec(module=net, class_names=[f"c{i}" for i in range(net.num_classes)],
                      crop=tile, stride=round(tile * 2 / 3), label="random ViT-L")
@@ -166,18 +166,16 @@ def interpolated_mask_resizes():
         head.shrink_bilinear = shrink
 
 
-def host_waits(net, size: int, device: str, batch: int, work: Path, tile: int) -> dict:
-    """`segment` of a ``size``² scene with CUDA's sync debug mode on: how many times, and
-    where, the host waited for the GPU (each wait drains the GPU's queue of work)."""
+def counted_host_waits(fn) -> tuple[object, dict]:
+    """``fn()`` with CUDA's sync debug mode on: its result, and how many times and where the
+    host waited for the GPU (each wait drains the GPU's queue of work)."""
     import warnings
 
-    if not device.startswith("cuda"):
-        return {"skipped": "CUDA only"}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            row = end_to_end(net, size, device, batch, "bf16", work, tile)
+            out = fn()
         finally:
             torch.cuda.set_sync_debug_mode("default")
     where: dict[str, int] = {}
@@ -185,8 +183,19 @@ def host_waits(net, size: int, device: str, batch: int, work: Path, tile: int) -
         if "synchroniz" in str(w.message).lower():
             key = f"{Path(w.filename).name}:{w.lineno}"
             where[key] = where.get(key, 0) + 1
-    return {"tiles": row["tiles"], "host_waits": sum(where.values()),
-            "by_line": dict(sorted(where.items(), key=lambda kv: -kv[1])[:15])}
+    return out, {"host_waits": sum(where.values()),
+                 "by_line": dict(sorted(where.items(), key=lambda kv: -kv[1])[:15])}
+
+
+def host_waits(net, size: int, device: str, batch: int, work: Path, tile: int,
+               dtype: str = "uint8") -> dict:
+    """`segment` of a ``size``² scene of ``dtype`` (uint16 is stretched to 0-255 on the
+    device, per batch) with CUDA's sync debug mode on: where the host waited for the GPU."""
+    if not device.startswith("cuda"):
+        return {"skipped": "CUDA only"}
+    row, waits = counted_host_waits(
+        lambda: end_to_end(net, size, device, batch, "bf16", work, tile, dtype=dtype))
+    return {"tiles": row["tiles"], "dtype": dtype, **waits}
 
 
 def folder_of_tiles(net, files: int, size: int, device: str, batch: int, work: Path,
@@ -225,6 +234,11 @@ def folder_of_tiles(net, files: int, size: int, device: str, batch: int, work: P
                                    f"{result.failed[0].reason}")
             name = "tiles_per_s" if grouped else "without_groups_tiles_per_s"
             row[name] = round(len(result.done) / seconds, 2)
+        if device.startswith("cuda"):  # where the host still waits, per file
+            shutil.rmtree(out)
+            _, waits = counted_host_waits(lambda: run_batch(
+                items, out, template, session, ["classes"], "bench", Manifest(out)))
+            row["host_waits"] = waits
         if profile:
             shutil.rmtree(out)
             row["profiled"] = profiled(lambda: {"files": len(run_batch(
@@ -445,8 +459,10 @@ def main() -> None:
     step("end_to_end_synchronous_rows", end_to_end_synchronous_rows)  # the copy-back before
     step("folder_of_tiles", lambda: folder_of_tiles(e2e_net, 128 if not smoke else 4,
                                                     sizes[0], device, b, work))
-    step("end_to_end_host_waits", lambda: host_waits(e2e_net, 4096 if not smoke else 96, device,
-                                                      b, work, sizes[0]))
+    for dtype in ("uint8", "uint16"):  # uint16: the per-batch stretch on the device
+        step(f"end_to_end_host_waits{'' if dtype == 'uint8' else '_' + dtype}",
+             lambda d=dtype: host_waits(e2e_net, 4096 if not smoke else 96, device, b, work,
+                                        sizes[0], dtype=d))
     if not smoke:  # the model as it was before this issue's GPU changes, same run
         step("model_512_bf16_before_after", lambda: before_after(
             e2e_net, batches[512]["bf16"], device, seconds))

@@ -39,13 +39,15 @@ def _lerp_axis(grid: np.ndarray, coords: np.ndarray, axis: int) -> np.ndarray:
 
 
 def write_scene(path: Path, size: int, bands: int = 3, seed: int = 0, block: int = 512,
-                compress: str = "deflate", width: int | None = None) -> Path:
-    """A ``size``×``width`` uint8 scene (UTM, 0.5 m), tiled ``block`` and compressed."""
+                compress: str = "deflate", width: int | None = None,
+                dtype: str = "uint8") -> Path:
+    """A ``size``×``width`` scene (UTM, 0.5 m), tiled ``block`` and compressed: uint8, or
+    ``dtype="uint16"`` with the same picture ×40 (reflectance-like values up to ~10,000)."""
     width = width or size
     rng = np.random.default_rng(seed)
     coarse = rng.uniform(20, 235, size=(bands, size // CELL + 2, width // CELL + 2))
     coarse = coarse.astype(np.float32)
-    profile = dict(driver="GTiff", width=width, height=size, count=bands, dtype="uint8",
+    profile = dict(driver="GTiff", width=width, height=size, count=bands, dtype=dtype,
                    crs="EPSG:32631", transform=from_origin(500000, 5800000, 0.5, 0.5),
                    tiled=True, blockxsize=block, blockysize=block, compress=compress,
                    num_threads="ALL_CPUS")
@@ -58,7 +60,10 @@ def write_scene(path: Path, size: int, bands: int = 3, seed: int = 0, block: int
             h = min(block, size - y0)
             strip = _lerp_axis(cols, np.arange(y0, y0 + h) / CELL, axis=1)
             strip += rng.integers(-12, 13, size=strip.shape, dtype=np.int16)
-            ds.write(np.clip(strip, 0, 255).astype(np.uint8), window=Window(0, y0, width, h))
+            values = np.clip(strip, 0, 255).astype(np.uint8)
+            if dtype != "uint8":
+                values = values.astype(dtype) * 40
+            ds.write(values, window=Window(0, y0, width, h))
     return path
 
 

@@ -32,6 +32,7 @@ from crossearth_cli.raster.accumulator import (
     PROBABILITY_SCALE_U8,
     FinishedRows,
     RowBandAccumulator,
+    upload,
 )
 from crossearth_cli.raster.reader import (
     BandScaling,
@@ -197,8 +198,8 @@ class Predictor:
         self.auto = batch_size == "auto"
         self.batch_size = self.AUTO_CPU_BATCH if self.auto else max(1, int(batch_size))
         self.num_classes = spec.num_classes
-        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+        self.mean = upload(IMAGENET_MEAN, device, torch.float32).view(1, 3, 1, 1)
+        self.std = upload(IMAGENET_STD, device, torch.float32).view(1, 3, 1, 1)
         self.halvings = 0
         self.cuda = device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
@@ -300,8 +301,9 @@ class Predictor:
             return None
         if scaling.low is None:
             return None, None, True
-        low = torch.as_tensor(scaling.low, device=self.device)
-        factor = torch.as_tensor(scaling.factor, device=self.device)
+        # per batch: a plain copy to the GPU would make the host wait for its queued work
+        low = upload(scaling.low, self.device)
+        factor = upload(scaling.factor, self.device)
         bands = low.shape[-1]  # (bands,) for the batch or (B, bands): one row per tile
         return low.reshape(-1, bands, 1, 1), factor.reshape(-1, bands, 1, 1), scaling.clip
 

@@ -293,3 +293,50 @@ def test_no_host_question_is_asked_of_the_device_masks(tmp_path, monkeypatch):
         result = run_batch(expand_inputs([str(tiles)]), tmp_path / "out", template, session,
                            ["classes"], "test", Manifest(tmp_path / "out"))
     assert len(result.done) == 3, result.failed
+
+
+# -- copies to the device that do not wait ----------------------------------------------------
+
+
+def test_uploads_to_cuda_go_through_pinned_memory_and_do_not_wait(monkeypatch):
+    """A plain copy to CUDA from pageable memory waits for the GPU's queued work; ``upload``
+    stages in pinned memory and queues the copy (traced here without a GPU)."""
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory",
+                        lambda self: calls.append(("pin",)) or self)
+    monkeypatch.setattr(torch.Tensor, "to",
+                        lambda self, *a, **kw: calls.append(("to", a, kw)) or self)
+    accumulator.upload(np.arange(3.0), torch.device("cuda"))
+    assert calls == [("pin",), ("to", (torch.device("cuda"),), {"non_blocking": True})]
+    calls.clear()
+    accumulator.upload([1.0, 2.0], "cpu")
+    assert ("pin",) not in calls
+
+
+def test_every_batch_stretch_and_scene_weight_is_uploaded(tmp_path, monkeypatch):
+    """The per-batch stretch of a uint16 scene, the mean/std and the taper weights all reach
+    the device through ``upload``; scenes of one tile shape share one taper, made once."""
+    uploads = []
+    real = accumulator.upload
+
+    def counted(values, device, dtype=None):
+        uploads.append(np.shape(values))
+        return real(values, device, dtype)
+
+    monkeypatch.setattr(accumulator, "upload", counted)
+    monkeypatch.setattr(engine, "upload", counted)
+    accumulator.tile_weight.cache_clear()
+    img = (random_scene(96, 96, seed=3).astype(np.uint16) * 40)
+    src = write_tif(tmp_path / "u16.tif", img)
+    settings = dict(device="cpu", batch_size=2, overwrite=True)
+    segment(SegmentSettings(input=src, output=tmp_path / "a.tif", **settings),
+            per_pixel_spec(crop=64, stride=32))
+    first = list(uploads)
+    assert first.count((3,)) >= 2 + 2 * 2  # mean, std, then low and factor per batch (2)
+    assert any(len(s) == 2 for s in first)  # the taper weights
+    uploads.clear()
+    segment(SegmentSettings(input=src, output=tmp_path / "b.tif", **settings),
+            per_pixel_spec(crop=64, stride=32))
+    assert not any(len(s) == 2 for s in uploads)  # the second scene reuses the tapers
+    np.testing.assert_array_equal(rasterio.open(tmp_path / "a.tif").read(),
+                                  rasterio.open(tmp_path / "b.tif").read())

@@ -15,6 +15,7 @@ host waits for them only when it writes the rows (:meth:`FinishedRows.wait`).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -102,23 +103,15 @@ class RowBandAccumulator:
         self.top, self.y0, self.y1 = rows if rows is not None else (0, 0, height)
         self._ys = tuple(window_starts(height, tile, stride))
         self._xs = tuple(window_starts(width, tile, stride))
-        self._weights: dict[tuple, torch.Tensor] = {}
         self._counts: tuple[torch.Tensor, torch.Tensor] | None = None
         # CUDA: rows are classified on the device and copied back without waiting (_emit_async)
         self.deferred = self.device.type == "cuda"
         self._class_ids: torch.Tensor | None = None
 
     def _tile_weight(self, tile: Tile) -> torch.Tensor:
-        # Tiles with the same overlaps on each side share one weight map (a handful per scene).
         oy = axis_overlaps(self._ys, tile.row, tile.h)
         ox = axis_overlaps(self._xs, tile.col, tile.w)
-        w = self._weights.get((oy, ox))
-        if w is None:
-            wy = taper(tile.h, *oy, self.blend)
-            wx = taper(tile.w, *ox, self.blend)
-            w = torch.from_numpy(np.outer(wy, wx).astype(np.float32)).to(self.device)
-            self._weights[(oy, ox)] = w
-        return w
+        return tile_weight(tile.h, tile.w, oy, ox, self.blend, self.device)
 
     def _window_counts(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Windows covering each scene row and each column (mean mode's divisor)."""
@@ -130,8 +123,7 @@ class RowBandAccumulator:
             cx = np.zeros(self.width, np.float32)
             for x in self._xs:
                 cx[x : x + tw] += 1
-            self._counts = (torch.from_numpy(cy).to(self.device),
-                            torch.from_numpy(cx).to(self.device))
+            self._counts = (upload(cy, self.device), upload(cx, self.device))
         return self._counts
 
     def add(
@@ -303,6 +295,33 @@ class RowBandAccumulator:
             result.probabilities = np.broadcast_to(
                 np.float32(np.nan), (self.num_classes, *shape))
         return result
+
+
+@functools.lru_cache(maxsize=32)
+def tile_weight(h: int, w: int, oy: tuple, ox: tuple, blend: str,
+                device: torch.device) -> torch.Tensor:
+    """The h×w taper of a tile with overlaps ``oy`` (top, bottom) and ``ox`` (left, right)
+    on ``device``. Tiles with the same overlaps share one map: a handful per scene, and one for
+    a whole folder of same-sized files, so it is made and uploaded once, not per file. Read
+    only: callers must not write into it."""
+    wy = taper(h, *oy, blend)
+    wx = taper(w, *ox, blend)
+    return upload(np.outer(wy, wx).astype(np.float32), device)
+
+
+def upload(values, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``values`` (an array or a list) as a tensor on ``device``, without making the host
+    wait for the GPU.
+
+    A copy to CUDA from ordinary (pageable) host memory first waits for everything queued on
+    the stream, which drains the GPU's queue of model work; from pinned memory it is queued
+    behind that work instead. torch's caching host allocator reuses the pinned block only
+    once the copy has run."""
+    t = torch.as_tensor(values, dtype=dtype)
+    device = torch.device(device)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _start_copy(t: torch.Tensor | None) -> np.ndarray | None:
