@@ -10,6 +10,8 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pytest
+import rasterio
 from helpers import write_tif
 
 CHILD = textwrap.dedent(
@@ -80,3 +82,48 @@ def test_a_finished_feed_lets_its_last_strip_go(tmp_path):
         assert all(s() is not None for s in strips)  # the feed still holds its last strip
         feed.cancel()
         assert n > 4 and all(s() is None for s in strips)
+
+
+@pytest.mark.parametrize("x0,x1,n,block", [(0, 512, 4, 256), (0, 16384, 4, 512),
+                                           (0, 16384, 4, 16384), (100, 5000, 4, 256),
+                                           (0, 3000, 8, 256), (300, 2500, 2, 1000),
+                                           (4096, 8192, 3, 128), (0, 1, 4, 1)])
+def test_column_chunks_cover_the_range_on_block_edges(x0, x1, n, block):
+    """Parallel column reads never split a block between two threads (each would decompress
+    it) and narrow reads are not split at all."""
+    from crossearth_cli.raster.reader import MIN_CHUNK_COLUMNS, column_chunks
+
+    chunks = column_chunks(x0, x1, n, block)
+    assert chunks[0][0] == x0 and chunks[-1][1] == x1
+    assert all(a < b for a, b in chunks)
+    assert all(b == a2 for (_, b), (a2, _) in zip(chunks, chunks[1:]))  # contiguous
+    assert all(b % block == 0 for _, b in chunks[:-1])  # cuts on block edges
+    blocks = -(-x1 // block) - x0 // block
+    assert len(chunks) <= max(1, min(n, blocks, (x1 - x0) // MIN_CHUNK_COLUMNS))
+    if block >= x1 or x1 - x0 < 2 * MIN_CHUNK_COLUMNS:
+        assert len(chunks) == 1
+    if (x0, x1, n, block) == (0, 16384, 4, 512):
+        assert [b - a for a, b in chunks] == [4096] * 4
+
+
+def test_a_scene_is_opened_once_for_reading(tmp_path, monkeypatch):
+    """The handle opened to inspect a file is the one its first read thread uses: a folder
+    of small files paid an extra open per file (and one per thread for a split read)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from crossearth_cli.raster import reader as reader_mod
+    from crossearth_cli.raster.reader import SceneReader, StripFeed
+    from crossearth_cli.raster.windows import tile_grid
+
+    rng = np.random.default_rng(1)
+    src = write_tif(tmp_path / "s.tif", rng.integers(1, 256, size=(3, 300, 600), dtype=np.uint8))
+    opened = []
+    real = rasterio.open
+    monkeypatch.setattr(reader_mod.rasterio, "open",
+                        lambda *a, **k: opened.append(a[0]) or real(*a, **k))
+    with SceneReader(src) as reader, ThreadPoolExecutor(4) as pool:
+        tiles = list(StripFeed(reader, tile_grid(300, 600, 128, 96), pool, chunks=4))
+    assert len(tiles) > 4
+    assert len(opened) == 1
+    with rasterio.open(src) as ds:  # what was read is the file
+        np.testing.assert_array_equal(tiles[0][1], ds.read(window=((0, 128), (0, 128))))

@@ -98,8 +98,8 @@ def test_cancelling_a_feed_waits_for_its_running_reads():
 
     started, log = threading.Event(), []
 
-    class SlowReader:
-        width, bands, dtype = 64, [1], np.dtype(np.uint8)
+    class SlowReader:  # wide enough to be read in two pieces
+        width, block_width, bands, dtype = 2048, 256, [1], np.dtype(np.uint8)
 
         def rows_empty(self, y, h):
             return False
@@ -111,7 +111,7 @@ def test_cancelling_a_feed_waits_for_its_running_reads():
             return np.zeros((1, h, w), np.uint8), np.ones((h, w), bool)
 
     with ThreadPoolExecutor(2) as pool:
-        feed = StripFeed(SlowReader(), tile_grid(64, 64, 32, 32), pool, chunks=2).prime()
+        feed = StripFeed(SlowReader(), tile_grid(64, 2048, 32, 32), pool, chunks=2).prime()
         assert started.wait(5)
         feed.cancel()
         log.append("cancel returned")

@@ -398,8 +398,10 @@ class SceneReader:
         self.path = Path(path)
         src = open_raster(self.path)
         self._handles: list = [src]
+        # the handle opened to inspect the file goes to the first thread that reads (a read
+        # thread, usually): one open per file fewer, which folders of small files notice
+        self._spare = src
         self._local = threading.local()
-        self._local.src = src
         self._lock = threading.Lock()
         try:
             self._inspect(src, bands, value_range, band_order)
@@ -438,6 +440,8 @@ class SceneReader:
         self._nodata = [src.nodatavals[b - 1] for b in self._read_bands]
         self.crs = src.crs
         self.transform = src.transform
+        # columns GDAL decompresses together (the whole width for a striped file)
+        self.block_width = src.block_shapes[self._read_bands[0] - 1][1]
         gcps, gcp_crs = src.gcps
         self.gcps = (gcps, gcp_crs) if gcps else None
         self.profile = src.profile
@@ -508,11 +512,14 @@ class SceneReader:
     def _src(self):
         src = getattr(self._local, "src", None)
         if src is None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", NotGeoreferencedWarning)
-                src = rasterio.open(self.path)
             with self._lock:
-                self._handles.append(src)
+                src, self._spare = self._spare, None
+            if src is None:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                    src = rasterio.open(self.path)
+                with self._lock:
+                    self._handles.append(src)
             self._local.src = src
         return src
 
@@ -580,6 +587,7 @@ class SceneReader:
                 except Exception:  # noqa: BLE001 - closing is best effort
                     pass
             self._handles.clear()
+            self._spare = None
         self._local = threading.local()
 
     def __enter__(self) -> SceneReader:
@@ -628,6 +636,23 @@ def scene_percentiles(src, bands: list[int]) -> list[BandScaling]:
     return result
 
 
+MIN_CHUNK_COLUMNS = 1024  # narrower reads are not worth a thread (and its file handle)
+
+
+def column_chunks(x0: int, x1: int, n: int, block: int) -> list[tuple[int, int]]:
+    """Columns ``x0 .. x1`` cut into at most ``n`` pieces read in parallel, as (start, end).
+
+    Cuts fall on the file's block columns, so no block is decompressed by two threads (a
+    striped file, whose block is its whole width, is read in one piece), and no piece is
+    narrower than :data:`MIN_CHUNK_COLUMNS` unless it is the whole range.
+    """
+    first, last = x0 // block, -(-x1 // block)  # block columns touched
+    pieces = max(1, min(n, last - first, (x1 - x0) // MIN_CHUNK_COLUMNS))
+    cuts = [x0] + [(first + round(i * (last - first) / pieces)) * block
+                   for i in range(1, pieces)] + [x1]
+    return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
+
+
 def cpu_io_threads() -> int:
     """Reader threads: two are enough to hide reads behind compute on most disks."""
     return max(1, min(4, (os.cpu_count() or 2) // 2))
@@ -674,11 +699,9 @@ class StripFeed:
         if end > start and self.reader.rows_empty(start, end - start):
             futures = None
         elif end > start:
-            w = self.x1 - self.x0
-            step = -(-w // self.chunks)
-            for x in range(0, w, step):
-                futures.append(self.pool.submit(
-                    self.reader.read_raw, start, self.x0 + x, end - start, min(step, w - x)))
+            for a, b in column_chunks(self.x0, self.x1, self.chunks, self.reader.block_width):
+                futures.append(self.pool.submit(self.reader.read_raw, start, a, end - start,
+                                                b - a))
         self._next = (r, start, end, futures)
 
     def prime(self) -> StripFeed:
