@@ -104,6 +104,10 @@ def variant_row(net, x, dev, seconds, ref, *, patches=(), ref_now=None) -> dict:
         row.update(compare(ref, out))
     if ref_now is not None:
         row.update({f"{k}_vs_now": v for k, v in compare(ref_now, out).items()})
+    if isinstance(net, GraphedForward):  # a failed capture runs eagerly: say so
+        row["graph_captures"] = net.captures
+        if net.failed:
+            row["graphs_failed"] = net.failed
     return row
 
 
@@ -285,13 +289,20 @@ def explore_size(step, size: int, batches: tuple[int, ...], dev: str, seconds: f
         # savings once a batch of 16 takes less: the best eager candidates are timed where
         # it cannot, replayed from CUDA graphs and at batch 64 (what --batch-size auto picks
         # on an H200), beside now at batch 64
-        best = (functools.partial(fused_pixel_encoder, sampling_in_kernel=True),)
-        step(f"model_{size}_now_plus_best_cuda_graphs", lambda: variant_row(
-            GraphedForward(now), x, dev, seconds, ref, patches=best, ref_now=ref_now))
+        def best_row(net, xb, reference):
+            calls: list = []  # the fused encoder's calls: it falls back to eager silently
+            best = functools.partial(fused_pixel_encoder, sampling_in_kernel=True,
+                                     on_call=lambda _x: calls.append(1))
+            row = variant_row(net, xb, dev, seconds, reference, patches=(best,),
+                              ref_now=ref_now if xb is x else None)
+            row["fused_encoder_calls"] = len(calls)
+            return row
+
+        step(f"model_{size}_now_plus_best_cuda_graphs",
+             lambda: best_row(GraphedForward(now), x, ref))
         x64 = torch.randn(64, *x.shape[1:], device=dev)
         step(f"model_{size}_now_b64", lambda: variant_row(now, x64, dev, seconds, None))
-        step(f"model_{size}_now_plus_best_b64", lambda: variant_row(
-            now, x64, dev, seconds, None, patches=best))
+        step(f"model_{size}_now_plus_best_b64", lambda: best_row(now, x64, None))
         del x64
         # the head alone through inductor (the backbone keeps its fused kernels), then the
         # whole model (one graph now: no Rein graph breaks), each also replayed from CUDA
