@@ -352,3 +352,39 @@ def test_a_folder_says_once_that_its_outputs_have_no_crs(tmp_path, tiny_ckpt):
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.count("has no CRS") == 2, proc.stderr
     assert "likewise for 2 more file(s)" in proc.stderr
+
+
+def test_torchrun_split_scene_with_fewer_tile_rows_than_ranks(tmp_path, tiny_ckpt):
+    """A scene of one tile row split over two ranks: one rank has no rows and writes no part
+    (it tried to create a W×0 raster and the run failed); the result equals one process."""
+    src = write_tif(tmp_path / "scene.tif", random_scene(50, 150, seed=6))
+    one, two = tmp_path / "one.tif", tmp_path / "two.tif"
+    proc = run_cli("segment", src, "-o", one, "-c", tiny_ckpt, "--tile", "64")
+    assert proc.returncode == 0, proc.stderr
+    proc = _torchrun("segment", src, "-o", two, "-c", tiny_ckpt, "--tile", "64",
+                     "--summary", tmp_path / "two.json")
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    with rasterio.open(one) as a, rasterio.open(two) as b:
+        assert (a.transform, a.crs, a.shape) == (b.transform, b.crs, b.shape)
+        np.testing.assert_array_equal(a.read(), b.read())
+    summary = json.loads((tmp_path / "two.json").read_text())
+    assert summary["ranks"] == 2 and summary["height"] == 50
+    assert not list(tmp_path.glob(".*part*"))
+
+
+def test_torchrun_split_scene_refuses_a_bad_vector_output_before_any_work(tmp_path, tiny_ckpt):
+    """One scene split across ranks checks --vector up front, as a single process does: an
+    existing GeoPackage (no --overwrite) or a non-.gpkg name ends the run before any rank
+    segments, with exit code 2 and nothing written."""
+    src = write_tif(tmp_path / "scene.tif", random_scene(200, 190, seed=5))
+    existing = tmp_path / "roads.gpkg"
+    existing.write_bytes(b"not touched")
+    for vector, words in ((existing, "vector output exists"), (tmp_path / "roads.shp", ".gpkg")):
+        proc = _torchrun("segment", src, "-o", tmp_path / "two.tif", "-c", tiny_ckpt,
+                         "--tile", "64", "--vector", vector, timeout=240)
+        assert proc.returncode != 0, proc.stdout
+        assert f"crossearth: error: {vector}: " in proc.stderr and words in proc.stderr
+        assert "/crossearth_cli/" not in proc.stderr  # torchrun's own traceback, none of ours
+        assert not (tmp_path / "two.tif").exists()
+        assert not list(tmp_path.glob("*part*")) and not list(tmp_path.glob(".*part*"))
+    assert existing.read_bytes() == b"not touched"

@@ -274,6 +274,8 @@ class _Job:
         from crossearth_cli import distributed as dist
         from crossearth_cli.engine import RowPart, Session, check_outputs, validate_settings
         from crossearth_cli.raster.reader import probe_input
+        from crossearth_cli.raster.writer import check_output_path
+        from crossearth_cli.vector.writer import check_suffix
 
         rank = self.rank
         src, out, conf, probs, vec = self._single_paths()
@@ -282,6 +284,9 @@ class _Job:
         validate_settings(settings)
         probe_input(src, settings.bands)
         check_outputs(settings)
+        if vec is not None:  # before the ranks segment, not when rank 0 vectorizes at the end
+            check_suffix(vec)
+            check_output_path(vec, self.overwrite, inputs=[src], what="vector output")
         self.check_reports([src, out, conf, probs, vec], single=True)
         dist.init(rank)
         spec = self.load_model(dist.device_for(rank, self.device))
@@ -299,18 +304,22 @@ class _Job:
             with Session(spec, part_settings.device, settings.precision,
                          settings.batch_size, compile=settings.compile) as session:
                 scene = session.prepare(part_settings, part=RowPart(rank.rank, rank.world))
-                with progress_events(f"{src.name} [rank {rank.rank}]") as events:
-                    result = session.run(scene, events=events if rank.rank == 0 else None)
+                if scene.rows.y1 > scene.rows.y0:
+                    with progress_events(f"{src.name} [rank {rank.rank}]") as events:
+                        result = session.run(scene, events=events if rank.rank == 0 else None)
+                else:  # fewer tile rows than ranks: this rank has none, and writes no part
+                    scene.close()
         except Exception as exc:  # noqa: BLE001 - every rank must learn about it
             from crossearth_cli.batch import _reason
 
             error = _reason(exc)
         outcomes = dist.all_gather((error, _result_dict(result) if result else None), rank)
         errors = [e for e, _ in outcomes if e]
+        written = [i for i, (_, r) in enumerate(outcomes) if r is not None]
         if rank.rank == 0 and not errors:
             for final in finals:
                 dist.merge_row_parts(
-                    [dist.part_path(final, i, rank.world) for i in range(rank.world)], final,
+                    [dist.part_path(final, i, rank.world) for i in written], final,
                     cog=self.cog, compress=self.compress.lower(),
                 )
             if vec is not None:
@@ -323,7 +332,8 @@ class _Job:
 
             raise UserError(errors[0])
         if rank.rank == 0:
-            merged = _merge_result_dicts([r for _, r in outcomes])
+            merged = _merge_result_dicts([outcomes[i][1] for i in written])
+            merged["ranks"] = rank.world
             out_console().print(
                 f"{out}: {merged['width']}x{merged['height']} px over {rank.world} ranks in "
                 f"{merged['seconds']:.1f} s ({merged['mpx_per_s']:.2f} Mpx/s)", highlight=False)
