@@ -20,7 +20,13 @@ from rasterio.windows import Window
 
 from crossearth_cli.batch import RankInfo
 from crossearth_cli.errors import ConfigError, OutputError
-from crossearth_cli.raster.writer import BLOCK, GeoTiffSink, RasterSpec, compression_threads
+from crossearth_cli.raster.writer import (  # noqa: F401 - part_path: the CLI's
+    BLOCK,
+    GeoTiffSink,
+    RasterSpec,
+    compression_threads,
+    part_path,
+)
 
 
 def init(rank: RankInfo) -> None:
@@ -60,10 +66,6 @@ def device_for(rank: RankInfo, device: str) -> str:
     if device in ("auto", "cuda") and torch.cuda.is_available():
         return f"cuda:{rank.local_rank % torch.cuda.device_count()}"
     return device
-
-
-def part_path(final: Path, index: int, count: int) -> Path:
-    return final.with_name(f".{final.name}.part{index:03d}-of-{count:03d}.tif")
 
 
 def merge_row_parts(parts: list[Path], final: Path, cog: bool = False,

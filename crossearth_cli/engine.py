@@ -55,6 +55,7 @@ from crossearth_cli.raster.writer import (
     class_tags,
     compression_threads,
     palette_colormap,
+    remove_stale_parts,
     remove_stale_temps,
 )
 
@@ -469,10 +470,13 @@ def validate_settings(settings: SegmentSettings) -> None:
         raise ConfigError("two outputs share one path", hint="give each output its own name")
 
 
-def check_outputs(settings: SegmentSettings) -> None:
+def check_outputs(settings: SegmentSettings, job: tuple[int, int] | None = None) -> None:
+    """Refuse outputs that cannot be written, lock them, and remove what killed runs left for
+    them (temporaries; row parts of a torchrun job, see ``remove_stale_parts`` for ``job``)."""
     for p in settings.outputs():
         check_output_path(Path(p), settings.overwrite, inputs=[settings.input])
         remove_stale_temps(Path(p))
+        remove_stale_parts(Path(p), job)
 
 
 def tile_and_stride(settings: SegmentSettings, spec: ModelSpec) -> tuple[int, int]:

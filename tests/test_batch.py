@@ -229,14 +229,21 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, tiny_ckpt):
 
 
 def test_torchrun_splits_one_scene_into_row_bands(tmp_path, tiny_ckpt):
-    src = write_tif(tmp_path / "scene.tif", random_scene(300, 190, seed=4))
+    img = random_scene(300, 190, seed=4)
+    img[:, :150] = 0  # rank 0's band is all nodata: its counts alone are not the scene's
+    src = write_tif(tmp_path / "scene.tif", img, nodata=0)
     one, two = tmp_path / "one.tif", tmp_path / "two.tif"
     proc = run_cli("segment", src, "-o", one, "-c", tiny_ckpt, "--tile", "64", "--stride",
-                   "40", "--confidence", "auto")
+                   "40", "--confidence", "auto", "--summary", tmp_path / "one.json")
     assert proc.returncode == 0, proc.stderr
     proc = _torchrun("segment", src, "-o", two, "-c", tiny_ckpt, "--tile", "64", "--stride",
-                     "40", "--confidence", "auto")
+                     "40", "--confidence", "auto", "--summary", tmp_path / "two.json")
     assert proc.returncode == 0, proc.stderr + proc.stdout
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert b["output"] == str(two) and b["ranks"] == 2
+    for key in ("width", "height", "pixels", "nodata_pixels", "class_shares"):
+        assert a[key] == b[key], key
+    assert "over 2 ranks" in proc.stdout and "nodata 50.0%" in proc.stdout
     with rasterio.open(one) as a, rasterio.open(two) as b:
         assert (a.transform, a.crs, a.shape) == (b.transform, b.crs, b.shape)
         np.testing.assert_array_equal(a.read(), b.read())
@@ -388,3 +395,86 @@ def test_torchrun_split_scene_refuses_a_bad_vector_output_before_any_work(tmp_pa
         assert not (tmp_path / "two.tif").exists()
         assert not list(tmp_path.glob("*part*")) and not list(tmp_path.glob(".*part*"))
     assert existing.read_bytes() == b"not touched"
+
+
+def test_stale_row_parts_are_removed_by_the_next_run(tmp_path):
+    """Row parts of a scene split across torchrun ranks are hidden files; an interrupted job
+    left them (and its dead writers' temporaries and locks) for good. A run that takes the
+    output removes them; a rank of a new job keeps its fellow ranks' parts of its own count."""
+    from crossearth_cli.raster.writer import (
+        TEMP_SUFFIX,
+        lock_path_for,
+        part_path,
+        remove_stale_parts,
+    )
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()  # a pid now gone
+
+    def left_by_a_killed_job(folder):
+        folder.mkdir()
+        final = folder / "scene_classes.tif"
+        made = {"p0": part_path(final, 0, 2), "p1": part_path(final, 1, 2),
+                "p3": part_path(final, 2, 3)}
+        made["tmp"] = part_path(final, 0, 3).with_name(
+            f".{part_path(final, 0, 3).name}.{dead}.0a1b2c3d{TEMP_SUFFIX}")
+        made["lock"] = lock_path_for(made["p1"])
+        for p in made.values():
+            p.write_bytes(b"x")
+        (folder / "other.tif").write_bytes(b"x")  # not ours to touch
+        return final, made
+
+    final, made = left_by_a_killed_job(tmp_path / "single")
+    removed = remove_stale_parts(final)
+    assert sorted(removed) == sorted(made.values())
+    assert sorted(p.name for p in final.parent.iterdir()) == ["other.tif"]
+
+    final, made = left_by_a_killed_job(tmp_path / "rank0")
+    remove_stale_parts(final, job=(0, 2))  # rank 0 of a new two-rank job
+    left = sorted(p.name for p in final.parent.iterdir())
+    assert left == sorted(["other.tif", made["p1"].name, made["lock"].name])
+
+
+def test_row_part_names_stay_short_enough_for_their_temporaries():
+    """An output name of ~210 characters worked in one process but not under torchrun: a
+    part's temporary adds ~53 characters and passed the file system's 255."""
+    from crossearth_cli.raster.writer import part_path, temp_path_for
+
+    for n in (10, 150, 151, 210, 250):
+        final = Path("/x") / ("n" * (n - 4) + ".tif")
+        part = part_path(final, 3, 8)
+        assert len(temp_path_for(part).name) <= 255, n
+        assert part != part_path(Path("/x") / ("m" * (n - 4) + ".tif"), 3, 8)
+    assert part_path(Path("/x/a.tif"), 0, 2).name == ".a.tif.part000-of-002.tif"
+
+
+@pytest.mark.parametrize("holder", ["single", "job"])
+def test_a_torchrun_job_and_a_single_run_into_one_folder_refuse_each_other(
+        tmp_path, tiny_ckpt, holder):
+    """Ranks kept only their own manifest locks, so a single-process run and a torchrun job
+    could run into one output folder at once (each file done twice). Both now take the
+    folder's manifest lock; ranks of one job share it."""
+    tiles = make_folder(tmp_path, n=2, corrupt=None)
+    out = tmp_path / "out"
+    out.mkdir()
+    job = {"TORCHELASTIC_RUN_ID": "job-a", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"}
+    holder_env = {**os.environ, **(job if holder == "job" else {})}
+    code = ("import sys, time; from pathlib import Path; "
+            "from crossearth_cli.raster.writer import lock_output; "
+            "lock_output(Path(sys.argv[1])); print('held', flush=True); time.sleep(60)")
+    hold = subprocess.Popen([sys.executable, "-c", code, str(out / "crossearth-manifest.jsonl")],
+                            stdout=subprocess.PIPE, text=True, env=holder_env)
+    try:
+        assert hold.stdout.readline().strip() == "held"
+        if holder == "single":  # rank 1 of a two-rank job starts while a single run writes
+            env = {**os.environ, **job, "TORCHELASTIC_RUN_ID": "job-b", "RANK": "1",
+                   "WORLD_SIZE": "2", "LOCAL_RANK": "1"}
+        else:  # a single run starts while a job writes
+            env = {k: v for k, v in os.environ.items() if k not in job}
+        proc = run_cli("segment", tiles, "-o", out, "-c", tiny_ckpt, "--tile", "64", env=env)
+    finally:
+        hold.kill()
+        hold.wait()
+    assert proc.returncode == 2, proc.stderr
+    assert "another crossearth run" in proc.stderr and "crossearth-manifest.jsonl" in proc.stderr
+    assert not list(out.rglob("*_classes.tif"))

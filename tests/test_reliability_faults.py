@@ -345,3 +345,18 @@ def test_a_bug_still_crashes_loudly(tmp_path, capfd, ckpt, monkeypatch):
     with pytest.raises(ZeroDivisionError):
         cli(capfd, "segment", src, "-c", ckpt, "-o", tmp_path / "o.tif")
     assert not hidden_leftovers(tmp_path)
+
+
+def test_an_error_line_is_written_in_one_piece(capfd, monkeypatch):
+    """Every rank of a torchrun job prints its error on the shared stderr; written in two
+    pieces (text, then newline), two ranks' lines came out glued together."""
+    import os
+
+    from crossearth_cli import cli
+
+    writes = []
+    real = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: writes.append(data) or real(fd, data))
+    cli._error_line("/data/a.tif: no such file (check the path)")
+    assert writes == [b"crossearth: error: /data/a.tif: no such file (check the path)\n"]
+    assert capfd.readouterr().err.endswith("no such file (check the path)\n")

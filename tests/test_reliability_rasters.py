@@ -312,6 +312,7 @@ def test_all_nodata_raster_is_all_255_without_running_the_model(tmp_path, capfd,
                             "--cog")
     assert code == 0, err
     assert "nodata 100.0%" in stdout and "; ," not in stdout
+    assert f"{tmp_path / 'cli.tif'}: 900x700 px" in " ".join(stdout.split())  # not the % alone
     with rasterio.open(tmp_path / "cli.tif") as ds:  # a valid COG, all nodata
         assert ds.overviews(1) and (ds.read(1) == 255).all()
 

@@ -70,7 +70,18 @@ class _Signals:
 
 
 def _error_line(message: str) -> None:
-    print(f"crossearth: error: {message}", file=sys.stderr, flush=True)
+    _stderr_line(f"crossearth: error: {message}")
+
+
+def _stderr_line(line: str) -> None:
+    """``line`` on stderr in one write: the ranks of a torchrun job share the stream, and a
+    line written in pieces could be glued to another rank's."""
+    sys.stderr.flush()
+    data = (line + "\n").encode(sys.stderr.encoding or "utf-8", "backslashreplace")
+    try:
+        os.write(sys.stderr.fileno(), data)
+    except (OSError, ValueError, AttributeError):  # a captured stream without a descriptor
+        print(line, file=sys.stderr, flush=True)
 
 
 def _interrupted(signals: _Signals, exc: BaseException | None, debug: bool) -> int:
@@ -80,8 +91,8 @@ def _interrupted(signals: _Signals, exc: BaseException | None, debug: bool) -> i
     if signum is None and isinstance(exc, Interrupted):
         signum = exc.signum
     name = signal.Signals(signum).name if signum else "SIGINT"
-    print(f"crossearth: interrupted ({name}); temporary files removed, nothing incomplete "
-          "was left", file=sys.stderr, flush=True)
+    _stderr_line(f"crossearth: interrupted ({name}); temporary files removed, nothing "
+                 "incomplete was left")
     return 128 + signum if signum else EXIT_INTERRUPTED
 
 

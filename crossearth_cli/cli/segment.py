@@ -7,6 +7,7 @@ share the files, or split a single scene into row bands that are merged at the e
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import typer
@@ -269,10 +270,8 @@ class _Job:
     # -- one file split across torchrun ranks -------------------------------------------
 
     def run_split_scene(self) -> None:
-        import dataclasses
-
         from crossearth_cli import distributed as dist
-        from crossearth_cli.engine import RowPart, Session, check_outputs, validate_settings
+        from crossearth_cli.engine import check_outputs, validate_settings
         from crossearth_cli.raster.reader import probe_input
         from crossearth_cli.raster.writer import check_output_path
         from crossearth_cli.vector.writer import check_suffix
@@ -283,7 +282,7 @@ class _Job:
         settings.confidence, settings.probabilities = conf, probs
         validate_settings(settings)
         probe_input(src, settings.bands)
-        check_outputs(settings)
+        check_outputs(settings, job=(rank.rank, rank.world))
         if vec is not None:  # before the ranks segment, not when rank 0 vectorizes at the end
             check_suffix(vec)
             check_output_path(vec, self.overwrite, inputs=[src], what="vector output")
@@ -298,6 +297,26 @@ class _Job:
             probabilities=parts.get(probs) if probs else None, overwrite=True,
             device=dist.device_for(rank, self.device),
         )
+        try:
+            outcomes = self._run_part(spec, settings, part_settings, src, out, conf, vec,
+                                      finals)
+        except BaseException:  # interrupted: this rank's finished part goes too
+            for final in finals:
+                dist.part_path(final, rank.rank, rank.world).unlink(missing_ok=True)
+            raise
+        if rank.rank == 0:
+            written = [r for _, r in outcomes if r is not None]
+            merged = _merge_part_results(written, out, finals[1:])
+            _print_result(merged, vec, ranks=rank.world)
+            if self.summary:
+                dist.summary_json(self.summary, {**_result_dict(merged), "ranks": rank.world})
+
+    def _run_part(self, spec, settings, part_settings, src, out, conf, vec, finals) -> list:
+        """This rank's row part, then (rank 0) the merge and vectors; every rank's outcome."""
+        from crossearth_cli import distributed as dist
+        from crossearth_cli.engine import RowPart, Session
+
+        rank = self.rank
         error = None
         result = None
         try:
@@ -313,7 +332,7 @@ class _Job:
             from crossearth_cli.batch import _reason
 
             error = _reason(exc)
-        outcomes = dist.all_gather((error, _result_dict(result) if result else None), rank)
+        outcomes = dist.all_gather((error, result), rank)
         errors = [e for e, _ in outcomes if e]
         written = [i for i, (_, r) in enumerate(outcomes) if r is not None]
         if rank.rank == 0 and not errors:
@@ -331,14 +350,7 @@ class _Job:
             from crossearth_cli.errors import UserError
 
             raise UserError(errors[0])
-        if rank.rank == 0:
-            merged = _merge_result_dicts([outcomes[i][1] for i in written])
-            merged["ranks"] = rank.world
-            out_console().print(
-                f"{out}: {merged['width']}x{merged['height']} px over {rank.world} ranks in "
-                f"{merged['seconds']:.1f} s ({merged['mpx_per_s']:.2f} Mpx/s)", highlight=False)
-            if self.summary:
-                dist.summary_json(self.summary, merged)
+        return outcomes
 
     # -- folders, globs, many files ------------------------------------------------------
 
@@ -382,7 +394,10 @@ class _Job:
         from crossearth_cli.raster.writer import ensure_writable_folder, lock_output
 
         ensure_writable_folder(manifest.path)
-        lock_output(manifest.path)  # a second run into this folder is refused, not raced
+        # a second run into this folder is refused, not raced: single runs and torchrun jobs
+        # alike take the folder's own manifest lock (a job's ranks share it), ranks their own
+        lock_output(Manifest(outdir).path if rank.world > 1 else manifest.path)
+        lock_output(manifest.path)
         todo = [it for it in items
                 if self.overwrite or not manifest.is_current(it, key, it.outputs(outdir, kinds))]
         if not todo:  # every rank sees the same manifests: nothing to load, nothing to run
@@ -503,28 +518,32 @@ def _result_dict(result) -> dict:
     }
 
 
-def _merge_result_dicts(parts: list[dict]) -> dict:
-    merged = dict(parts[0])
-    merged["height"] = sum(p["height"] for p in parts)
-    merged["pixels"] = sum(p["pixels"] for p in parts)
-    merged["tiles"] = sum(p["tiles"] for p in parts)
-    merged["seconds"] = max(p["seconds"] for p in parts)
-    merged["mpx_per_s"] = round(merged["pixels"] / 1e6 / max(merged["seconds"], 1e-9), 4)
-    merged["ranks"] = len(parts)
-    return merged
+def _merge_part_results(parts: list, output: Path, extra: list[Path]):
+    """One result for a scene run in row parts by torchrun ranks, as one process reports it:
+    the final outputs, class and nodata pixels summed; tiles are those the ranks ran (tile
+    rows overlapping a part's top edge run on both sides of it)."""
+    import numpy as np
 
-
-def _print_result(result, vector: Path | None) -> None:
-    shares = ", ".join(
-        f"{name} {share:.1%}" for name, share in result.class_shares().items() if share > 0
+    first = parts[0]
+    return dataclasses.replace(
+        first, output=output, height=sum(p.height for p in parts),
+        tiles=sum(p.tiles for p in parts), tiles_skipped=sum(p.tiles_skipped for p in parts),
+        seconds=max(p.seconds for p in parts),
+        class_pixels=np.sum([p.class_pixels for p in parts], axis=0),
+        nodata_pixels=sum(p.nodata_pixels for p in parts), extra_outputs=list(extra),
     )
-    nodata = f", nodata {result.nodata_pixels / result.pixels:.1%}" if result.nodata_pixels else ""
+
+
+def _print_result(result, vector: Path | None, ranks: int = 1) -> None:
+    counts = [f"{name} {share:.1%}" for name, share in result.class_shares().items() if share > 0]
+    if result.nodata_pixels:
+        counts.append(f"nodata {result.nodata_pixels / result.pixels:.1%}")
     extra = "".join(f" + {p}" for p in result.extra_outputs) + (f" + {vector}" if vector else "")
+    where = f"{result.device} ({result.precision})" + (f" over {ranks} ranks" if ranks > 1 else "")
     out_console().print(
         f"{result.output}{extra}: {result.width}x{result.height} px "
         f"({result.pixels / 1e6:.2f} Mpx) in {result.seconds:.1f} s, "
-        f"{result.mpx_per_s:.2f} Mpx/s on {result.device} ({result.precision}); "
-        f"{shares}{nodata}" if shares else nodata[2:],  # all nodata: no "; , nodata"
+        f"{result.mpx_per_s:.2f} Mpx/s on {where}" + (f"; {', '.join(counts)}" if counts else ""),
         highlight=False,
     )
 

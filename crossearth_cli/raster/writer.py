@@ -11,8 +11,10 @@ from __future__ import annotations
 import atexit
 import errno
 import functools
+import hashlib
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -98,9 +100,63 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-# folder -> {output name: its temporaries and their writers' pids}, listed once per folder
-# and process
+# -- row parts of a scene split across torchrun ranks ------------------------------------
+
+_PART_TAIL = re.compile(r"\.part(\d{3,})-of-(\d{3,})\.tif$")
+
+
+def _part_prefix(final: Path) -> str:
+    """``.NAME.part``: what every row part of ``final`` is named from. Long names are cut
+    and hashed, so that a part's own temporary (~53 characters more than the output's name)
+    stays within the file system's 255."""
+    name = Path(final).name
+    if len(name) > 150:
+        name = f"{name[:120]}~{hashlib.sha1(name.encode()).hexdigest()[:10]}"
+    return f"{TEMP_PREFIX}{name}.part"
+
+
+def part_path(final: Path, index: int, count: int) -> Path:
+    """Hidden file holding rows of part ``index`` of ``count`` of ``final``."""
+    return Path(final).with_name(f"{_part_prefix(final)}{index:03d}-of-{count:03d}.tif")
+
+
+def _part_of(name: str) -> tuple[str, int, int] | None:
+    """(prefix, index, count) of a part's file name, or of the part a temporary or lock file
+    belongs to; None for other names."""
+    if name.endswith(TEMP_SUFFIX):
+        owner = _temp_owner(name)
+        name = owner[0] if owner else ""
+    elif name.startswith(TEMP_PREFIX) and name.endswith(LOCK_SUFFIX):
+        name = name[len(TEMP_PREFIX) : -len(LOCK_SUFFIX)]
+    m = _PART_TAIL.search(name)
+    if m is None or not name.startswith(TEMP_PREFIX):
+        return None
+    return name[: m.start()] + ".part", int(m.group(1)), int(m.group(2))
+
+
+# folder -> {output name: its temporaries and their writers' pids}, and folder -> {part
+# prefix: row-part files, their temporaries and locks}, listed once per folder and process
 _temp_index: dict[str, dict[str, list[tuple[Path, int]]]] = {}
+_part_index: dict[str, dict[str, list[tuple[Path, int, int]]]] = {}
+
+
+def _indexed(folder: Path) -> tuple[dict, dict]:
+    key = os.path.abspath(folder)
+    temps = _temp_index.get(key)
+    if temps is None:
+        temps, parts = _temp_index[key], _part_index[key] = {}, {}
+        try:
+            names = os.listdir(folder)
+        except OSError:  # no folder (yet): nothing was left in it
+            names = []
+        for name in names:
+            part = _part_of(name)
+            if part is not None:
+                parts.setdefault(part[0], []).append((folder / name, part[1], part[2]))
+            owner = _temp_owner(name)
+            if owner is not None:
+                temps.setdefault(owner[0], []).append((folder / name, owner[1]))
+    return temps, _part_index[key]
 
 
 def stale_temps(final: Path) -> list[tuple[Path, int]]:
@@ -109,21 +165,47 @@ def stale_temps(final: Path) -> list[tuple[Path, int]]:
     the folder once per file (at 30,000 entries a listing took 19 ms). Each output is looked
     up once, when it is about to be written; temporaries that appear later are the next
     run's to remove."""
-    folder = Path(final).parent
-    key = os.path.abspath(folder)
     with _live_guard:
-        index = _temp_index.get(key)
-        if index is None:
-            index = _temp_index[key] = {}
-            try:
-                names = os.listdir(folder)
-            except OSError:  # no folder (yet): nothing was left in it
-                names = []
-            for name in names:
-                owner = _temp_owner(name)
-                if owner is not None:
-                    index.setdefault(owner[0], []).append((folder / name, owner[1]))
-        return sorted(index.pop(final.name, []))
+        temps, _ = _indexed(Path(final).parent)
+        return sorted(temps.pop(Path(final).name, []))
+
+
+def remove_stale_parts(final: Path, job: tuple[int, int] | None = None) -> list[Path]:
+    """Delete the row parts an interrupted ``torchrun`` job left for ``final`` (hidden files
+    no other run would touch), with their temporaries and locks where their writers are gone.
+
+    Called with ``final``'s lock held. ``job=(index, count)``: this process is rank ``index``
+    of a job of ``count`` ranks; parts of the other ranks of that count may be this job's
+    own, written already, and are left (each rank rewrites its own part)."""
+    with _live_guard:
+        _, parts = _indexed(Path(final).parent)
+        found = parts.pop(_part_prefix(final), [])
+    removed = []
+    for path, index, count in sorted(found):
+        if job is not None and count == job[1] and index != job[0]:
+            continue
+        name = path.name
+        if name.endswith(TEMP_SUFFIX):
+            owner = _temp_owner(name)
+            if owner is None or owner[1] == os.getpid() or _pid_alive(owner[1]):
+                continue
+        if name.endswith(LOCK_SUFFIX):
+            part = path.with_name(name[len(TEMP_PREFIX) : -len(LOCK_SUFFIX)])
+            if os.path.abspath(part) in _locks:  # ours
+                continue
+            try:  # taken and released: removed, unless a live process holds it
+                lock_output(part)
+            except OutputError:
+                continue
+            release_output_lock(part)
+            removed.append(path)
+            continue
+        try:
+            path.unlink()
+            removed.append(path)
+        except OSError:
+            pass
+    return removed
 
 
 def remove_stale_temps(final: Path) -> list[Path]:
