@@ -478,3 +478,12 @@ def test_a_torchrun_job_and_a_single_run_into_one_folder_refuse_each_other(
     assert proc.returncode == 2, proc.stderr
     assert "another crossearth run" in proc.stderr and "crossearth-manifest.jsonl" in proc.stderr
     assert not list(out.rglob("*_classes.tif"))
+
+
+def test_a_folder_run_with_a_bad_option_makes_no_output_folder(tmp_path):
+    tiles = make_folder(tmp_path, n=1, corrupt=None)
+    for bad in (["--compress", "foo"], ["--tile", "64", "--stride", "100"]):
+        proc = run_cli("segment", tiles, "-o", tmp_path / "out", *bad)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.startswith("crossearth: error: ") and "Traceback" not in proc.stderr
+        assert not (tmp_path / "out").exists()

@@ -391,8 +391,10 @@ class _Job:
         taken += [p for it in items for p in it.outputs(outdir, kinds).values()]
         self.check_reports(taken, single=False)
         key = settings_hash(self.request_key(kinds))
+        from crossearth_cli.engine import validate_settings
         from crossearth_cli.raster.writer import ensure_writable_folder, lock_output
 
+        validate_settings(self.template(outdir / "x.tif"))  # before the folder is made
         ensure_writable_folder(manifest.path)
         # a second run into this folder is refused, not raced: single runs and torchrun jobs
         # alike take the folder's own manifest lock (a job's ranks share it), ranks their own
