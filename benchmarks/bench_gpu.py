@@ -412,6 +412,7 @@ def main() -> None:
     step = StepLog(report, args.json, args.budget)
 
     batches = {512: {"bf16": 16, "fp32": 8}, 1024: {"bf16": 4, "fp32": 2}}
+    b_auto = Predictor.AUTO_CPU_BATCH if smoke else Predictor.AUTO_MAX_BATCH  # auto's most
     e2e_net = None
     for size in sizes:
         t0 = time.perf_counter()
@@ -431,9 +432,8 @@ def main() -> None:
                 step.save()
             del x
         if size == sizes[0]:  # also at the batch `segment` runs: auto picks up to 64
-            b = Predictor.AUTO_CPU_BATCH if smoke else Predictor.AUTO_MAX_BATCH
-            x = torch.randn(b, 3, size, size, device=device)
-            row = step(f"model_{size}_bf16_b{b}",
+            x = torch.randn(b_auto, 3, size, size, device=device)
+            row = step(f"model_{size}_bf16_b{b_auto}",
                        lambda n=net, x=x: timed(n, x, "bf16", device, seconds))
             if row and not smoke:
                 row["tflop_s"] = round(row["tiles_per_s"] * TFLOP_PER_TILE[size], 1)
@@ -475,8 +475,7 @@ def main() -> None:
         report["end_to_end_vs_model_only"] = round(
             e2e_row["tiles_per_s"] / model_row["tiles_per_s"], 3)
     auto_row = report["steps"].get("end_to_end_batch_auto")
-    model_auto = report["steps"].get(
-        f"model_{sizes[0]}_bf16_b{Predictor.AUTO_CPU_BATCH if smoke else Predictor.AUTO_MAX_BATCH}")
+    model_auto = report["steps"].get(f"model_{sizes[0]}_bf16_b{b_auto}")
     if auto_row and model_auto and auto_row["batch"] == model_auto["batch"]:
         report["end_to_end_auto_vs_model_only"] = round(
             auto_row["tiles_per_s"] / model_auto["tiles_per_s"], 3)

@@ -155,13 +155,18 @@ class Manifest:
 
     def __init__(self, outdir: Path, rank: int = 0, world: int = 1):
         self.outdir = outdir
-        name = f"{MANIFEST_PREFIX}.jsonl" if world == 1 else (
-            f"{MANIFEST_PREFIX}.{socket.gethostname()}.rank{rank}.jsonl"
-        )
-        self.path = outdir / name
+        self.path = self.path_for(outdir, rank, world)
         self.rank = rank
         self.records: dict[str, Record] = {}
         self._load()
+
+    @staticmethod
+    def path_for(outdir: Path, rank: int = 0, world: int = 1) -> Path:
+        """The manifest one writer keeps: the folder's own for a single run."""
+        name = f"{MANIFEST_PREFIX}.jsonl" if world == 1 else (
+            f"{MANIFEST_PREFIX}.{socket.gethostname()}.rank{rank}.jsonl"
+        )
+        return outdir / name
 
     def files(self) -> list[Path]:
         return sorted(self.outdir.glob(f"{MANIFEST_PREFIX}*.jsonl"))

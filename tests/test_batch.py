@@ -204,14 +204,21 @@ def _torchrun(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
+def _alone_and_torchrun(inp, one, two, ckpt, *opts, one_only=(), two_only=()):
+    """``segment`` of ``inp`` in one process into ``one``, then on two ranks into ``two``
+    (both must succeed); the torchrun run's process."""
+    proc = run_cli("segment", inp, "-o", one, "-c", ckpt, *opts, *one_only)
+    assert proc.returncode == 0, proc.stderr
+    proc = _torchrun("segment", inp, "-o", two, "-c", ckpt, *opts, *two_only)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    return proc
+
+
 def test_torchrun_two_ranks_equal_one_process(tmp_path, tiny_ckpt):
     tiles = make_folder(tmp_path, n=5, corrupt=None)
     one, two = tmp_path / "one", tmp_path / "two"
-    proc = run_cli("segment", tiles, "-o", one, "-c", tiny_ckpt, "--tile", "64")
-    assert proc.returncode == 0, proc.stderr
-    proc = _torchrun("segment", tiles, "-o", two, "-c", tiny_ckpt, "--tile", "64",
-                     "--summary", tmp_path / "two.json")
-    assert proc.returncode == 0, proc.stderr + proc.stdout
+    _alone_and_torchrun(tiles, one, two, tiny_ckpt, "--tile", "64",
+                        two_only=("--summary", tmp_path / "two.json"))
     summary = json.loads((tmp_path / "two.json").read_text())
     assert summary["ranks"] == 2 and summary["files_done"] == 5
     assert sorted(class_outputs(one)) == sorted(class_outputs(two))
@@ -233,12 +240,10 @@ def test_torchrun_splits_one_scene_into_row_bands(tmp_path, tiny_ckpt):
     img[:, :150] = 0  # rank 0's band is all nodata: its counts alone are not the scene's
     src = write_tif(tmp_path / "scene.tif", img, nodata=0)
     one, two = tmp_path / "one.tif", tmp_path / "two.tif"
-    proc = run_cli("segment", src, "-o", one, "-c", tiny_ckpt, "--tile", "64", "--stride",
-                   "40", "--confidence", "auto", "--summary", tmp_path / "one.json")
-    assert proc.returncode == 0, proc.stderr
-    proc = _torchrun("segment", src, "-o", two, "-c", tiny_ckpt, "--tile", "64", "--stride",
-                     "40", "--confidence", "auto", "--summary", tmp_path / "two.json")
-    assert proc.returncode == 0, proc.stderr + proc.stdout
+    proc = _alone_and_torchrun(src, one, two, tiny_ckpt, "--tile", "64", "--stride", "40",
+                               "--confidence", "auto",
+                               one_only=("--summary", tmp_path / "one.json"),
+                               two_only=("--summary", tmp_path / "two.json"))
     a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
     assert b["output"] == str(two) and b["ranks"] == 2
     for key in ("width", "height", "pixels", "nodata_pixels", "class_shares"):
@@ -366,11 +371,8 @@ def test_torchrun_split_scene_with_fewer_tile_rows_than_ranks(tmp_path, tiny_ckp
     (it tried to create a W×0 raster and the run failed); the result equals one process."""
     src = write_tif(tmp_path / "scene.tif", random_scene(50, 150, seed=6))
     one, two = tmp_path / "one.tif", tmp_path / "two.tif"
-    proc = run_cli("segment", src, "-o", one, "-c", tiny_ckpt, "--tile", "64")
-    assert proc.returncode == 0, proc.stderr
-    proc = _torchrun("segment", src, "-o", two, "-c", tiny_ckpt, "--tile", "64",
-                     "--summary", tmp_path / "two.json")
-    assert proc.returncode == 0, proc.stderr + proc.stdout
+    _alone_and_torchrun(src, one, two, tiny_ckpt, "--tile", "64",
+                        two_only=("--summary", tmp_path / "two.json"))
     with rasterio.open(one) as a, rasterio.open(two) as b:
         assert (a.transform, a.crs, a.shape) == (b.transform, b.crs, b.shape)
         np.testing.assert_array_equal(a.read(), b.read())

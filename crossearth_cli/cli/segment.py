@@ -300,7 +300,7 @@ class _Job:
         try:
             outcomes = self._run_part(spec, settings, part_settings, src, out, conf, vec,
                                       finals)
-        except BaseException:  # interrupted: this rank's finished part goes too
+        except BaseException:  # failed or interrupted: this rank's finished part goes too
             for final in finals:
                 dist.part_path(final, rank.rank, rank.world).unlink(missing_ok=True)
             raise
@@ -344,9 +344,7 @@ class _Job:
             if vec is not None:
                 self.vectorize(spec, out, vec, conf)
         dist.shutdown(rank)
-        if errors:
-            for final in finals:
-                dist.part_path(final, rank.rank, rank.world).unlink(missing_ok=True)
+        if errors:  # the caller removes this rank's part
             from crossearth_cli.errors import UserError
 
             raise UserError(errors[0])
@@ -398,8 +396,8 @@ class _Job:
         ensure_writable_folder(manifest.path)
         # a second run into this folder is refused, not raced: single runs and torchrun jobs
         # alike take the folder's own manifest lock (a job's ranks share it), ranks their own
-        lock_output(Manifest(outdir).path if rank.world > 1 else manifest.path)
-        lock_output(manifest.path)
+        for path in dict.fromkeys((Manifest.path_for(outdir), manifest.path)):
+            lock_output(path)
         todo = [it for it in items
                 if self.overwrite or not manifest.is_current(it, key, it.outputs(outdir, kinds))]
         if not todo:  # every rank sees the same manifests: nothing to load, nothing to run

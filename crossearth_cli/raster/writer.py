@@ -90,6 +90,11 @@ def _temp_owner(name: str) -> tuple[str, int] | None:
         return None
 
 
+def _writer_gone(pid: int) -> bool:
+    """The process that wrote a temporary is neither this one nor alive."""
+    return pid != os.getpid() and not _pid_alive(pid)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -185,10 +190,8 @@ def remove_stale_parts(final: Path, job: tuple[int, int] | None = None) -> list[
         if job is not None and count == job[1] and index != job[0]:
             continue
         name = path.name
-        if name.endswith(TEMP_SUFFIX):
-            owner = _temp_owner(name)
-            if owner is None or owner[1] == os.getpid() or _pid_alive(owner[1]):
-                continue
+        if name.endswith(TEMP_SUFFIX) and not _writer_gone(_temp_owner(name)[1]):
+            continue
         if name.endswith(LOCK_SUFFIX):
             part = path.with_name(name[len(TEMP_PREFIX) : -len(LOCK_SUFFIX)])
             if os.path.abspath(part) in _locks:  # ours
@@ -213,7 +216,7 @@ def remove_stale_temps(final: Path) -> list[Path]:
     with ``final``'s lock held, so no live run of ours is writing it."""
     removed = []
     for p, pid in stale_temps(final):
-        if pid != os.getpid() and not _pid_alive(pid):
+        if _writer_gone(pid):
             try:
                 p.unlink()
                 removed.append(p)
