@@ -410,7 +410,7 @@ def run_batch(
             i, fut = pending.popleft()
             read_ahead(1)
             emit("file_start", {"input": manifest.key(todo[i][0]), "index": i,
-                                "total": len(todo)})
+                                "total": len(todo), "path": str(todo[i][0].path)})
             try:
                 taken.append((i, fut.result()))
             except Exception as exc:  # noqa: BLE001 - recorded, the run goes on

@@ -720,7 +720,7 @@ def _commit(sinks: list[GeoTiffSink], scene: PreparedScene, emit: Events) -> Non
     for sink in sinks[1:] + sinks[:1]:
         sink.commit()
     for note in scene.reader.output_notes:
-        emit("note", {"message": note, "outputs": True})
+        emit("note", {"message": note, "outputs": True, "path": str(scene.settings.input)})
 
 
 class _RowWriter:

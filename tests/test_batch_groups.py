@@ -237,3 +237,20 @@ def test_a_group_hands_every_file_to_its_writers_before_committing_any(tmp_path,
     assert len(result.done) == 4 and not result.failed
     kinds = [kind for kind, _ in events]
     assert kinds == ["write"] * 8 + ["commit"] * 8, events  # classes + confidence, 4 files
+
+
+def test_a_note_about_outputs_names_its_own_file_in_a_group(tmp_path, ckpt, capfd):
+    """Files of one group all start before any is committed: the note that a file has no CRS
+    names that file, not the last one started."""
+    from reliability_helpers import cli
+
+    tiles = tmp_path / "tiles"
+    tiles.mkdir()
+    write_tif(tiles / "a_nocrs.tif", random_scene(64, 64), crs=None)
+    for name in ("b_geo.tif", "c_geo.tif"):
+        write_tif(tiles / name, random_scene(64, 64, seed=1))
+    code, _, err = cli(capfd, "segment", tiles, "-o", tmp_path / "out", "-c", ckpt,
+                       "--tile", "64")
+    assert code == 0, err
+    notes = [line for line in err.splitlines() if "CRS" in line]
+    assert len(notes) == 1 and notes[0].startswith("note: a_nocrs.tif: "), err

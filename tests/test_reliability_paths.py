@@ -265,6 +265,112 @@ def test_really_full_disk(tmp_path, ckpt):
         _umount(full)
 
 
+def test_really_full_disk_with_a_small_scene(tmp_path, ckpt):
+    """A scene small enough for GDAL to hold all its blocks until the file is closed: the
+    writes that fail then are not raised by rasterio. They must still fail the run (they left
+    unreadable rasters under their final names, with exit 0), as a COG and in a folder run
+    too (whose manifest must not record a broken file as done). Needs mount rights."""
+    full = tmp_path / "full"
+    if not _mount_tmpfs(full, "size=300k"):
+        pytest.skip("cannot mount a tmpfs here")
+    from helpers import run_cli
+
+    src = Path(__file__).parent.parent / "sample_data" / "rgbn_town.tif"  # 515×403
+    tiles = tmp_path / "tiles"
+    tiles.mkdir()
+    (tiles / src.name).write_bytes(src.read_bytes())
+    extra = ("-c", ckpt, "--confidence", "auto", "--probabilities", "auto")
+    runs = [(("segment", src, "-o", full / "x.tif") + extra, 2),
+            (("segment", src, "-o", full / "x.tif", "--cog") + extra, 2),
+            (("segment", tiles, "-o", full / "batch") + extra, 1)]  # 1: a file failed
+    try:
+        for args, code in runs:
+            proc = run_cli(*args, env=real_env())
+            assert proc.returncode == code, (args, proc.stderr)
+            assert "Traceback" not in proc.stderr
+            if code == 2:
+                last = error_lines(proc.stderr)[-1]
+                assert last.startswith("crossearth: error: ") and "no space left" in last, last
+            else:
+                said = proc.stdout + proc.stderr
+                assert "rgbn_town.tif:" in said and "no space left" in said, said
+            for tif in full.rglob("*.tif"):  # what is left is complete
+                valid_raster(tif)
+            assert not (full / "x.tif").exists()  # the classes are committed last
+            for manifest in full.rglob("crossearth-manifest*.jsonl"):
+                assert '"done"' not in manifest.read_text()
+            assert not hidden_leftovers(full)
+            for p in sorted(full.rglob("*"), reverse=True):
+                p.rmdir() if p.is_dir() else p.unlink()
+    finally:
+        _umount(full)
+
+
+def test_blocks_lost_at_close_fail_the_run(tmp_path, capfd, ckpt, scene, monkeypatch):
+    """Anywhere, without a tmpfs: a close that loses the last block without raising (what
+    GDAL does on a full disk, as rasterio passes it on) is caught before the rename."""
+    real_close = rasterio.io.DatasetWriter.close
+
+    def close_losing_the_end(self):
+        name = self.name
+        real_close(self)
+        if name.endswith(writer_mod.TEMP_SUFFIX):
+            os.truncate(name, os.path.getsize(name) - 1)
+
+    monkeypatch.setattr(rasterio.io.DatasetWriter, "close", close_losing_the_end)
+    before = snapshot(tmp_path)
+    code, _, err = cli(capfd, "segment", scene, "-c", ckpt, "-o", tmp_path / "out.tif",
+                       "--tile", "64")
+    assert_user_error(code, err, "out.tif", "write failed")
+    assert_nothing_written(tmp_path, before)
+
+
+def test_block_map_marks_the_blocks_that_hold_data():
+    """Which blocks a write fills with something other than nodata: those must be on disk."""
+    from rasterio.windows import Window
+
+    b = writer_mod.BLOCK
+    holds = np.zeros((2, 2, 3), dtype=bool)
+    data = np.full((2, 10, 2 * b), 255, dtype=np.uint8)  # rows b-10..b, columns b/2..5b/2
+    data[0, :, 0] = 1  # band 1, block column 0
+    data[1, :, -1] = 7  # band 2, block column 2
+    writer_mod._note_blocks(holds, data, Window(b // 2, b - 10, 2 * b, 10), 255)
+    assert holds[0].nonzero() == ([0], [0]) and holds[1].nonzero() == ([0], [2])
+    floats = np.full((1, b + 1, 4), np.nan, dtype=np.float32)
+    floats[0, -1, 0] = 0.5  # NaN is nodata: only the second block row holds data
+    holds = np.zeros((1, 2, 1), dtype=bool)
+    writer_mod._note_blocks(holds, floats, Window(0, 0, 4, b + 1), float("nan"))
+    assert holds[:, :, 0].tolist() == [[False, True]]
+    zeros = np.zeros((1, 4, 4), dtype=np.uint8)  # no nodata: zeros are what GDAL leaves out
+    holds = np.zeros((1, 1, 1), dtype=bool)
+    writer_mod._note_blocks(holds, zeros, Window(0, 0, 4, 4), None)
+    assert not holds.any()
+
+
+def test_full_disk_when_taking_the_lock(tmp_path, capfd, ckpt, scene, monkeypatch):
+    """The lock file's first write can meet a full disk: one line naming the output, and no
+    lock file left; in a folder run the file fails with that reason, not an internal error."""
+    real_write = os.write
+
+    def write(fd, data):  # the lock of a raster output (not the folder's, for the manifest)
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".tif.lock"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(writer_mod.os, "write", write)
+    before = snapshot(tmp_path)
+    code, _, err = cli(capfd, "segment", scene, "-c", ckpt, "-o", tmp_path / "out.tif")
+    assert_user_error(code, err, "out.tif", "no space left")
+    assert_nothing_written(tmp_path, before)
+    tiles = tmp_path / "tiles"
+    tiles.mkdir()
+    write_tif(tiles / "a.tif", random_scene(64, 64))
+    code, _, err = cli(capfd, "segment", tiles, "-o", tmp_path / "out", "-c", ckpt)
+    assert code == 1, err
+    assert "a.tif" in err and "no space left" in err and "internal error" not in err
+    assert not hidden_leftovers(tmp_path)
+
+
 # -- two runs, one output ---------------------------------------------------------------------
 
 HOLD_LOCK = """
@@ -407,6 +513,8 @@ def test_inputs_are_checked_before_any_work(tmp_path, capfd, ckpt, scene):
         (("segment", tiles, "-o", tiles) + base, "every input is inside the output folder"),
         (("segment", scene, "-o", tmp_path / "x.tif", "--overlap", "nan") + base, "--overlap"),
         (("segment", scene, "-o", tmp_path / "x.tif", "--range", "0,inf") + base, "finite"),
+        (("segment", scene, "-o", tmp_path / "x.tif", "--range", "5,1") + base,
+         "--range '5,1': each maximum must exceed its minimum"),
         (("segment", scene, "-o", tmp_path / "x.png") + base, "GeoTIFFs, not .png"),
         # before the model loads, so no "RANDOM WEIGHTS" note comes first
         (("segment", scene, "-o", tmp_path / "x.tif", "--allow-random-weights", "--bands",

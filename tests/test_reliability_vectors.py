@@ -165,3 +165,32 @@ def test_bad_vectorize_options_name_the_option(tmp_path, capfd):
                          (("--window", "0"), "--window must be")):
         code, _, err = cli(capfd, "vectorize", src, "-o", tmp_path / "v.gpkg", *args)
         assert_user_error(code, err, needle)
+
+
+def test_a_full_disk_while_writing_the_geopackage_says_so(tmp_path, capfd, monkeypatch):
+    """SQLite reports a full disk in its own words ("no such table: gpkg_contents" when the
+    table could not be created): the folder's free space decides, as for rasters; one line,
+    and no temporary GeoPackage left."""
+    import os
+
+    import pyogrio.raw
+    from reliability_helpers import assert_user_error
+
+    src = write_class_raster(tmp_path / "c.tif", np.eye(64, dtype=np.uint8), names=NAMES)
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def full(*args, **kwargs):
+        raise pyogrio.errors.DataSourceError(
+            "sqlite3_exec(INSERT INTO gpkg_contents ...) failed: no such table: gpkg_contents")
+
+    class Full:
+        f_bavail, f_frsize = 3, 4096
+
+    real_statvfs = os.statvfs
+    monkeypatch.setattr(pyogrio.raw, "write", full)
+    monkeypatch.setattr("crossearth_cli.raster.writer.os.statvfs",
+                        lambda p: Full() if str(p) == str(out) else real_statvfs(p))
+    code, _, err = cli(capfd, "vectorize", src, "-o", out / "v.gpkg")
+    assert_user_error(code, err, "v.gpkg", "no space left")
+    assert list(out.iterdir()) == []

@@ -576,6 +576,7 @@ class _BatchProgress:
         self.total, self.rank, self.manifest = total, rank, manifest
         self._stop = None
         self._input = ""
+        self._names: dict[str | None, str] = {}  # input path → its name in the manifest
         self._told: dict[str, int] = {}  # notes about outputs (no CRS...) → further files
 
     def __enter__(self):
@@ -608,16 +609,18 @@ class _BatchProgress:
     def events(self, kind: str, data: dict) -> None:
         if kind == "file_start":
             self._input = str(data["input"])
+            self._names[data.get("path")] = self._input
             self.progress.update(self.task, description=self._input)
         elif kind == "note" and data.get("outputs"):
             # what users must know of their outputs (no CRS, no georeferencing), once per
-            # kind; the per-file set-up notes (bands, scaling) would drown a long run
+            # kind; the per-file set-up notes (bands, scaling) would drown a long run. Files
+            # of a group start together, so the note names its own file, not the last started
             message = data["message"]
             if message in self._told:
                 self._told[message] += 1
             else:
                 self._told[message] = 0
-                note(f"{self._input}: {message}")
+                note(f"{self._names.get(data.get('path'), self._input)}: {message}")
         elif kind in ("file_done", "file_failed") and self._stop is None:
             self.progress.advance(self.task)
         if kind == "file_failed":

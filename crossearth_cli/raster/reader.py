@@ -89,6 +89,11 @@ def parse_range(text: str | None, n_bands: int) -> list[BandScaling] | str | Non
             f"--range {text!r}: the limits must be finite numbers",
             hint="use the data's real range, e.g. --range 0,3000, or --range auto",
         )
+    if any(high <= low for low, high in zip(values[::2], values[1::2])):
+        raise ConfigError(
+            f"--range {text!r}: each maximum must exceed its minimum",
+            hint="give MIN,MAX in that order, e.g. --range 0,3000",
+        )
     if len(values) == 2:
         return [BandScaling(values[0], values[1])] * n_bands
     if len(values) == 2 * n_bands:

@@ -29,7 +29,13 @@ import numpy as np
 import rasterio
 import rasterio.shutil
 from rasterio.crs import CRS
+from rasterio.enums import Interleaving
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+
+try:  # GDAL errors rasterio raises as they are (the COG copy's, for one)
+    from rasterio._err import CPLE_BaseError
+except ImportError:  # pragma: no cover - rasterio has it; be safe across versions
+    CPLE_BaseError = RasterioIOError
 from rasterio.windows import Window
 
 from crossearth_cli.errors import OutputError
@@ -301,6 +307,26 @@ def _free_bytes(folder: Path) -> int | None:
 LOW_SPACE = 16 << 20  # after a failed write, less free space than this means "disk full"
 
 
+def disk_full(exc: BaseException, folder: Path, failed_write: bool = False) -> bool:
+    """Whether ``exc`` means the disk holding ``folder`` is full: ENOSPC / EDQUOT in its
+    chain, or, after a write that failed without saying why (``failed_write``; GDAL's own
+    errors are such), little free space left in ``folder``."""
+    chain = list(_chain(exc))
+    errnos = {e.errno for e in chain if isinstance(e, OSError)}
+    text = " ".join(str(e) for e in chain)
+    if errnos & {errno.ENOSPC, errno.EDQUOT} or "No space left" in text or "Disk quota" in text:
+        return True
+    if not (failed_write or _gdal_failed(chain)):
+        return False
+    free = _free_bytes(Path(folder))
+    return free is not None and free < LOW_SPACE
+
+
+def _gdal_failed(chain: list[BaseException]) -> bool:
+    return (any(isinstance(e, (RasterioIOError, CPLE_BaseError)) for e in chain)
+            or any("Write failed" in str(e) for e in chain))
+
+
 def raise_for_os_error(exc: BaseException, path: Path) -> None:
     """Turn a disk-full or permission error while writing into a clear OutputError.
 
@@ -309,19 +335,14 @@ def raise_for_os_error(exc: BaseException, path: Path) -> None:
     """
     path = Path(path)
     chain = list(_chain(exc))
-    errnos = {e.errno for e in chain if isinstance(e, OSError)}
-    text = " ".join(str(e) for e in chain)
-    gdal_failed = any(isinstance(e, RasterioIOError) for e in chain) or "Write failed" in text
-    free = _free_bytes(path.parent) if gdal_failed else None
-    if (errnos & {errno.ENOSPC, errno.EDQUOT} or "No space left" in text
-            or "Disk quota" in text or (free is not None and free < LOW_SPACE)):
+    if disk_full(exc, path.parent):
         raise OutputError(
             "no space left on the device while writing", path=path, hint="free some space"
         ) from exc
     for e in chain:
         if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise OutputError(f"cannot write ({e.strerror})", path=path) from exc
-    if gdal_failed:
+    if _gdal_failed(chain):
         first = next((str(e).splitlines()[0] for e in chain if str(e).strip()), "unknown")
         raise OutputError(f"write failed ({first})", path=path) from exc
 
@@ -423,8 +444,14 @@ def lock_output(final: Path) -> None:
             if writable:
                 info = {"pid": os.getpid(), "host": socket.gethostname(), "job": _job_id(),
                         "output": final.name, "since": round(time.time(), 3)}
-                os.ftruncate(fd, 0)
-                os.write(fd, json.dumps(info).encode())
+                try:
+                    os.ftruncate(fd, 0)
+                    os.write(fd, json.dumps(info).encode())
+                except OSError as exc:  # a full disk: refuse now, and leave no lock file
+                    _remove_held_lock(fd, lock)
+                    raise_for_os_error(exc, final)
+                    raise OutputError(f"cannot write the lock file {lock.name} "
+                                      f"({exc.strerror})", path=final.parent) from None
             _locks[key] = (fd, lock)
             return
         raise OutputError("cannot take the output's lock (it keeps changing)", path=final)
@@ -434,9 +461,11 @@ def release_output_lock(final: Path) -> None:
     """Release and remove the lock :func:`lock_output` took for ``final`` (no-op otherwise)."""
     with _locks_guard:
         held = _locks.pop(os.path.abspath(Path(final)), None)
-    if held is None:
-        return
-    fd, lock = held
+    if held is not None:
+        _remove_held_lock(*held)
+
+
+def _remove_held_lock(fd: int, lock: Path) -> None:
     try:  # remove it while still holding it, so a waiter can tell it went stale
         if os.path.samestat(os.fstat(fd), os.stat(lock)):
             lock.unlink()
@@ -531,6 +560,21 @@ def _write_pool() -> ThreadPoolExecutor:
 os.register_at_fork(after_in_child=_write_pool.cache_clear)
 
 
+def _note_blocks(holds_data: np.ndarray, data: np.ndarray, window: Window, nodata) -> None:
+    """Mark in ``holds_data`` (bands × block rows × block columns) the blocks where ``data``
+    (bands × rows × columns, written at ``window``) has a value other than ``nodata`` (0 when
+    None, as GDAL's SPARSE_OK takes it)."""
+    empty = 0 if nodata is None else nodata
+    r0, c0 = int(window.row_off), int(window.col_off)
+    r1, c1 = r0 + int(window.height), c0 + int(window.width)
+    for by in range(r0 // BLOCK, -(-r1 // BLOCK)):
+        rows = slice(max(by * BLOCK, r0) - r0, min((by + 1) * BLOCK, r1) - r0)
+        for bx in range(c0 // BLOCK, -(-c1 // BLOCK)):
+            part = data[:, rows, max(bx * BLOCK, c0) - c0:min((bx + 1) * BLOCK, c1) - c0]
+            held = ~np.isnan(part) if np.isnan(empty) else part != empty
+            holds_data[:, by, bx] |= held.reshape(len(part), -1).any(axis=1)
+
+
 class GeoTiffSink:
     """One output raster: written under a temporary name, renamed by :meth:`commit`."""
 
@@ -543,6 +587,10 @@ class GeoTiffSink:
         self._next_row = 0
         self._x0, self._w = 0, width  # the column stripe being written (all of it by default)
         self._columns_done = 0
+        # which blocks hold data (per band; GDAL leaves all-nodata blocks out, SPARSE_OK):
+        # after closing, each of them must be on disk (see _check_blocks_on_disk)
+        self._holds_data = np.zeros(
+            (spec.count, -(-height // BLOCK), -(-width // BLOCK)), dtype=bool)
         # GDAL compresses in a background thread (rasterio releases the GIL), so encoding one
         # block row overlaps the model's work on the next; at most one write is in flight.
         self._writer = _write_pool()
@@ -635,11 +683,38 @@ class GeoTiffSink:
         self._wait()
         data = np.ascontiguousarray(block[:, :full])
         self._inflight = self._writer.submit(
-            self.ds.write, data, window=Window(self._x0, y0, self._w, full)
+            self._write, data, Window(self._x0, y0, self._w, full)
         )
         rest = block[:, full:]
         self._pending = [(y0 + full, rest)] if rest.shape[1] else []
         self._pending_rows = rest.shape[1]
+
+    def _write(self, data: np.ndarray, window: Window) -> None:
+        """One write, on a writer thread: note the blocks it fills, then hand it to GDAL."""
+        _note_blocks(self._holds_data, data, window, self.spec.nodata)
+        self.ds.write(data, window=window)
+
+    def _check_blocks_on_disk(self, path: Path) -> None:
+        """Raise RasterioIOError unless every block that holds data is in the closed file.
+
+        GDAL writes the blocks it still caches when the file is closed, and when its cache
+        fills during a later write; rasterio raises for neither if those writes fail. On a
+        full disk a small output was renamed into place without its data, and the run
+        exited 0. GDAL gives each block's offset and size (``BLOCK_OFFSET_x_y``, TIFF
+        metadata); a block that failed has none, or one past the end of the file.
+        """
+        size = path.stat().st_size
+        with rasterio.open(path) as src:  # a directory that failed to be written: raises
+            needed = self._holds_data
+            if src.count > 1 and src.interleaving is not Interleaving.band:
+                needed = needed.any(axis=0, keepdims=True)  # one block for all bands
+            for band, by, bx in zip(*np.nonzero(needed)):
+                item = f"{bx}_{by}"
+                offset = src.get_tag_item(f"BLOCK_OFFSET_{item}", "TIFF", bidx=int(band) + 1)
+                length = src.get_tag_item(f"BLOCK_SIZE_{item}", "TIFF", bidx=int(band) + 1)
+                if not offset or not length or int(offset) + int(length) > size:
+                    raise RasterioIOError(
+                        f"Write failed: block {item} of band {band + 1} is not on disk")
 
     def _wait(self) -> None:
         """Finish the write in flight, turning disk errors into clear ones."""
@@ -660,8 +735,10 @@ class GeoTiffSink:
             if self._columns_done != self.width:
                 raise RuntimeError(f"only {self._columns_done} of {self.width} columns written")
             self.ds.close()
+            self._check_blocks_on_disk(self.tmp)
             if self.spec.cog:
                 self._to_cog()
+                self._check_blocks_on_disk(self.tmp)
             os.replace(self.tmp, self.final)
             _untrack(self.tmp)
         except BaseException as exc:
