@@ -220,10 +220,16 @@ class Manifest:
         rec.finished = time.time()
         rec.rank = self.rank
         line = json.dumps(asdict(rec), sort_keys=True) + "\n"
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:  # a full disk's ENOSPC names no file: this one is ours
+            from crossearth_cli.raster.writer import raise_for_os_error
+
+            raise_for_os_error(exc, self.path)
+            raise
         self.records[rec.input] = rec
 
     def done_record(self, item: BatchInput, settings: str, outputs: dict[str, Path],

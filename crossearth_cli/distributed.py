@@ -26,6 +26,7 @@ from crossearth_cli.raster.writer import (  # noqa: F401 - part_path: the CLI's
     RasterSpec,
     compression_threads,
     part_path,
+    write_text_atomically,
 )
 
 
@@ -181,9 +182,7 @@ def write_mosaic_vrt(paths: list[Path], vrt: Path) -> tuple[Path, list[str]]:
         f"{''.join(sources)}</VRTRasterBand></VRTDataset>\n"
     )
     vrt.parent.mkdir(parents=True, exist_ok=True)
-    tmp = vrt.with_name(f".{vrt.name}.{os.getpid()}.tmp")
-    tmp.write_text(xml)
-    os.replace(tmp, vrt)
+    write_text_atomically(vrt, xml)
     return vrt, notes
 
 
@@ -194,10 +193,8 @@ def summary_json(path: Path, data: dict) -> None:
     from crossearth_cli import __version__
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     data = {SUMMARY_MARK: __version__, **data}
-    tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
-    os.replace(tmp, path)
+    write_text_atomically(path, json.dumps(data, indent=2, default=_json_default) + "\n")
 
 
 def _is_our_summary(path: Path) -> bool:

@@ -241,6 +241,36 @@ def test_disk_full_when_recording_the_manifest(tmp_path, capfd, ckpt, monkeypatc
     assert not hidden_leftovers(tmp_path)
 
 
+@pytest.mark.parametrize("where", ["manifest", "summary", "mosaic"])
+def test_a_full_disk_says_which_file_for_every_output(tmp_path, capfd, ckpt, monkeypatch, where):
+    """A plain write's ENOSPC names no file: the line still names the manifest, summary or
+    mosaic that was being written, and no temporary of it is left."""
+    from crossearth_cli import batch
+
+    tiles = tmp_path / "tiles"
+    tiles.mkdir()
+    for name in ("a.tif", "b.tif"):
+        write_tif(tiles / name, random_scene(64, 64))
+    no_space = OSError(errno.ENOSPC, "No space left on device")
+    if where == "manifest":
+        monkeypatch.setattr(batch.os, "fsync", lambda fd: (_ for _ in ()).throw(no_space))
+    name = {"manifest": "crossearth-manifest.jsonl", "summary": "s.json",
+            "mosaic": "mosaic.vrt"}[where]
+    if where != "manifest":
+        real = Path.write_text
+
+        def write_text(self, text, *args, **kwargs):  # the temporary of that output only
+            if self.name.startswith(f".{name}."):
+                raise no_space
+            return real(self, text, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "write_text", write_text)
+    code, _, err = cli(capfd, "segment", tiles, "-o", tmp_path / "out", "-c", ckpt,
+                       "--summary", tmp_path / "s.json", "--vrt", tmp_path / "out" / "mosaic.vrt")
+    assert_user_error(code, err, name, "no space left")
+    assert not hidden_leftovers(tmp_path)
+
+
 def test_really_full_disk(tmp_path, ckpt):
     """A 300 KB tmpfs as the output folder (needs root and mount rights; skipped elsewhere).
     GDAL's TIFF library may print its own 'No space left on device' line first; our line is

@@ -347,6 +347,22 @@ def raise_for_os_error(exc: BaseException, path: Path) -> None:
         raise OutputError(f"write failed ({first})", path=path) from exc
 
 
+def write_text_atomically(path: Path, text: str) -> None:
+    """``path`` gets ``text`` through a temporary beside it and a rename: a full disk leaves
+    no half file and no temporary, and says so naming ``path``."""
+    tmp = _track(temp_path_for(path))
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise_for_os_error(exc, path)
+        raise
+    finally:
+        _untrack(tmp)
+
+
 # -- one writer per output: a lock file beside it ----------------------------------------------
 
 LOCK_SUFFIX = ".lock"
