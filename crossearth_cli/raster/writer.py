@@ -31,14 +31,14 @@ import rasterio.shutil
 from rasterio.crs import CRS
 from rasterio.enums import Interleaving
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+from rasterio.windows import Window
+
+from crossearth_cli.errors import OutputError
 
 try:  # GDAL errors rasterio raises as they are (the COG copy's, for one)
     from rasterio._err import CPLE_BaseError
 except ImportError:  # pragma: no cover - rasterio has it; be safe across versions
     CPLE_BaseError = RasterioIOError
-from rasterio.windows import Window
-
-from crossearth_cli.errors import OutputError
 
 BLOCK = 512
 TEMP_PREFIX = "."
