@@ -117,3 +117,22 @@ def test_convert_dinov2_cli_rejects_a_bad_size(tmp_path, capsys):
     assert_one_line_error(code, err, "--size must be 512 or 1024")
     code, _, err = cli(capsys, "convert-dinov2", str(tmp_path / "a.pth"), str(tmp_path / "b.pth"))
     assert_one_line_error(code, err, "a.pth", "no such file")
+
+
+def test_a_full_disk_while_converting_is_one_line(tmp_path, capsys, monkeypatch):
+    """safetensors reports a full disk in its own exception (the OS error inside its text):
+    one line naming the output, no traceback, no temporary left."""
+    import safetensors.torch
+
+    src = write_random_checkpoint(tmp_path / "m.pth", CONFIG)
+
+    def full(*args, **kwargs):
+        raise RuntimeError("Error while serializing: I/O error: No space left on device "
+                           "(os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    out = tmp_path / "out"
+    out.mkdir()
+    code, _, err = cli(capsys, "convert-checkpoint", str(src), str(out / "m.safetensors"))
+    assert_one_line_error(code, err, "m.safetensors", "no space left")
+    assert list(out.iterdir()) == []

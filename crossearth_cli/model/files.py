@@ -45,10 +45,16 @@ def atomic_write(dst: str | Path, write: Callable[[Path], None], overwrite: bool
     try:
         write(tmp)
         os.replace(tmp, dst)
-    except OSError as exc:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write: {exc.strerror or exc}", path=dst) from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+        if isinstance(exc, Exception):
+            from crossearth_cli.raster.writer import disk_full
+
+            # safetensors and torch wrap the OS error in their own exceptions
+            if disk_full(exc, folder, failed_write=True):
+                raise OutputError("no space left on the device while writing", path=dst,
+                                  hint="free some space") from exc
+            if isinstance(exc, OSError):
+                raise OutputError(f"cannot write: {exc.strerror or exc}", path=dst) from exc
         raise
     return dst
