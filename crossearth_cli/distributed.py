@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections import Counter
 from pathlib import Path
 from xml.sax.saxutils import escape
 
@@ -100,7 +101,8 @@ def merge_row_parts(parts: list[Path], final: Path, cog: bool = False,
             threads=compression_threads(),  # no model beside this merge
         )
         gcps = first.gcps if first.gcps[0] else None
-        sink = GeoTiffSink(spec, height, first.width, first.crs, first.transform, gcps)
+        sink = GeoTiffSink(spec, height, first.width, first.crs, first.transform, gcps,
+                           first.rpcs)
         try:
             y = 0
             for h in heads:
@@ -132,7 +134,7 @@ def write_mosaic_vrt(paths: list[Path], vrt: Path) -> tuple[Path, list[str]]:
                               if ds.count else None))
     if not infos:
         raise ConfigError("no outputs to put in the mosaic")
-    crs0, t0 = infos[0][1], infos[0][2]
+    crs0 = infos[0][1]
     usable = []
     for info in infos:
         p, crs, t, w, h, _ = info
@@ -142,6 +144,17 @@ def write_mosaic_vrt(paths: list[Path], vrt: Path) -> tuple[Path, list[str]]:
             notes.append(f"{p.name}: left out of the mosaic (rotated grid)")
         else:
             usable.append(info)
+    # a VRT places sources without flipping them: grids whose rows (south-up) or columns run
+    # the other way than most are left out (their DstRect would have a negative size)
+    axes = Counter((t.a > 0, t.e > 0) for _, _, t, _, _, _ in usable)
+    main_axes = axes.most_common(1)[0][0] if axes else None
+    for info in [i for i in usable if (i[2].a > 0, i[2].e > 0) != main_axes]:
+        usable.remove(info)
+        notes.append(f"{info[0].name}: left out of the mosaic (its grid is flipped against "
+                     "the others': rows or columns run the other way)")
+    if not usable:
+        raise ConfigError("no outputs to put in the mosaic")
+    t0 = usable[0][2]
     res_x, res_y = t0.a, t0.e
     left = min(t.c for _, _, t, _, _, _ in usable)
     top = max(t.f for _, _, t, _, _, _ in usable) if res_y < 0 else min(

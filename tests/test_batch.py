@@ -489,3 +489,24 @@ def test_a_folder_run_with_a_bad_option_makes_no_output_folder(tmp_path):
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.startswith("crossearth: error: ") and "Traceback" not in proc.stderr
         assert not (tmp_path / "out").exists()
+
+
+def test_a_south_up_output_is_left_out_of_the_mosaic(tmp_path, tiny_ckpt):
+    """A VRT places its sources without flipping them: a south-up raster among north-up ones
+    gave a negative DstRect, a mosaic no reader could open, and exit 0. It is left out, with
+    a note, like a rotated one."""
+    from rasterio.transform import Affine
+
+    tiles = tmp_path / "tiles"
+    tiles.mkdir()
+    for i in range(3):
+        write_tif(tiles / f"n{i}.tif", random_scene(64, 64, seed=i),
+                  transform=Affine(0.5, 0, 500000 + 32 * i, 0, -0.5, 5000000))
+    write_tif(tiles / "s.tif", random_scene(64, 64, seed=9),
+              transform=Affine(0.5, 0, 500000, 0, 0.5, 4999000))
+    proc = run_cli("segment", tiles, "-o", tmp_path / "o", "-c", tiny_ckpt, "--tile", "64",
+                   "--vrt", tmp_path / "m.vrt")
+    assert proc.returncode == 0, proc.stderr
+    assert "s_classes.tif: left out of the mosaic" in proc.stdout + proc.stderr
+    with rasterio.open(tmp_path / "m.vrt") as ds:
+        assert ds.read(1).shape == (64, 192)  # the three north-up files side by side

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import warnings
 from pathlib import Path
 
@@ -458,3 +460,44 @@ def test_ground_control_points_are_copied(tmp_path, gcp_crs):
     assert [(p.row, p.col, p.x, p.y) for p in points] == [(p.row, p.col, p.x, p.y) for p in gcps]
     assert (crs.to_epsg() if crs else None) == (4326 if gcp_crs else None)
     assert any("ground control points have no CRS" in n for n in result.notes) == (not gcp_crs)
+
+
+@pytest.mark.parametrize("geotransform", [True, False], ids=["with-geotransform", "rpcs-only"])
+def test_rpcs_are_copied_and_no_geotransform_is_made_up(tmp_path, geotransform):
+    """A raster with RPCs (a satellite scene before orthorectification) gives outputs with the
+    same RPCs. Without a geotransform none is written: an identity one placed the raster at
+    0°, 0° in its CRS (EPSG:4326), and its vectors in degrees that were pixels. The vectors
+    are then in pixel coordinates without a CRS, and a note says so."""
+    from rasterio.rpc import RPC
+    from rasterio.transform import from_origin
+
+    from crossearth_cli.vector.api import vectorize_raster
+
+    rpc = RPC(height_off=0, height_scale=500, lat_off=45, lat_scale=0.1, line_off=24,
+              line_scale=24, long_off=10, long_scale=0.1, samp_off=32, samp_scale=32,
+              line_num_coeff=[0, 0, -1] + [0] * 17, line_den_coeff=[1] + [0] * 19,
+              samp_num_coeff=[0, 1] + [0] * 18, samp_den_coeff=[1] + [0] * 19)
+    src = tmp_path / "rpc.tif"
+    extra = {"transform": from_origin(500000, 5000000, 0.5, 0.5)} if geotransform else {}
+    with rasterio.open(src, "w", driver="GTiff", width=64, height=48, count=3, dtype="uint8",
+                       crs=CRS.from_epsg(32633 if geotransform else 4326), rpcs=rpc,
+                       **extra) as ds:
+        ds.write(random_scene(48, 64))
+    result = segment(SegmentSettings(input=src, output=tmp_path / "o.tif"),
+                     per_pixel_spec(crop=32, stride=24))
+    assert not any("no georeferencing" in n for n in result.notes)
+    with rasterio.open(src) as want, rasterio.open(tmp_path / "o.tif") as got:
+        assert got.rpcs.to_dict() == want.rpcs.to_dict()
+        assert got.crs == want.crs and got.transform == want.transform
+    gdal_view = subprocess.run(["gdalinfo", str(tmp_path / "o.tif")], capture_output=True,
+                               text=True).stdout if shutil.which("gdalinfo") else None
+    if gdal_view is not None:  # GDAL's own view: no geotransform made up
+        assert ("Origin =" in gdal_view) == geotransform and "RPC Metadata" in gdal_view
+    summary = vectorize_raster(tmp_path / "o.tif", tmp_path / "o.gpkg")
+    said = any("georeferenced by RPCs only" in w for w in summary.warnings)
+    assert said == (not geotransform)
+    import pyogrio
+
+    info = pyogrio.read_info(tmp_path / "o.gpkg", layer=pyogrio.list_layers(
+        tmp_path / "o.gpkg")[0][0])
+    assert (info["crs"] is None) == (not geotransform)

@@ -449,11 +449,12 @@ class SceneReader:
         self.block_width = src.block_shapes[self._read_bands[0] - 1][1]
         gcps, gcp_crs = src.gcps
         self.gcps = (gcps, gcp_crs) if gcps else None
+        self.rpcs = src.rpcs  # a sensor model: kept in the outputs, as GCPs are
         self.profile = src.profile
         # about the outputs, so told with them (a damaged file that fails later in the run
         # then gets its one error line and nothing else)
         self.output_notes: list[str] = []
-        if src.crs is None and self.gcps is None:
+        if src.crs is None and self.gcps is None and self.rpcs is None:
             if src.transform.is_identity:
                 self.output_notes.append(
                     "the raster has no georeferencing (no CRS, no geotransform), e.g. a plain "

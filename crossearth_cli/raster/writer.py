@@ -594,7 +594,8 @@ def _note_blocks(holds_data: np.ndarray, data: np.ndarray, window: Window, nodat
 class GeoTiffSink:
     """One output raster: written under a temporary name, renamed by :meth:`commit`."""
 
-    def __init__(self, spec: RasterSpec, height: int, width: int, crs, transform, gcps=None):
+    def __init__(self, spec: RasterSpec, height: int, width: int, crs, transform, gcps=None,
+                 rpcs=None):
         self.spec, self.height, self.width = spec, height, width
         self.final = Path(spec.path)
         self.tmp = _track(temp_path_for(self.final))
@@ -628,6 +629,10 @@ class GeoTiffSink:
         else:
             profile["crs"] = crs
             profile["transform"] = transform
+        if rpcs is not None:
+            profile["rpcs"] = rpcs
+            if transform is None or transform.is_identity:  # the input had no geotransform:
+                profile.pop("transform", None)  # writing one would place it at 0,0 in its CRS
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", NotGeoreferencedWarning)

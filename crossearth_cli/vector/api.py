@@ -114,7 +114,13 @@ def build_job(
 ) -> tuple[Job, list[str]]:
     warnings: list[str] = []
     frame = MetricFrame.build(src.crs_wkt, src.transform, src.width, src.height)
-    if frame.mode == "unknown":
+    if src.sensor_model:
+        warnings.append(
+            f"{src.path} is georeferenced by {src.sensor_model} only: the vectors are in pixel "
+            "coordinates (column, row; rows grow downwards) without a CRS, areas and lengths "
+            "in pixels; orthorectify the raster first (e.g. gdalwarp) for map coordinates"
+        )
+    elif frame.mode == "unknown":
         warnings.append(
             f"{src.path} has no usable CRS: areas and lengths are in its own units, taken as metres"
         )

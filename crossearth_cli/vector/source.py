@@ -30,6 +30,9 @@ class ClassRaster:
     transform: object  # affine.Affine
     names: dict[int, str] = field(default_factory=dict)  # from tags; empty for foreign rasters
     block_shape: tuple[int, int] = (256, 256)
+    # "ground control points" or "RPCs" when they are its only georeferencing: the vectors
+    # are then in pixel coordinates, without a CRS
+    sensor_model: str | None = None
 
     def name_of(self, class_id: int) -> str:
         return self.names.get(int(class_id), f"class_{int(class_id)}")
@@ -99,16 +102,22 @@ def open_class_raster(path: str | os.PathLike) -> ClassRaster:
                 else:
                     nodata = int(nodata)
             blocks = ds.block_shapes[0] if ds.block_shapes else (256, 256)
+            sensor_model = None
+            if ds.transform.is_identity:  # no geotransform
+                sensor_model = ("ground control points" if ds.gcps[0]
+                                else "RPCs" if ds.rpcs else None)
+            crs = ds.crs if sensor_model is None else None  # an RPC file's CRS is not its grid's
             return ClassRaster(
                 path=str(p),
                 width=ds.width,
                 height=ds.height,
                 dtype=dtype,
                 nodata=nodata,
-                crs_wkt=ds.crs.to_wkt() if ds.crs else None,
+                crs_wkt=crs.to_wkt() if crs else None,
                 transform=ds.transform,
                 names=_class_names(tags),
                 block_shape=(int(blocks[0]), int(blocks[1])),
+                sensor_model=sensor_model,
             )
     except RasterioIOError as exc:
         raise InputError(
