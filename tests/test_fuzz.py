@@ -160,11 +160,13 @@ def test_damaged_checkpoints(tmp_path_factory, worker, seeds, seed, how):
     check_outcome(code, stdout, stderr, out_dir, outputs)
 
 
-def test_the_worker_catches_a_hang(worker):
+def test_the_worker_catches_a_hang(tmp_path, worker, seeds, ckpt):
     """The time limit is real: a case that does not answer fails the test instead of
-    blocking the suite."""
+    blocking the suite. (The case must take far longer than the limit: a refusal that takes
+    a few ms could answer while this process waits for the CPU on a busy machine.)"""
     with pytest.raises(AssertionError, match="hang"):
-        worker.run(["segment", "/dev/zero"], timeout=0.001)
+        worker.run(["segment", seeds["scene"], "-c", ckpt, "-o", tmp_path / "h.tif",
+                    "--tile", "32"], timeout=0.001)
     assert worker.run(["--version"], timeout=60)[0] == 0  # a fresh worker took over
 
 
