@@ -338,6 +338,8 @@ def test_stale_temporaries_are_found_from_one_listing_of_the_folder(tmp_path, mo
 
     a_dead, a_dotted = temp("a.tif", dead.pid), temp("a.b.tif", dead.pid)
     b_live, c_dead = temp("b.tif", live), temp("c.tif", dead.pid)
+    c_overviews = c_dead.with_name(c_dead.name + ".ovr.tmp")  # the COG driver's, left by a kill
+    c_overviews.write_bytes(b"partial")
     for i in range(50):
         (tmp_path / f"tile_{i}_classes.tif").touch()
     listings = []
@@ -346,11 +348,12 @@ def test_stale_temporaries_are_found_from_one_listing_of_the_folder(tmp_path, mo
     assert writer.remove_stale_temps(tmp_path / "a.tif") == [a_dead]
     assert writer.remove_stale_temps(tmp_path / "a.b.tif") == [a_dotted]
     assert writer.remove_stale_temps(tmp_path / "b.tif") == []
-    assert writer.remove_stale_temps(tmp_path / "c.tif") == [c_dead]
+    assert writer.remove_stale_temps(tmp_path / "c.tif") == [c_dead, c_overviews]
     for i in range(50):
         assert writer.remove_stale_temps(tmp_path / f"tile_{i}_classes.tif") == []
     assert len(listings) == 1
-    assert b_live.exists() and not (a_dead.exists() or a_dotted.exists() or c_dead.exists())
+    assert b_live.exists() and not (a_dead.exists() or a_dotted.exists() or c_dead.exists()
+                                    or c_overviews.exists())
 
 
 def test_a_folder_says_once_that_its_outputs_have_no_crs(tmp_path, tiny_ckpt):

@@ -360,3 +360,20 @@ def test_an_error_line_is_written_in_one_piece(capfd, monkeypatch):
     cli._error_line("/data/a.tif: no such file (check the path)")
     assert writes == [b"crossearth: error: /data/a.tif: no such file (check the path)\n"]
     assert capfd.readouterr().err.endswith("no such file (check the path)\n")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_after_the_work_is_done_ends_with_the_runs_own_code(sig):
+    """Once the outputs are complete and the temporaries gone, a signal ends the process at
+    once with the run's exit code. Before, the default handlers were back by then: a late
+    Ctrl-C killed the process (exit -2, no line) while the interpreter tore down."""
+    code = (
+        "import os, signal, time\n"
+        "from crossearth_cli.cli import _Signals\n"
+        "s = _Signals(); s.install(); s.finished = 0\n"
+        "print('done', flush=True)\n"
+        f"os.kill(os.getpid(), {int(sig)}); time.sleep(30); print('not reached')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stdout == "done\n", proc

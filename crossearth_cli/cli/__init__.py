@@ -44,8 +44,11 @@ class _Signals:
         self.received: int | None = None
         self.count = 0
         self.previous: dict[int, object] = {}
+        self.finished: int | None = None  # the exit code, once the work and clean-up are done
 
     def handler(self, signum, frame) -> None:
+        if self.finished is not None:  # outputs complete, temporaries gone: just end
+            _end_process(self.finished)
         self.count += 1
         if self.count == 1:
             self.received = signum
@@ -67,6 +70,19 @@ class _Signals:
         for sig, previous in self.previous.items():
             signal.signal(sig, previous)
         self.previous.clear()
+
+
+def _end_process(code: int) -> None:
+    """Exit at once with ``code``, skipping the interpreter's teardown: the run has closed
+    its outputs, removed its temporaries and released its locks, and the teardown can only
+    cost time (joining library thread pools) or crash (GDAL's mutexes destroyed while one of
+    its threads still holds one, seen as a segfault after a SIGTERM)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def _error_line(message: str) -> None:
@@ -191,6 +207,10 @@ def main(argv: list[str] | None = None) -> None:
                 if writer is not None:  # whatever an interrupted clean-up could not reach
                     writer.remove_own_temporaries()
                     writer.release_output_locks()
+        signals.finished = code  # a signal from here on ends the process with this code
     finally:
-        signals.restore()
+        if argv is not None:  # called as a library (tests): give the handlers back
+            signals.restore()
+    if argv is None:  # the command itself: nothing left to do but exit
+        _end_process(code)
     sys.exit(code)

@@ -85,8 +85,16 @@ def remove_own_temporaries() -> list[Path]:
     return removed
 
 
+# files GDAL makes beside a file it writes (the COG driver's overviews), left if it is killed
+_GDAL_SIDE_FILES = (".ovr.tmp",)
+
+
 def _temp_owner(name: str) -> tuple[str, int] | None:
-    """(output name, writing process) of a temporary ``.NAME.PID.TAG.crossearth-tmp``."""
+    """(output name, writing process) of a temporary ``.NAME.PID.TAG.crossearth-tmp``, or of
+    a file GDAL made beside one."""
+    for side in _GDAL_SIDE_FILES:
+        if name.endswith(TEMP_SUFFIX + side):
+            name = name[: -len(side)]
     if not (name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX)):
         return None
     parts = name[len(TEMP_PREFIX) : -len(TEMP_SUFFIX)].rsplit(".", 2)
