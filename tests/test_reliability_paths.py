@@ -558,3 +558,27 @@ def test_inputs_are_checked_before_any_work(tmp_path, capfd, ckpt, scene):
     code, _, err = cli(capfd, "segment", str(tiles / "a*.tif"), "-o", tmp_path / "one.tif", *base)
     assert code == 0, err
     assert valid_raster(tmp_path / "one.tif").shape == (1, 64, 64)
+
+
+def test_a_scene_whose_class_raster_fails_keeps_none_of_its_rasters(tmp_path, capfd, ckpt,
+                                                                    scene, monkeypatch):
+    """The confidence and probability rasters are renamed into place before the class
+    raster; if the class raster then fails (a full disk, Ctrl-C during its COG conversion),
+    they go again: a rerun of the same command was refused because they existed."""
+    real = writer_mod.GeoTiffSink.commit
+
+    def commit(self):
+        if self.final.name == "out.tif":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self)
+
+    monkeypatch.setattr(writer_mod.GeoTiffSink, "commit", commit)
+    before = snapshot(tmp_path)
+    code, _, err = cli(capfd, "segment", scene, "-c", ckpt, "-o", tmp_path / "out.tif",
+                       "--tile", "64", "--confidence", "auto", "--probabilities", "auto")
+    assert_user_error(code, err, "no space left")
+    assert_nothing_written(tmp_path, before)
+    monkeypatch.setattr(writer_mod.GeoTiffSink, "commit", real)
+    code, _, err = cli(capfd, "segment", scene, "-c", ckpt, "-o", tmp_path / "out.tif",
+                       "--tile", "64", "--confidence", "auto", "--probabilities", "auto")
+    assert code == 0, err

@@ -770,6 +770,7 @@ class GeoTiffSink:
                 self._check_blocks_on_disk(self.tmp)
             os.replace(self.tmp, self.final)
             _untrack(self.tmp)
+            self._committed = os.stat(self.final)
         except BaseException as exc:
             self._cleanup()
             if isinstance(exc, Exception):
@@ -777,6 +778,16 @@ class GeoTiffSink:
             raise
         release_output_lock(self.final)
         return self.final
+
+    def withdraw(self) -> None:
+        """Remove the committed output again (another output of its scene failed), if it is
+        still the file this sink renamed into place."""
+        committed = getattr(self, "_committed", None)
+        try:
+            if committed is not None and os.path.samestat(committed, os.stat(self.final)):
+                self.final.unlink()
+        except OSError:
+            pass
 
     def _to_cog(self) -> None:
         cog_tmp = _track(temp_path_for(self.final))
