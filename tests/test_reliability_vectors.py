@@ -194,3 +194,44 @@ def test_a_full_disk_while_writing_the_geopackage_says_so(tmp_path, capfd, monke
     code, _, err = cli(capfd, "vectorize", src, "-o", out / "v.gpkg")
     assert_user_error(code, err, "v.gpkg", "no space left")
     assert list(out.iterdir()) == []
+
+
+def test_vectorize_workers_end_with_a_killed_parent(tmp_path):
+    """A SIGKILLed `crossearth vectorize` cannot stop its worker processes itself: the
+    kernel ends them with it (they idled for good, holding the caller's pipes open)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    rng = np.random.default_rng(0)
+    src = write_class_raster(tmp_path / "noise.tif", rng.integers(0, 3, (1500, 1500))
+                             .astype(np.uint8), names=NAMES)
+    proc = subprocess.Popen([sys.executable, "-m", "crossearth_cli", "vectorize", str(src),
+                             "-o", str(tmp_path / "o.gpkg"), "--workers", "2", "--window",
+                             "128"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+    kids: list[int] = []
+    deadline = time.monotonic() + 120
+    while len(kids) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        kids = [int(k) for k in children.read_text().split()] if children.exists() else []
+        time.sleep(0.05)
+    assert len(kids) >= 2, "the workers never started"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    def alive(pid: int) -> bool:
+        try:
+            state = Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0]
+        except (FileNotFoundError, IndexError):
+            return False
+        return state != "Z"
+
+    deadline = time.monotonic() + 30
+    while any(alive(k) for k in kids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [k for k in kids if alive(k)]
+    for k in left:
+        os.kill(k, signal.SIGKILL)
+    assert not left

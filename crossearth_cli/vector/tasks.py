@@ -375,7 +375,30 @@ def init_worker(job: Job) -> None:
     global _JOB
     _JOB = job
     # Ctrl-C is the parent's to handle: it cancels the pool and removes the temporary output.
+    # SIGTERM ends a worker (a forked one had the parent's handler, which raised in its loop).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _die_with_parent()
+
+
+def _die_with_parent() -> None:
+    """On Linux, have the kernel end this worker when its parent dies (a SIGKILLed parent
+    left its workers idling for good, holding the caller's pipes open)."""
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import os
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before the request took effect
+        os._exit(1)
 
 
 def run_in_worker(index: int) -> WindowResult:
