@@ -683,15 +683,6 @@ def _part_transform(reader: SceneReader, y0: int):
     return reader.transform * Affine.translation(0, y0) if y0 else reader.transform
 
 
-def _part_rpcs(reader: SceneReader, y0: int):
-    """The input's RPCs for outputs starting at row ``y0`` (a torchrun rank's part)."""
-    if reader.rpcs is None or not y0:
-        return reader.rpcs
-    from rasterio.rpc import RPC
-
-    return RPC(**{**reader.rpcs.to_dict(), "line_off": reader.rpcs.line_off - y0})
-
-
 def _open_sinks(session: Session, scene: PreparedScene, sinks: list[GeoTiffSink]) -> None:
     """Open the scene's output rasters under temporary names, appending each to ``sinks`` (so
     the caller can abort those already open if one fails)."""
@@ -699,8 +690,7 @@ def _open_sinks(session: Session, scene: PreparedScene, sinks: list[GeoTiffSink]
     tag_notes = {"blend": settings.blend, "tile": str(scene.tile), "stride": str(scene.stride)}
     for rs in _raster_specs(settings, session.spec, tag_notes, session.compress_threads):
         sinks.append(GeoTiffSink(rs, rows.y1 - rows.y0, reader.width, reader.crs,
-                                 _part_transform(reader, rows.y0), reader.gcps,
-                                 _part_rpcs(reader, rows.y0)))
+                                 _part_transform(reader, rows.y0), reader.gcps, reader.rpcs))
 
 
 def _accumulator(session: Session, scene: PreparedScene, stripe: ColumnStripe,

@@ -48,12 +48,10 @@ def atomic_write(dst: str | Path, write: Callable[[Path], None], overwrite: bool
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
         if isinstance(exc, Exception):
-            from crossearth_cli.raster.writer import disk_full
+            from crossearth_cli.raster.writer import raise_if_disk_full
 
             # safetensors and torch wrap the OS error in their own exceptions
-            if disk_full(exc, folder, failed_write=True):
-                raise OutputError("no space left on the device while writing", path=dst,
-                                  hint="free some space") from exc
+            raise_if_disk_full(exc, dst, failed_write=True)
             if isinstance(exc, OSError):
                 raise OutputError(f"cannot write: {exc.strerror or exc}", path=dst) from exc
         raise

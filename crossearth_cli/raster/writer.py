@@ -34,11 +34,7 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.windows import Window
 
 from crossearth_cli.errors import OutputError
-
-try:  # GDAL errors rasterio raises as they are (the COG copy's, for one)
-    from rasterio._err import CPLE_BaseError
-except ImportError:  # pragma: no cover - rasterio has it; be safe across versions
-    CPLE_BaseError = RasterioIOError
+from crossearth_cli.raster.reader import CPLE_BaseError  # GDAL's errors as rasterio raises them
 
 BLOCK = 512
 TEMP_PREFIX = "."
@@ -335,6 +331,15 @@ def _gdal_failed(chain: list[BaseException]) -> bool:
             or any("Write failed" in str(e) for e in chain))
 
 
+def raise_if_disk_full(exc: BaseException, path: Path, failed_write: bool = False) -> None:
+    """Raise the one-line OutputError for ``path`` if ``exc`` means its disk is full (see
+    :func:`disk_full`)."""
+    if disk_full(exc, Path(path).parent, failed_write):
+        raise OutputError(
+            "no space left on the device while writing", path=path, hint="free some space"
+        ) from exc
+
+
 def raise_for_os_error(exc: BaseException, path: Path) -> None:
     """Turn a disk-full or permission error while writing into a clear OutputError.
 
@@ -342,11 +347,8 @@ def raise_for_os_error(exc: BaseException, path: Path) -> None:
     the exception), so after a failed write the free space of the folder decides.
     """
     path = Path(path)
+    raise_if_disk_full(exc, path)
     chain = list(_chain(exc))
-    if disk_full(exc, path.parent):
-        raise OutputError(
-            "no space left on the device while writing", path=path, hint="free some space"
-        ) from exc
     for e in chain:
         if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise OutputError(f"cannot write ({e.strerror})", path=path) from exc
@@ -612,6 +614,7 @@ class GeoTiffSink:
         self._next_row = 0
         self._x0, self._w = 0, width  # the column stripe being written (all of it by default)
         self._columns_done = 0
+        self._committed: os.stat_result | None = None  # the final file, once renamed in
         # which blocks hold data (per band; GDAL leaves all-nodata blocks out, SPARSE_OK):
         # after closing, each of them must be on disk (see _check_blocks_on_disk)
         self._holds_data = np.zeros(
@@ -782,9 +785,9 @@ class GeoTiffSink:
     def withdraw(self) -> None:
         """Remove the committed output again (another output of its scene failed), if it is
         still the file this sink renamed into place."""
-        committed = getattr(self, "_committed", None)
         try:
-            if committed is not None and os.path.samestat(committed, os.stat(self.final)):
+            if self._committed is not None and os.path.samestat(self._committed,
+                                                                os.stat(self.final)):
                 self.final.unlink()
         except OSError:
             pass

@@ -123,13 +123,11 @@ class GpkgWriter:
                 warnings.filterwarnings("ignore", message=".*'crs' was not provided")
                 self._write(write, wkb, data, layer)
         except Exception as exc:  # disk full, permissions changed under us, ...
-            from crossearth_cli.raster.writer import disk_full
+            from crossearth_cli.raster.writer import raise_if_disk_full
 
             # SQLite's own words for a full disk vary ("no such table" for one): the free space
             # of the folder decides, as for rasters
-            if disk_full(exc, self.tmp.parent, failed_write=True):
-                raise OutputError("no space left on the device while writing", path=self.path,
-                                  hint="free some space") from exc
+            raise_if_disk_full(exc, self.path, failed_write=True)
             raise OutputError(f"cannot write the GeoPackage ({exc})", path=self.path) from exc
         self._created = True
         layer.created = True
