@@ -54,8 +54,8 @@ def vectorize(tmp_path, mask, **kw):
         names=["background", "building"],
     )
     out = tmp_path / "b.gpkg"
-    opts = VectorizeOptions(classes=["building"], window_size=128, overwrite=True, **kw)
-    vectorize_raster(src, out, opts)
+    kw = {"classes": ["building"], "window_size": 128, "overwrite": True, **kw}
+    vectorize_raster(src, out, VectorizeOptions(**kw))
     _, _, wkb, fields = pyogrio.raw.read(out, layer="building")
     return to_pixels(shapely.from_wkb(wkb)), fields
 
@@ -170,3 +170,99 @@ def test_a_long_outline_cannot_hide_one_deep_spill():
     out = regularize_polygon(poly, pixel=0.5)
     assert out.difference(poly).area < 1.0
     assert out.area == pytest.approx(poly.area, rel=0.01)
+
+
+def overlap_area(geoms) -> float:
+    """Total area shared by pairs of features of one layer."""
+    pairs = shapely.STRtree(geoms).query(geoms, predicate="intersects")
+    return sum(shapely.intersection(geoms[i], geoms[j]).area for i, j in pairs.T if i < j)
+
+
+def crowded_buildings(seed: int) -> np.ndarray:
+    """Noisy buildings, some two pixels apart, with edge pixels flipped at random: the flips
+    leave specks at corners (separate features under 4-connectivity) and bumps that squaring
+    up spreads into the gaps."""
+    rng = np.random.default_rng(seed)
+    pair = [shapely.box(150, 300, 175, 340), shapely.box(177, 300, 200, 340)]
+    shapes = clean_buildings(seed) + pair
+    mask = burn((H, W), shapes).astype(np.uint8)
+    edge = (mask != np.roll(mask, 1, 0)) | (mask != np.roll(mask, 1, 1))
+    flip = edge & (rng.random(mask.shape) < 0.3)
+    mask[flip] = 1 - mask[flip]
+    return mask
+
+
+@pytest.mark.parametrize("connectivity", [4, 8])
+def test_regularized_buildings_overlap_no_feature_of_their_layer(tmp_path, connectivity):
+    """A squared-up outline spills past its pixels; it must not spill onto another feature of
+    its layer (a speck at its corner, a neighbour across a gap), wherever the seams fall."""
+    mask = crowded_buildings(6)
+    for window in (128, 1024):
+        got, _ = vectorize(tmp_path, mask, regularize=True, connectivity=connectivity,
+                           window_size=window)
+        assert shapely.is_valid(got).all()
+        assert overlap_area(got) < 1e-6, window
+    # with the specks dropped, nothing is left to dent the squared-up outlines
+    got, _ = vectorize(tmp_path, mask, regularize=True, connectivity=connectivity, min_area=1.0)
+    assert overlap_area(got) < 1e-6
+    if connectivity == 4:
+        big = got[shapely.area(got) > 200]
+        assert np.median(shapely.get_num_coordinates(big)) == 5  # rectangles
+
+
+def test_a_speck_dropped_by_min_area_does_not_dent_its_neighbour(tmp_path):
+    """Only features of the layer push a regularized outline back: a corner speck that
+    --min-area drops leaves the building as if it had never been segmented."""
+    mask = np.zeros((H, W), dtype=np.uint8)
+    mask[100:160, 100:180] = 1
+    mask[99, 101:180:2] = 1  # a ragged top edge, squared up half a pixel above the body
+    alone, _ = vectorize(tmp_path, mask, regularize=True, min_area=1.0)
+    mask[99, 99] = 1  # touches the building at a corner only: its own 0.25 m² feature
+    with_speck, _ = vectorize(tmp_path, mask, regularize=True, min_area=1.0)
+    kept, _ = vectorize(tmp_path, mask, regularize=True)
+    assert len(alone) == len(with_speck) == 1 and with_speck[0].equals(alone[0])
+    assert len(kept) == 2 and overlap_area(kept) < 1e-6
+
+
+def test_regularized_outlines_do_not_depend_on_the_window_size(tmp_path):
+    """Polygons merged across seams keep extra vertices there; regularization must see the
+    same outline whatever the windows were."""
+    shapes = clean_buildings(7)
+    mask = noisy_edges(burn((H, W), shapes), amplitude=1.0, seed=7)
+    small, _ = vectorize(tmp_path, mask, regularize=True, min_area=5.0, window_size=128)
+    large, _ = vectorize(tmp_path, mask, regularize=True, min_area=5.0, window_size=1024)
+    assert len(small) == len(large)
+    order = [np.lexsort(shapely.get_coordinates(shapely.centroid(g)).T) for g in (small, large)]
+    for a, b in zip(small[order[0]], large[order[1]], strict=True):
+        assert shapely.equals_exact(shapely.normalize(a), shapely.normalize(b), tolerance=1e-6)
+
+
+def test_cells_split_a_gap_and_read_wider_when_an_outline_strays():
+    """A pixel as near to two features is neither's; an outline straying farther than the
+    first patch reaches gets the same cut from a wider read."""
+    from crossearth_cli.vector.cells import Features, keep_to_cells, owned_pixels
+
+    own = np.zeros((1, 5), dtype=bool)
+    other = own.copy()
+    own[0, 0], other[0, 4] = True, True
+    np.testing.assert_array_equal(owned_pixels(own, other), [[True, True, False, False, False]])
+
+    values = np.zeros((40, 40), dtype=np.uint8)
+    values[10:30, 10:20] = 1
+    values[10:30, 22:30] = 1  # a neighbour two pixels to the right
+    exact = shapely.box(10, 10, 20, 30)
+    moved = shapely.box(9.5, 9.5, 23.5, 30.5)  # reaches into the gap and the neighbour
+    reads = []
+
+    def read(r, c, h, w):
+        reads.append((h, w))
+        return values[r : r + h, c : c + w]
+
+    cuts = [
+        keep_to_cells(np.array([moved]), np.array([exact]), np.array([1]), read,
+                      Features(size=values.shape), margin=m, max_area_change=0.5)[0]
+        for m in (1, 8)
+    ]
+    assert len(reads) == 3  # margin 1: read again wider; margin 8: once
+    assert cuts[0].equals(cuts[1])
+    assert cuts[0].equals(shapely.box(9.5, 9.5, 21, 30.5))  # the gap split: 20 ours, 21 theirs

@@ -13,15 +13,17 @@ import numpy as np
 import shapely
 
 from crossearth_cli.vector.areas import MetricFrame
+from crossearth_cli.vector.cells import Features, keep_to_cells
 from crossearth_cli.vector.centerlines import centerlines_from_mask, clip_to_core
 from crossearth_cli.vector.holes import fill_small_holes
 from crossearth_cli.vector.polygonize import Pieces, seam_flags, shapes_px
-from crossearth_cli.vector.regularize import regularize
+from crossearth_cli.vector.regularize import MAX_AREA_CHANGE, regularize
 from crossearth_cli.vector.simplify import simplify_coverage
 from crossearth_cli.vector.source import SHAPES_DTYPES, ClassRaster
 
 LINE_SIMPLIFY_PX = 0.75  # Douglas–Peucker on skeleton stairs, in pixels
 MIN_LINE_PX = 2.0
+CELL_MARGIN_PX = 7  # squared-up edges rarely stray farther; a wider patch is read if so
 
 
 @dataclass
@@ -124,7 +126,11 @@ def finalize_polygons(job: Job, class_id, exact, out, conf_sum, conf_n) -> Polyg
         reg = np.array([job.wants(job.regularize_ids, int(c)) for c in class_id], dtype=bool)
         if reg.any():
             idx = np.nonzero(reg)[0]
-            metric = frame.to_metric_px(np.asarray(exact)[idx])
+            # A polygon merged across window seams keeps collinear vertices there, and its rings
+            # start wherever the merge left them: Douglas–Peucker inside regularization depends
+            # on both, so without this the window size changed regularized outlines.
+            canonical = shapely.normalize(shapely.simplify(np.asarray(exact)[idx], 0.0))
+            metric = frame.to_metric_px(canonical)
             done, changed = regularize(metric, min(frame.pixel_size_m))
             # Unchanged outlines keep their exact pixel vertices (no metric round trip); moved
             # ones are clipped to the raster, which a squared-up edge may overshoot.
@@ -132,8 +138,11 @@ def finalize_polygons(job: Job, class_id, exact, out, conf_sum, conf_n) -> Polyg
                 frame.from_metric_px(done[changed]), shapely.box(0, 0, frame.width, frame.height)
             )
             ok = np.isin(shapely.get_type_id(moved), (3, 6)) & ~shapely.is_empty(moved)
-            geoms[idx[changed][ok]] = moved[ok]
-            touched[idx[changed][ok]] = True
+            at = idx[changed][ok]
+            kept = _keep_to_cells(job, moved[ok], np.asarray(exact)[at], class_id[at])
+            has = np.array([g is not None for g in kept], dtype=bool)
+            geoms[at[has]] = kept[has]
+            touched[at[has]] = True
     if job.connectivity == 4:
         # Polygon layers hold Polygons only; a merged coverage piece never splits, but a
         # simplified or regularized one could in principle. Keep every part as its own feature.
@@ -160,6 +169,24 @@ def finalize_polygons(job: Job, class_id, exact, out, conf_sum, conf_n) -> Polyg
         conf = np.where(np.asarray(conf_n) > 0, np.asarray(conf_sum) / np.asarray(conf_n), np.nan)
     wkb = shapely.to_wkb(crs_geoms)
     return PolygonBatch(class_id, wkb, area, perim, conf.astype(np.float64))
+
+
+def _keep_to_cells(job: Job, moved, exact, class_id) -> np.ndarray:
+    """Regularized outlines cut back off the other features of their class (see ``cells``);
+    None where the segmented outline is kept instead."""
+    import rasterio
+
+    if len(moved) == 0:
+        return np.empty(0, dtype=object)
+    features = Features(
+        size=(job.src.height, job.src.width), connectivity=job.connectivity,
+        min_area_m2=job.min_area_m2, area_m2=job.frame.area_m2,
+    )
+    with rasterio.open(job.src.path) as ds:
+        return keep_to_cells(
+            moved, exact, class_id, lambda r, c, h, w: _read(ds, r, c, h, w), features,
+            margin=CELL_MARGIN_PX, max_area_change=MAX_AREA_CHANGE, filled=job.fill_px > 1,
+        )
 
 
 def finalize_lines(job: Job, class_id, geoms_px) -> LineBatch:
