@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+
 import numpy as np
 import pyogrio
 import pytest
 import shapely
 from rasterio.transform import from_origin
+from scipy import ndimage as ndi
 
 from crossearth_cli.vector import VectorizeOptions, vectorize_raster
 from crossearth_cli.vector.regularize import corner_angles, iou, regularize_polygon
@@ -210,6 +213,28 @@ def test_regularized_buildings_overlap_no_feature_of_their_layer(tmp_path, conne
         assert np.median(shapely.get_num_coordinates(big)) == 5  # rectangles
 
 
+
+@pytest.mark.parametrize("options", [
+    {"simplify": 1.0},  # simplified outlines leave their pixels
+    {"simplify": 2.5, "min_area": 2.0},
+    {"fill_holes": 0.3, "min_area": 2.1},  # a 3×3 ring: 2.0 m² as segmented, 2.25 m² filled
+])
+def test_no_overlap_with_simplify_or_filled_holes(tmp_path, options):
+    mask = crowded_buildings(6)
+    rng = np.random.default_rng(8)
+    building = mask == 1
+    zone = ndi.binary_dilation(building, iterations=3) & ~ndi.binary_dilation(building)
+    ys, xs = np.nonzero(zone[3:-3, 3:-3])
+    for k in rng.permutation(len(ys))[: len(ys) // 6]:  # 3×3 rings two pixels from buildings
+        y, x = ys[k] + 3, xs[k] + 3
+        if not mask[y - 2 : y + 3, x - 2 : x + 3].any():
+            mask[y - 1 : y + 2, x - 1 : x + 2] = 1
+            mask[y, x] = 0
+    got, _ = vectorize(tmp_path, mask, regularize=True, **options)
+    assert shapely.is_valid(got).all()
+    assert overlap_area(got) < 1e-6
+
+
 def test_a_speck_dropped_by_min_area_does_not_dent_its_neighbour(tmp_path):
     """Only features of the layer push a regularized outline back: a corner speck that
     --min-area drops leaves the building as if it had never been segmented."""
@@ -266,3 +291,30 @@ def test_cells_split_a_gap_and_read_wider_when_an_outline_strays():
     assert len(reads) == 3  # margin 1: read again wider; margin 8: once
     assert cuts[0].equals(cuts[1])
     assert cuts[0].equals(shapely.box(9.5, 9.5, 21, 30.5))  # the gap split: 20 ours, 21 theirs
+
+
+# 80×70 crop of an audit's noisy scene (0.5 m pixels) where a simplified building overlapped a
+# one-pixel speck at its corner (0.0625 m²): rows of the mask, 1 = building, as packed bits
+SPECK_BESIDE_A_SIMPLIFIED_BUILDING = (
+    "/4//gB///H///j/+AH//8f/3+P/4AP//x///5//gB///j/9/3/+AH//8f//+f/4Af//x///5//wAgeCFAT/j"
+    "/+AAAAAAAAQAA4AAAAAAAAAYAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
+    "AAAAAAAAAAOAAAAAAAAAAC+AAAAAAAAAF/wAAAAAAAAB//AAAAAAAAwn//AAAAAAAAT//8AAAEAAAP///oAA"
+    "AAAXB///+AAA5tKAP///8AAH//71f///wAAf///9//7/wAB//////+H/AAH/////+u/4AAf/////S5/4AB//"
+    "///3fj/AAH////Z//f+AB////8//9/4AA///////5/gAD///////v+AA///////+/8AD///////5/wAf////"
+    "///3/AA////////f8AD///////+/4AH/////////wA////////v+AD///////+P+AP/////////wA///////"
+    "/3/AD////////n+AP////f//+/4A//////////gB////z//+j/gH///////Df+A////+//5v/4D////9/1//"
+    "/wP////3+P//+Af///+N3///4D////sD////AJAEAf3////gAAAABj////wAAAAAAP///6AAAAAAA///8AAA"
+    "AAAAD//8gAAAAAAAP//AAAAAAAAA//gAAAAAAAAB/swAAAAAAAAH8AAAAAAAAAA9DAAAAAAAAAAAOAAAAAAA"
+    "AAAB+AAAAAAAAAAf4AAAAAAAAAD/gAAAAAAAAAf/AAAAAAAAAD/+AAAAAAAAAf/8AAAAAAAAF/P8AAAAAAAA"
+    "/+/wAAAAAAAB/b/gACCAAAEP77/AAAAAQAA/f3+AA/v/vfxz/v+AD//8//+P/f4AP//z//T/4/gA///P/8P/"
+    "y+AD//8//w=="
+)
+
+
+def test_no_overlap_between_a_simplified_building_and_a_speck(tmp_path):
+    bits = np.frombuffer(base64.b64decode(SPECK_BESIDE_A_SIMPLIFIED_BUILDING), dtype=np.uint8)
+    mask = np.zeros((H, W), dtype=np.uint8)
+    mask[:80, :70] = np.unpackbits(bits)[: 80 * 70].reshape(80, 70)
+    got, _ = vectorize(tmp_path, mask, regularize=True, simplify=1.0)
+    assert shapely.is_valid(got).all()
+    assert overlap_area(got) < 1e-6

@@ -35,6 +35,7 @@ class Features:
     connectivity: int = 4
     min_area_m2: float = 0.0  # smaller components are dropped: they are nobody's pixels
     area_m2: Callable[[np.ndarray], np.ndarray] | None = None  # pixel polygons → m²
+    filled: bool = False  # holes were filled: the raster's pixels of a class are not all
 
 
 def owned_pixels(own: np.ndarray, other: np.ndarray) -> np.ndarray:
@@ -83,6 +84,13 @@ def _dropped(other: np.ndarray, row: int, col: int, features: Features) -> np.nd
     if not whole.any():
         return np.zeros_like(other)
     inside = whole[labels]
+    if features.filled:
+        # measured with their holes filled, never less than the output measures them: a
+        # component kept there is never taken for dropped here
+        labels = np.where(inside, labels, 0)
+        for k in np.nonzero(whole)[0]:
+            labels[ndi.binary_fill_holes(labels == k)] = k
+        inside = labels > 0
     parts = [(shapely.geometry.shape(s), int(v)) for s, v in shapes(
         labels.astype(np.int32), mask=inside, connectivity=features.connectivity,
         transform=Affine.translation(col, row))]
@@ -113,14 +121,12 @@ def _mask(geom, shape, transform, all_touched: bool) -> np.ndarray:
 
 
 def keep_to_cells(moved: np.ndarray, exact: np.ndarray, class_id: np.ndarray, read: Reader,
-                  features: Features, margin: int, max_area_change: float,
-                  filled: bool = False) -> np.ndarray:
+                  features: Features, margin: int, max_area_change: float) -> np.ndarray:
     """Each moved outline cut back to its cell, or None where the cut would split it, empty
     it or take its area more than ``max_area_change`` (relative) from the segmented one.
 
     ``margin`` (pixels) is how far past an outline the first patch reaches; a patch is read
-    again wider when the outline lies farther than that from its own pixels. ``filled``: the
-    outlines include filled holes, so the raster's pixels of the class are not theirs alone.
+    again wider when the outline lies farther than that from its own pixels.
     """
     height, width = features.size
     out = np.empty(len(moved), dtype=object)
@@ -132,7 +138,7 @@ def keep_to_cells(moved: np.ndarray, exact: np.ndarray, class_id: np.ndarray, re
             r0, c0 = max(0, math.floor(y0) - pad), max(0, math.floor(x0) - pad)
             r1, c1 = min(height, math.ceil(y1) + pad), min(width, math.ceil(x1) + pad)
             values = read(r0, c0, r1 - r0, c1 - c0)
-            if not filled and _alone(g, e, values == c, pad):
+            if not features.filled and _alone(g, e, values == c, pad):
                 cut = g
                 break
             cut, reach = cut_to_cell(g, e, values, r0, c0, int(c), features)

@@ -114,35 +114,48 @@ def finalize_polygons(job: Job, class_id, exact, out, conf_sum, conf_n) -> Polyg
     class_id = np.asarray(class_id, dtype=np.int64)
     if len(class_id) == 0:
         return PolygonBatch.empty()
-    geoms = np.array(out if out is not None else exact, dtype=object, copy=True)
+    exact = np.asarray(exact, dtype=object)
+    simplified = None if out is None else np.asarray(out, dtype=object)
+    geoms = np.array(exact if simplified is None else simplified, dtype=object, copy=True)
     frame = job.frame
-    if job.min_area_m2 > 0:
-        keep = frame.area_m2(geoms) >= job.min_area_m2
-        class_id, geoms, exact = class_id[keep], geoms[keep], np.asarray(exact)[keep]
-        conf_sum, conf_n = np.asarray(conf_sum)[keep], np.asarray(conf_n)[keep]
-    base = geoms.copy()  # always valid: the fallback if a later step breaks validity
-    touched = np.zeros(len(geoms), dtype=bool)  # geometries regularization rebuilt
+    reg = np.zeros(len(class_id), dtype=bool)  # classes regularized, buildings usually
     if job.regularize_ids is None or job.regularize_ids:
         reg = np.array([job.wants(job.regularize_ids, int(c)) for c in class_id], dtype=bool)
-        if reg.any():
-            idx = np.nonzero(reg)[0]
-            # A polygon merged across window seams keeps collinear vertices there, and its rings
-            # start wherever the merge left them: Douglas–Peucker inside regularization depends
-            # on both, so without this the window size changed regularized outlines.
-            canonical = shapely.normalize(shapely.simplify(np.asarray(exact)[idx], 0.0))
-            metric = frame.to_metric_px(canonical)
-            done, changed = regularize(metric, min(frame.pixel_size_m))
-            # Unchanged outlines keep their exact pixel vertices (no metric round trip); moved
-            # ones are clipped to the raster, which a squared-up edge may overshoot.
-            moved = shapely.intersection(
-                frame.from_metric_px(done[changed]), shapely.box(0, 0, frame.width, frame.height)
-            )
-            ok = np.isin(shapely.get_type_id(moved), (3, 6)) & ~shapely.is_empty(moved)
-            at = idx[changed][ok]
-            kept = _keep_to_cells(job, moved[ok], np.asarray(exact)[at], class_id[at])
-            has = np.array([g is not None for g in kept], dtype=bool)
-            geoms[at[has]] = kept[has]
-            touched[at[has]] = True
+    if job.min_area_m2 > 0:
+        # regularized classes are measured on their pixels, as their cells (``cells``) are
+        keep = frame.area_m2(np.where(reg, exact, geoms)) >= job.min_area_m2
+        class_id, geoms, exact, reg = class_id[keep], geoms[keep], exact[keep], reg[keep]
+        simplified = None if simplified is None else simplified[keep]
+        conf_sum, conf_n = np.asarray(conf_sum)[keep], np.asarray(conf_n)[keep]
+    if simplified is not None:
+        # Simplified outlines leave their pixels, so in regularized classes they could overlap
+        # a neighbour's cell: those classes start from their pixels (see below).
+        geoms[reg] = exact[reg]
+    base = geoms.copy()  # always valid: the fallback if a later step breaks validity
+    touched = np.zeros(len(geoms), dtype=bool)  # geometries regularization rebuilt
+    if reg.any():
+        idx = np.nonzero(reg)[0]
+        # A polygon merged across window seams keeps collinear vertices there, and its rings
+        # start wherever the merge left them: Douglas–Peucker inside regularization depends
+        # on both, so without this the window size changed regularized outlines.
+        canonical = shapely.normalize(shapely.simplify(exact[idx], 0.0))
+        metric = frame.to_metric_px(canonical)
+        done, changed = regularize(metric, min(frame.pixel_size_m))
+        # Unchanged outlines keep their exact pixel vertices (no metric round trip); moved
+        # ones are clipped to the raster, which a squared-up edge may overshoot.
+        moved = np.array(exact[idx], dtype=object)
+        moved[changed] = shapely.intersection(
+            frame.from_metric_px(done[changed]), shapely.box(0, 0, frame.width, frame.height)
+        )
+        if simplified is not None:  # outlines regularization left alone: simplified, then cut
+            moved[~changed] = simplified[idx[~changed]]
+        ok = np.isin(shapely.get_type_id(moved), (3, 6)) & ~shapely.is_empty(moved)
+        ok &= np.array([m is not e for m, e in zip(moved, exact[idx], strict=True)])
+        at = idx[ok]
+        kept = _keep_to_cells(job, moved[ok], exact[at], class_id[at])
+        has = np.array([g is not None for g in kept], dtype=bool)
+        geoms[at[has]] = kept[has]
+        touched[at[has]] = True
     if job.connectivity == 4:
         # Polygon layers hold Polygons only; a merged coverage piece never splits, but a
         # simplified or regularized one could in principle. Keep every part as its own feature.
@@ -180,12 +193,12 @@ def _keep_to_cells(job: Job, moved, exact, class_id) -> np.ndarray:
         return np.empty(0, dtype=object)
     features = Features(
         size=(job.src.height, job.src.width), connectivity=job.connectivity,
-        min_area_m2=job.min_area_m2, area_m2=job.frame.area_m2,
+        min_area_m2=job.min_area_m2, area_m2=job.frame.area_m2, filled=job.fill_px > 1,
     )
     with rasterio.open(job.src.path) as ds:
         return keep_to_cells(
             moved, exact, class_id, lambda r, c, h, w: _read(ds, r, c, h, w), features,
-            margin=CELL_MARGIN_PX, max_area_change=MAX_AREA_CHANGE, filled=job.fill_px > 1,
+            margin=CELL_MARGIN_PX, max_area_change=MAX_AREA_CHANGE,
         )
 
 
