@@ -207,3 +207,27 @@ def test_probabilities_and_cog(tmp_path, tiny_ckpt):
         p = ds.read()
         assert ds.count == 6 and ds.tags(1, ns="IMAGE_STRUCTURE").get("NBITS") == "16"
         np.testing.assert_allclose(p.sum(0), 1.0, atol=5e-3)
+
+
+def test_segment_vector_min_area_drops_specks(tmp_path, tiny_ckpt):
+    """--vector-min-area reaches the GeoPackage that segment writes (as vectorize --min-area)."""
+    import pyogrio
+
+    def polygon_areas(gpkg: Path) -> np.ndarray:
+        areas = []
+        for name, kind in pyogrio.list_layers(gpkg):
+            if "Polygon" in str(kind):
+                meta, _, _, fields = pyogrio.raw.read(gpkg, layer=name, read_geometry=False)
+                areas.append(fields[list(meta["fields"]).index("area_m2")])
+        return np.concatenate(areas)
+
+    found = {}
+    for min_area in (0, 200):
+        out = tmp_path / f"town_{min_area}.tif"
+        proc = run_cli("segment", SAMPLE_DATA / "rgbn_town.tif", "-o", out, "--checkpoint",
+                       tiny_ckpt, "--bands", "4,1,2", "--tile", "256", "--vector", "auto",
+                       "--vector-min-area", min_area)
+        assert proc.returncode == 0, proc.stderr
+        found[min_area] = polygon_areas(out.with_suffix(".gpkg"))
+    assert found[0].min() < 200 <= found[200].min()
+    assert len(found[200]) == (found[0] >= 200).sum()

@@ -507,6 +507,8 @@ def test_summary_and_mosaic_never_replace_an_input_an_output_or_a_stranger(
         (run + ("--summary", precious), "is not a crossearth summary"),
         (run + ("--summary", tmp_path / "folder.json"), "--summary is a folder"),
         (run + ("--vector", tmp_path / "v.shp"), "must be a GeoPackage"),
+        (run + ("--vector-min-area", "4"), "add --vector auto"),
+        (run + ("--vector", "auto", "--vector-min-area", "-1"), "--vector-min-area must be ≥ 0"),
         (("segment", tiles, "-c", ckpt, "--tile", "64", "-o", tmp_path / "out",
           "--vrt", tile), "--vrt names a file this run reads or writes"),
     ]

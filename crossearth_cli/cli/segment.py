@@ -84,6 +84,10 @@ def segment_command(
         None, "--vector", help="Also vectorize to a GeoPackage with the preset's defaults "
         "(buildings regularized, roads as centerlines + polygons): a path or 'auto'."
     ),
+    vector_min_area: float = typer.Option(
+        0.0, "--vector-min-area", help="With --vector: drop polygons under this many m² "
+        "(specks), as crossearth vectorize --min-area does."
+    ),
     compile: bool = typer.Option(
         False, "--compile", help="torch.compile the model on CUDA (pays a compile on start; "
         "see docs/performance.md for when it helps). Ignored on the CPU, where it is slower."
@@ -114,6 +118,10 @@ def segment_command(
     if overlap is not None and not overlap >= 0:  # NaN too; the tile is known only later
         raise ConfigError(f"--overlap {overlap}: give a fraction of the tile (0.33) or pixels "
                           "(171)")
+    if not vector_min_area >= 0:  # NaN too
+        raise ConfigError(f"--vector-min-area must be ≥ 0 m², not {vector_min_area}")
+    if vector_min_area > 0 and vector is None:
+        raise ConfigError("--vector-min-area applies to the GeoPackage: add --vector auto")
     if len(inputs) == 1 and _is_glob(inputs[0]):
         from crossearth_cli.batch import expand_inputs
 
@@ -128,7 +136,7 @@ def segment_command(
         blend=blend, batch_size=batch_size, device=device, precision=precision,
         confidence=confidence, probabilities=probabilities,
         probabilities_dtype=probabilities_dtype, vector=vector, cog=cog, compress=compress,
-        compile=compile,
+        compile=compile, vector_min_area=vector_min_area,
         overwrite=overwrite, summary=summary, vrt=vrt, allow_random=allow_random_weights,
         rank=rank,
     )
@@ -208,7 +216,8 @@ class _Job:
     def vector_options(self, spec):
         from crossearth_cli.vector.options import VectorizeOptions
 
-        return VectorizeOptions.preset(spec.class_names, overwrite=True)
+        return VectorizeOptions.preset(spec.class_names, overwrite=True,
+                                       min_area=self.vector_min_area)
 
     def vectorize(self, spec, class_path: Path, out: Path, conf: Path | None) -> None:
         from crossearth_cli.vector import vectorize_raster
