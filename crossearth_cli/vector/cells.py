@@ -35,7 +35,7 @@ class Features:
     connectivity: int = 4
     min_area_m2: float = 0.0  # smaller components are dropped: they are nobody's pixels
     area_m2: Callable[[np.ndarray], np.ndarray] | None = None  # pixel polygons → m²
-    filled: bool = False  # holes were filled: the raster's pixels of a class are not all
+    filled: bool = False  # holes were filled: features hold pixels the raster gives other classes
 
 
 def owned_pixels(own: np.ndarray, other: np.ndarray) -> np.ndarray:
