@@ -29,10 +29,9 @@ sys.path.insert(0, str(ROOT))
 
 from crossearth_cli.vector import VectorizeOptions, vectorize_raster  # noqa: E402
 from crossearth_cli.vector.synthetic import (  # noqa: E402
+    building_grid,
     burn,
-    l_shape,
     noisy_edges,
-    rotated_rect,
     write_class_raster,
 )
 
@@ -41,18 +40,7 @@ PIXEL = 0.5
 
 
 def tile_of_buildings(seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    shapes = []
-    for gy in range(5):
-        for gx in range(5):
-            cx, cy, angle = 40 + gx * 80, 40 + gy * 80, float(rng.uniform(-45, 45))
-            if (gx + gy) % 3 == 0:
-                size, arm = float(rng.uniform(38, 55)), float(rng.uniform(15, 22))
-                shapes.append(l_shape(cx, cy, size, arm, angle))
-            else:
-                w, h = float(rng.uniform(22, 55)), float(rng.uniform(18, 40))
-                shapes.append(rotated_rect(cx, cy, w, h, angle))
-    return noisy_edges(burn((TILE, TILE), shapes), amplitude=1.0, seed=seed)
+    return noisy_edges(burn((TILE, TILE), building_grid(seed)), amplitude=1.0, seed=seed)
 
 
 def overlap_m2(path: Path) -> float:

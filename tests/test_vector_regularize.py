@@ -14,8 +14,8 @@ from scipy import ndimage as ndi
 from crossearth_cli.vector import VectorizeOptions, vectorize_raster
 from crossearth_cli.vector.regularize import corner_angles, iou, regularize_polygon
 from crossearth_cli.vector.synthetic import (
+    building_grid,
     burn,
-    l_shape,
     noisy_edges,
     rotated_rect,
     write_class_raster,
@@ -25,22 +25,7 @@ H = W = 400
 PIXEL = 0.5
 
 
-def clean_buildings(seed: int):
-    rng = np.random.default_rng(seed)
-    shapes = []
-    for gy in range(5):
-        for gx in range(5):
-            # the grid is offset so several buildings straddle the 128-px window seams
-            cx, cy = 40 + gx * 80, 40 + gy * 80
-            angle = float(rng.uniform(-45, 45))
-            if (gx + gy) % 3 == 0:
-                shapes.append(
-                    l_shape(cx, cy, float(rng.uniform(38, 55)), float(rng.uniform(15, 22)), angle)
-                )
-            else:
-                w, h = float(rng.uniform(22, 55)), float(rng.uniform(18, 40))
-                shapes.append(rotated_rect(cx, cy, w, h, angle))
-    return shapes
+clean_buildings = building_grid
 
 
 def to_pixels(geoms):

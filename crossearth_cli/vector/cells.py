@@ -20,9 +20,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import shapely
-from rasterio.features import rasterize, shapes
+from rasterio.features import rasterize
 from rasterio.transform import Affine
 from scipy import ndimage as ndi
+
+from crossearth_cli.vector.polygonize import shapes_px
 
 Reader = Callable[[int, int, int, int], np.ndarray]  # (row, col, height, width) → class ids
 
@@ -38,11 +40,14 @@ class Features:
     filled: bool = False  # holes were filled: features hold pixels the raster gives other classes
 
 
-def owned_pixels(own: np.ndarray, other: np.ndarray) -> np.ndarray:
-    """Pixels strictly nearer to ``own`` than to ``other`` (boolean masks of one shape)."""
+def owned_pixels(own: np.ndarray, other: np.ndarray, own_distance=None) -> np.ndarray:
+    """Pixels strictly nearer to ``own`` than to ``other`` (boolean masks of one shape);
+    ``own_distance``: ``own``'s distance transform, when the caller has it already."""
     if not other.any():
         return np.ones(own.shape, dtype=bool)
-    return ndi.distance_transform_edt(~own) < ndi.distance_transform_edt(~other)
+    if own_distance is None:
+        own_distance = ndi.distance_transform_edt(~own)
+    return own_distance < ndi.distance_transform_edt(~other)
 
 
 def cut_to_cell(moved, exact, values: np.ndarray, row: int, col: int, class_id: int,
@@ -58,14 +63,18 @@ def cut_to_cell(moved, exact, values: np.ndarray, row: int, col: int, class_id: 
     to_patch = Affine.translation(col, row)
     own = _mask(exact, (h, w), to_patch, all_touched=False)  # pixel centres inside
     covered = _mask(moved, (h, w), to_patch, all_touched=True)
-    reach = float(ndi.distance_transform_edt(~own)[covered].max()) if own.any() else math.inf
+    if not own.any():
+        return moved, math.inf
+    own_distance = ndi.distance_transform_edt(~own)
+    reach = float(own_distance[covered].max())
     other = (values == class_id) & ~own
     if features.min_area_m2 > 0 and other.any():
         other &= ~_dropped(other, row, col, features)
-    lost = covered & ~owned_pixels(own, other)
+    lost = covered & ~owned_pixels(own, other, own_distance)
     if not lost.any():
         return moved, reach
-    return shapely.difference(moved, _squares(lost, to_patch)), reach
+    squares, _ = shapes_px(lost.view(np.uint8), lost, 4, row, col)
+    return shapely.difference(moved, shapely.union_all(squares)), reach
 
 
 def _dropped(other: np.ndarray, row: int, col: int, features: Features) -> np.ndarray:
@@ -91,19 +100,11 @@ def _dropped(other: np.ndarray, row: int, col: int, features: Features) -> np.nd
         for k in np.nonzero(whole)[0]:
             labels[ndi.binary_fill_holes(labels == k)] = k
         inside = labels > 0
-    parts = [(shapely.geometry.shape(s), int(v)) for s, v in shapes(
-        labels.astype(np.int32), mask=inside, connectivity=features.connectivity,
-        transform=Affine.translation(col, row))]
+    parts, owner = shapes_px(labels.astype(np.int32), inside, features.connectivity, row, col)
     area = np.zeros(n + 1)
-    np.add.at(area, [v for _, v in parts], features.area_m2(np.array([g for g, _ in parts])))
+    np.add.at(area, owner, features.area_m2(parts))
     small = whole & (area < features.min_area_m2)
     return small[labels]
-
-
-def _squares(mask: np.ndarray, to_patch: Affine):
-    """The union of a mask's pixels, as one geometry in raster pixel coordinates."""
-    return shapely.union_all([shapely.geometry.shape(s) for s, _ in shapes(
-        mask.view(np.uint8), mask=mask, connectivity=4, transform=to_patch)])
 
 
 def _still_fits(cut, moved, exact, max_area_change: float) -> bool:

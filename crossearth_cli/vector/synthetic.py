@@ -88,6 +88,24 @@ def l_shape(cx, cy, size, arm, angle_deg):
     return affinity.rotate(affinity.translate(poly, cx, cy), angle_deg, origin=(cx, cy))
 
 
+def building_grid(seed: int) -> list:
+    """25 buildings on an 80-px grid in a 400² frame: rotated rectangles and L shapes at random
+    angles; the grid is offset so several straddle 128-px window seams."""
+    rng = np.random.default_rng(seed)
+    shapes = []
+    for gy in range(5):
+        for gx in range(5):
+            cx, cy = 40 + gx * 80, 40 + gy * 80
+            angle = float(rng.uniform(-45, 45))
+            if (gx + gy) % 3 == 0:
+                size, arm = float(rng.uniform(38, 55)), float(rng.uniform(15, 22))
+                shapes.append(l_shape(cx, cy, size, arm, angle))
+            else:
+                w, h = float(rng.uniform(22, 55)), float(rng.uniform(18, 40))
+                shapes.append(rotated_rect(cx, cy, w, h, angle))
+    return shapes
+
+
 def burn(shape_hw, geoms, values=None) -> np.ndarray:
     """Rasterize polygons given in pixel coordinates (pixel centres decide)."""
     from rasterio.features import rasterize

@@ -150,7 +150,7 @@ def finalize_polygons(job: Job, class_id, exact, out, conf_sum, conf_n) -> Polyg
         if simplified is not None:  # outlines regularization left alone: simplified, then cut
             moved[~changed] = simplified[idx[~changed]]
         ok = np.isin(shapely.get_type_id(moved), (3, 6)) & ~shapely.is_empty(moved)
-        ok &= np.array([m is not e for m, e in zip(moved, exact[idx], strict=True)])
+        ok &= changed | (simplified is not None)  # the others are their own pixels already
         at = idx[ok]
         kept = _keep_to_cells(job, moved[ok], exact[at], class_id[at])
         has = np.array([g is not None for g in kept], dtype=bool)
