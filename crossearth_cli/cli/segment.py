@@ -43,8 +43,10 @@ def segment_command(
         "bands)."
     ),
     value_range: str | None = typer.Option(
-        None, "--range", help="Scaling to 0-255: auto (scene 2-98% percentiles), none, MIN,MAX "
-        "for all bands, or MIN,MAX,... per band (default: none for 8-bit, auto otherwise)."
+        None, "--range", help="Scaling to 0-255: auto (each scene's 2-98% percentiles), "
+        "shared (one stretch from all inputs' values together, for tiles of one mosaic), none, "
+        "MIN,MAX for all bands, or MIN,MAX,... per band (default: none for 8-bit, auto "
+        "otherwise)."
     ),
     tile: int | None = typer.Option(
         None, "--tile", help="Tile size in pixels (default: the preset's crop)."
@@ -397,7 +399,7 @@ class _Job:
         taken = [manifest.path] + [it.path for it in items]
         taken += [p for it in items for p in it.outputs(outdir, kinds).values()]
         self.check_reports(taken, single=False)
-        key = settings_hash(self.request_key(kinds))
+        key = settings_hash(self.request_key(kinds, items))
         from crossearth_cli.engine import validate_settings
         from crossearth_cli.raster.writer import ensure_writable_folder, lock_output
 
@@ -430,6 +432,8 @@ class _Job:
         template.device = device
         self.finish_settings(template, spec)
         validate_settings(template)
+        if template.value_range == "shared":
+            template.value_range = self.shared_range(items, template.bands, spec.band_order)
 
         def after_scene(result, outs):
             if "vector" in outs:
@@ -451,6 +455,23 @@ class _Job:
         dist.shutdown(rank)
         return max(codes)
 
+    def shared_range(self, items, bands, band_order):
+        """--range shared: one stretch from all inputs (every rank samples them alike)."""
+        from crossearth_cli.raster.shared_range import shared_scaling
+
+        shared = shared_scaling([it.path for it in items], bands, band_order)
+        self.shared_limits = [[s.low, s.high] if s.sampled else None for s in shared.scaling]
+        if self.rank.rank == 0:
+            sampled = [s for s in shared.scaling if s.sampled]
+            if not sampled:
+                note(f"--range shared: no valid pixel was found in the {len(items)} inputs")
+            else:
+                limits = ",".join(f"{v:.6g}" for s in shared.scaling for v in (s.low, s.high))
+                note(f"--range shared: one stretch for {shared.files} input(s), from the 2-98 % "
+                     f"percentiles of their values together: {limits} (MIN,MAX per channel; "
+                     f"--range {limits} reuses it)")
+        return shared
+
     def report_folder(self, total, items, outdir: Path) -> int:
         """Rank 0: the table, --summary and --vrt. Returns the exit code."""
         from crossearth_cli import distributed as dist
@@ -459,8 +480,10 @@ class _Job:
             return 0
         _print_batch(total, self.rank.world)
         if self.summary:
+            limits = getattr(self, "shared_limits", None)  # set when --range shared ran
+            extra = {"shared_range": limits} if limits is not None else {}
             dist.summary_json(self.summary, {**total.as_dict(), "ranks": self.rank.world,
-                                             "outdir": str(outdir)})
+                                             "outdir": str(outdir), **extra})
         if self.vrt:
             done = [it.outputs(outdir, ["classes"])["classes"] for it in items]
             done = [p for p in done if p.exists()]
@@ -470,10 +493,12 @@ class _Job:
                     note(n)
         return 1 if total.failed else 0
 
-    def request_key(self, kinds: list[str]) -> dict:
+    def request_key(self, kinds: list[str], items=()) -> dict:
         """Every request setting that changes the numbers in the outputs (resume decisions).
 
-        Computed from the command line alone, so a rerun with nothing to do loads no model.
+        Computed from the command line and the inputs' sizes and times alone, so a rerun with
+        nothing to do loads no model. With --range shared every input's stretch depends on
+        all the inputs, so any change among them redoes every file.
         """
         def identity(path: Path | None):
             if path is None:
@@ -484,6 +509,7 @@ class _Job:
             except OSError:
                 return str(path)
 
+        from crossearth_cli.batch import settings_hash
         from crossearth_cli.loading import DEFAULT_MODEL
 
         return {
@@ -494,6 +520,8 @@ class _Job:
             "device": self.device, "precision": self.precision, "outputs": kinds,
             "probabilities_dtype": self.probabilities_dtype.lower(), "cog": self.cog,
             "compress": self.compress.lower(), "random_allowed": self.allow_random,
+            **({"shared_range_inputs": settings_hash([identity(it.path) for it in items])}
+               if (self.value_range or "").strip().lower() == "shared" else {}),
         }
 
 

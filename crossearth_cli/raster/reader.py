@@ -71,17 +71,29 @@ class BandScaling:
             raise ConfigError(f"range {self.low},{self.high}: the maximum must exceed the minimum")
 
 
+@dataclass(frozen=True)
+class SharedScaling:
+    """``--range shared`` resolved for a run: one stretch for all its inputs, from the 2–98 %
+    percentiles of their pooled values (:mod:`crossearth_cli.raster.shared_range`)."""
+
+    scaling: tuple[BandScaling, ...]
+    files: int  # inputs the values came from
+
+
 def parse_range(text: str | None, n_bands: int) -> list[BandScaling] | str | None:
-    """``auto`` | ``none`` | ``MIN,MAX`` (all bands) | ``MIN,MAX,MIN,MAX,...`` (per band)."""
+    """``auto`` | ``shared`` | ``none`` | ``MIN,MAX`` (all bands) | ``MIN,MAX,...`` (per band).
+
+    ``shared`` stays a word here: a folder run replaces it with :class:`SharedScaling`, and
+    one scene is its own set of inputs (the same as ``auto``)."""
     if text is None or text.strip().lower() in ("", "default"):
         return None
-    if text.strip().lower() in ("auto", "none"):
+    if text.strip().lower() in ("auto", "shared", "none"):
         return text.strip().lower()
     try:
         values = [float(v) for v in text.replace(";", ",").replace("/", ",").split(",")]
     except ValueError:
         raise ConfigError(
-            f"--range {text!r} is not 'auto', 'none' or numbers",
+            f"--range {text!r} is not 'auto', 'shared', 'none' or numbers",
             hint="use e.g. --range 0,3000 or --range auto",
         ) from None
     if not all(math.isfinite(v) for v in values):
@@ -492,6 +504,12 @@ class SceneReader:
             return value_range
         if self.palette is not None:
             return None  # colours from the table are 8-bit already
+        if isinstance(value_range, SharedScaling):
+            self.notes.append(_scaling_note(f"the {PERCENTILES[0]:g}-{PERCENTILES[1]:g} "
+                                            f"percentiles of {value_range.files} inputs "
+                                            "together (--range shared)",
+                                            self.bands, value_range.scaling))
+            return list(value_range.scaling)
         all_uint8 = all(src.dtypes[b - 1] == "uint8" for b in self.bands)
         if value_range == "none" or (value_range is None and all_uint8):
             return None
@@ -501,14 +519,14 @@ class SceneReader:
             self.notes.append("no valid pixel was found while sampling the value range: the "
                               "scene looks like nodata everywhere")
             return scaling
-        self.notes.append(
-            "scaled to 0-255 from the scene's "
-            f"{PERCENTILES[0]:g}-{PERCENTILES[1]:g} percentiles: "
-            + "; ".join(f"band {b}: {s.low:.6g}..{s.high:.6g}" if s.sampled
-                        else f"band {b}: no valid values (0..255 assumed)"
-                        for b, s in zip(self.bands, scaling))
-        )
+        self.notes.append(_scaling_note(
+            f"the scene's {PERCENTILES[0]:g}-{PERCENTILES[1]:g} percentiles", self.bands, scaling))
         return scaling
+
+    def sample_values(self) -> list[tuple[np.ndarray, int]]:
+        """What ``--range auto`` samples of the selected bands (see :func:`sample_values`)."""
+        with corrupt_is_input_error(self.path, "read failed while sampling its value range"):
+            return sample_values(self._src(), self.bands)
 
     def _check_readable(self, src) -> None:
         check_readable(src, self._read_bands)
@@ -603,6 +621,13 @@ class SceneReader:
         self.close()
 
 
+def _scaling_note(source: str, bands: list[int], scaling) -> str:
+    return f"scaled to 0-255 from {source}: " + "; ".join(
+        f"band {b}: {s.low:.6g}..{s.high:.6g}" if s.sampled
+        else f"band {b}: no valid values (0..255 assumed)"
+        for b, s in zip(bands, scaling))
+
+
 def _sample_windows(height: int, width: int) -> list[Window]:
     n_y = min(_SAMPLE_GRID, max(1, height // _SAMPLE_WINDOW))
     n_x = min(_SAMPLE_GRID, max(1, width // _SAMPLE_WINDOW))
@@ -614,6 +639,12 @@ def _sample_windows(height: int, width: int) -> list[Window]:
 
 def scene_percentiles(src, bands: list[int]) -> list[BandScaling]:
     """Robust per-band 2–98 % percentiles from overviews or a sparse grid of windows."""
+    return [percentile_scaling(values) for values, _ in sample_values(src, bands)]
+
+
+def sample_values(src, bands: list[int]) -> list[tuple[np.ndarray, int]]:
+    """Per band: the valid, finite values of a decimated read (through overviews) or of a
+    sparse grid of windows, with the number of pixels read (valid or not)."""
     has_overviews = bool(src.overviews(bands[0]))
     if has_overviews or src.width * src.height <= _SAMPLE_TARGET**2:
         scale = max(src.width, src.height) / _SAMPLE_TARGET
@@ -628,18 +659,20 @@ def scene_percentiles(src, bands: list[int]) -> list[BandScaling]:
             src.read(bands, window=w, masked=True, out_dtype="float64")
             for w in _sample_windows(src.height, src.width)
         ]
+    read = sum(c[0].size for c in chunks)
     result = []
     for i in range(len(bands)):
         values = np.concatenate([np.ma.compressed(c[i]) for c in chunks])
-        values = values[np.isfinite(values)]
-        if values.size == 0:
-            result.append(BandScaling(0.0, 255.0, sampled=False))
-            continue
-        lo, hi = (float(v) for v in np.percentile(values, PERCENTILES))
-        if not hi > lo:
-            hi = lo + 1.0
-        result.append(BandScaling(lo, hi))
+        result.append((values[np.isfinite(values)], read))
     return result
+
+
+def percentile_scaling(values: np.ndarray) -> BandScaling:
+    """The 2–98 % stretch of one band's sampled values (0..255, unsampled, if none)."""
+    if values.size == 0:
+        return BandScaling(0.0, 255.0, sampled=False)
+    lo, hi = (float(v) for v in np.percentile(values, PERCENTILES))
+    return BandScaling(lo, hi if hi > lo else lo + 1.0)
 
 
 MIN_CHUNK_COLUMNS = 1024  # narrower reads are not worth a thread (and its file handle)
