@@ -48,6 +48,7 @@ from scenes import (
 
 from crossearth_cli.cuda_graphs import ENV as GRAPHS_ENV
 from crossearth_cli.engine import Predictor
+from crossearth_cli.model.attention import SDPA_ENV
 from crossearth_cli.model.ms_deform_attn import KERNEL_ENV
 from crossearth_cli.model.optional_kernel import env_set
 from crossearth_cli.model.precision import autocast_weights
@@ -142,6 +143,12 @@ def cuda_graphs():
     """`segment` with the model's forward replayed from CUDA graphs (crossearth_cli/cuda_graphs.py,
     opt-in until measured)."""
     return env_set(GRAPHS_ENV, "1")
+
+
+def cudnn_attention():
+    """SDPA tries cuDNN's attention kernels first (crossearth_cli/model/attention.py, opt-in
+    until measured). ``max_abs_diff_vs_now`` of 0 would mean the same kernel still ran."""
+    return env_set(SDPA_ENV, "cudnn")
 
 
 def applied(patches) -> contextlib.ExitStack:

@@ -38,6 +38,7 @@ from bench_gpu import (
     applied,
     before_gpu_changes,
     cuda_graphs,
+    cudnn_attention,
     end_to_end,
     folder_of_tiles,
     interpolated_mask_resizes,
@@ -258,6 +259,7 @@ def explore_size(step, size: int, batches: tuple[int, ...], dev: str, seconds: f
         "now_plus_fused_pixel_encoder": (now, (fused_pixel_encoder,)),  # candidates
         "now_plus_fused_pixel_encoder_sampling_in_kernel": (
             now, (functools.partial(fused_pixel_encoder, sampling_in_kernel=True),)),
+        "now_plus_cudnn_attention": (now, (cudnn_attention,)),
     }
     for name, (model, patches) in variants.items():
         if not full and name.startswith(("now_but", "now_plus")):
@@ -300,6 +302,9 @@ def explore_size(step, size: int, batches: tuple[int, ...], dev: str, seconds: f
 
         step(f"model_{size}_now_plus_best_cuda_graphs",
              lambda: best_row(GraphedForward(now), x, ref))
+        step(f"model_{size}_now_plus_cudnn_attention_cuda_graphs", lambda: variant_row(
+            GraphedForward(now), x, dev, seconds, ref, patches=(cudnn_attention,),
+            ref_now=ref_now))
         x64 = torch.randn(64, *x.shape[1:], device=dev)
         step(f"model_{size}_now_b64", lambda: variant_row(now, x64, dev, seconds, None))
         step(f"model_{size}_now_plus_best_b64", lambda: best_row(now, x64, None))

@@ -11,7 +11,7 @@
 #      made in its kernel); the decoder's masks from each layer's full-size logits, as before
 #      they came from features resized once per level; last, the head alone compiled
 #      (candidates.head_compile), then the whole model (now one graph), alone and replayed
-#      from CUDA graphs.
+#      from CUDA graphs; and SDPA with cuDNN's attention kernels first (CROSSEARTH_SDPA=cudnn).
 # Each part has its own time budget (GPU_BUDGET, EXPLORE_BUDGET seconds; later steps are
 # skipped, and a compilation is not started when the budget cannot hold it), and the issue's
 # figures come first, so the candidates cannot take their time. Both JSON files are rewritten
@@ -23,7 +23,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/gpu_env.sh
-only="cuda_graphs|now_b(1|64)\$|now_plus_best|folder_of_tiles|end_to_end|fused|masks_resized|matmul|now_compiled"
+only="cuda_graphs|cudnn|now_b(1|64)\$|now_plus_best|folder_of_tiles|end_to_end|fused|masks_resized|matmul|now_compiled"
 explore=(--seconds 2 --budget "${EXPLORE_BUDGET:-300}" --json "$out_dir/explore.json")
 gpu=(--budget "${GPU_BUDGET:-200}")
 if [ "${1:-}" = "--cpu-smoke" ]; then  # the tiny model at 64², its own small scene

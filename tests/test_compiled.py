@@ -123,3 +123,26 @@ def test_xformers_only_for_unmasked_cuda_attention_outside_compilation(monkeypat
     monkeypatch.undo()
     monkeypatch.setattr(attention, "_xformers_ops", lambda: None)  # not installed
     assert not attention.use_xformers(cuda_q, None)
+
+
+def test_cudnn_attention_first_only_when_asked_and_on_cuda(monkeypatch):
+    """CROSSEARTH_SDPA=cudnn (a GPU candidate, opt-in until measured) puts cuDNN first in
+    SDPA's order for CUDA tensors, and only then; elsewhere SDPA keeps its own choice."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from torch.nn.attention import SDPBackend
+
+    from crossearth_cli.model import attention
+
+    cuda_q, cpu_q = SimpleNamespace(is_cuda=True), torch.zeros(1)
+    monkeypatch.delenv(attention.SDPA_ENV, raising=False)
+    assert isinstance(attention._sdpa_preference(cuda_q), contextlib.nullcontext)
+    monkeypatch.setenv(attention.SDPA_ENV, "cudnn")
+    assert isinstance(attention._sdpa_preference(cpu_q), contextlib.nullcontext)
+    before = torch._C._get_sdp_priority_order()
+    with attention._sdpa_preference(cuda_q):
+        assert torch._C._get_sdp_priority_order()[0] == int(SDPBackend.CUDNN_ATTENTION)
+    assert torch._C._get_sdp_priority_order() == before
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # dynamo: SDPA as is
+    assert isinstance(attention._sdpa_preference(cuda_q), contextlib.nullcontext)

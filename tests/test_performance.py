@@ -69,8 +69,8 @@ def test_gpu_session_dry_run_on_the_cpu(tmp_path):
     assert not explore["errors"], explore["errors"]
     ran = set(explore["steps"])
     assert {"model_64_now", "model_64_before", "model_64_now_plus_fused_pixel_encoder",
-            "end_to_end_now", "end_to_end_cuda_graphs", "folder_of_tiles_now",
-            "folder_of_tiles_cuda_graphs"} <= ran
+            "model_64_now_plus_cudnn_attention", "end_to_end_now", "end_to_end_cuda_graphs",
+            "folder_of_tiles_now", "folder_of_tiles_cuda_graphs"} <= ran
     assert "components_64_now" not in ran and "components_64_now" in explore["not_selected"]
     for name in ("before", "cuda_graphs"):  # (on the CPU, no CUDA graph: the same run)
         row = explore["steps"][f"end_to_end_{name}"]
@@ -97,7 +97,8 @@ def test_gpu_explore_dry_run_on_the_cpu(tmp_path):
     for name in ("before", "now_but_eager_vit", "now_but_eager_semantic",
                  "now_but_patch_convolution",
                  "now_plus_fused_pixel_encoder",
-                 "now_plus_fused_pixel_encoder_sampling_in_kernel"):  # no CUDA path on a CPU
+                 "now_plus_fused_pixel_encoder_sampling_in_kernel",
+                 "now_plus_cudnn_attention"):  # no CUDA path on a CPU
         assert steps[f"model_64_{name}"]["max_abs_diff"] == 0.0, name
     assert steps["end_to_end_now"]["tiles"] > 1
 

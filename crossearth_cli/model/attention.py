@@ -5,16 +5,24 @@ a fused kernel on CPU). xformers' ``memory_efficient_attention`` is used only wh
 importable *and* the tensors live on CUDA and there is no mask: that is the case the original
 code ran it in (the ViT blocks), and it gives the same numbers up to rounding. Not while
 ``torch.compile`` traces: SDPA is what dynamo and inductor know.
+
+``CROSSEARTH_SDPA=cudnn`` puts cuDNN's attention kernels first in SDPA's choice on CUDA (SDPA
+tries flash first; others found cuDNN's 1.7-2.3x faster on Hopper for training shapes, and
+slower elsewhere). Opt-in until ``benchmarks/gpu_explore.py`` has timed it on our shapes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["attention", "use_xformers", "xformers_available"]
+__all__ = ["attention", "use_xformers", "xformers_available", "SDPA_ENV"]
+
+SDPA_ENV = "CROSSEARTH_SDPA"  # "cudnn": SDPA tries cuDNN's kernels first on CUDA
 
 
 @functools.lru_cache(maxsize=1)
@@ -55,4 +63,20 @@ def attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale
         )
         return out.transpose(1, 2)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
+    with _sdpa_preference(q):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
+
+
+def _sdpa_preference(q: torch.Tensor):
+    """cuDNN first when asked (CUDA only; a shape it cannot serve falls to the next kernel)."""
+    if (not q.is_cuda or os.environ.get(SDPA_ENV, "").lower() != "cudnn"
+            or torch.compiler.is_compiling()):
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+             SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    try:
+        return sdpa_kernel(order, set_priority=True)
+    except TypeError:  # a torch whose sdpa_kernel takes no priority: SDPA's own order
+        return contextlib.nullcontext()
