@@ -58,6 +58,7 @@ from crossearth_cli.raster.writer import (
     remove_stale_parts,
     remove_stale_temps,
 )
+from crossearth_cli.tta import TTA_MODES, averaged_scores
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 # Scenes wider than this are run in vertical stripes of at most this many output columns, so
@@ -106,6 +107,7 @@ class SegmentSettings:
     compress: str = "deflate"
     io_threads: int | None = None
     compile: bool = False  # torch.compile the model (measure first: see docs/performance.md)
+    tta: str = "none"  # test-time augmentation: none | flip | d4 (crossearth_cli/tta.py)
 
     def outputs(self) -> list[Path]:
         return [p for p in (self.output, self.confidence, self.probabilities) if p is not None]
@@ -189,9 +191,10 @@ class Predictor:
 
     def __init__(self, spec: ModelSpec, device: torch.device, precision: str,
                  batch_size: int | str, module: torch.nn.Module | None = None,
-                 probe_module: torch.nn.Module | None = None):
+                 probe_module: torch.nn.Module | None = None, tta: str = "none"):
         """``probe_module``: what ``auto`` sizes the batch with, if not ``module`` (the eager
-        model behind a compiled one: a batch-1 probe would cost a compilation of its own)."""
+        model behind a compiled one: a batch-1 probe would cost a compilation of its own).
+        ``tta``: the views each tile is seen in (:mod:`crossearth_cli.tta`)."""
         self.module = module if module is not None else spec.module
         self.probe_module = probe_module if probe_module is not None else self.module
         self.device = device
@@ -199,6 +202,7 @@ class Predictor:
         self.auto = batch_size == "auto"
         self.batch_size = self.AUTO_CPU_BATCH if self.auto else max(1, int(batch_size))
         self.num_classes = spec.num_classes
+        self.tta = tta
         self.mean = upload(IMAGENET_MEAN, device, torch.float32).view(1, 3, 1, 1)
         self.std = upload(IMAGENET_STD, device, torch.float32).view(1, 3, 1, 1)
         self.halvings = 0
@@ -363,7 +367,8 @@ class Predictor:
         with torch.inference_mode(), torch.autocast(
             self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None
         ):
-            scores = (module if module is not None else self.module)(x)
+            scores = averaged_scores(module if module is not None else self.module, x,
+                                     self.tta)
         if scores.shape[1] != self.num_classes:
             raise UserError(
                 f"the model returns {scores.shape[1]} classes but {self.num_classes} class "
@@ -455,6 +460,8 @@ def validate_settings(settings: SegmentSettings) -> None:
         not isinstance(settings.batch_size, int) or settings.batch_size < 1
     ):
         raise ConfigError("--batch-size must be a number of tiles (at least 1) or auto")
+    if settings.tta not in TTA_MODES:
+        raise ConfigError(f"--tta {settings.tta!r}: use one of {', '.join(TTA_MODES)}")
     if settings.probabilities_dtype not in ("uint8", "float16", "float32"):
         raise ConfigError("--probabilities-dtype must be uint8, float16 or float32")
     if settings.compress.lower() not in ("deflate", "zstd", "lzw", "none"):
@@ -582,7 +589,7 @@ class Session:
 
     def __init__(self, spec: ModelSpec, device: str = "auto", precision: str = "auto",
                  batch_size: int | str = "auto", io_threads: int | None = None,
-                 compile: bool = False):
+                 compile: bool = False, tta: str = "none"):
         self.spec = spec
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
@@ -595,7 +602,7 @@ class Session:
             self.notes.append(COMPILE_CPU_NOTE)
         module, eager = runtime_module(spec.module, self.device, self.precision, compile)
         self.predictor = Predictor(spec, self.device, self.precision, batch_size, module,
-                                   probe_module=eager)
+                                   probe_module=eager, tta=tta)
         self.io_threads = io_threads or cpu_io_threads()
         self.compress_threads = compression_threads(self.device.type == "cpu")
         self.pool = ThreadPoolExecutor(self.io_threads, thread_name_prefix="crossearth-read")
@@ -688,6 +695,8 @@ def _open_sinks(session: Session, scene: PreparedScene, sinks: list[GeoTiffSink]
     the caller can abort those already open if one fails)."""
     settings, reader, rows = scene.settings, scene.reader, scene.rows
     tag_notes = {"blend": settings.blend, "tile": str(scene.tile), "stride": str(scene.stride)}
+    if session.predictor.tta != "none":
+        tag_notes["tta"] = session.predictor.tta
     for rs in _raster_specs(settings, session.spec, tag_notes, session.compress_threads):
         sinks.append(GeoTiffSink(rs, rows.y1 - rows.y0, reader.width, reader.crs,
                                  _part_transform(reader, rows.y0), reader.gcps, reader.rpcs))

@@ -61,6 +61,12 @@ def segment_command(
         "gaussian", "--blend", help="gaussian | cosine: smooth, seamless; mean: exactly mmseg's "
         "slide_inference (the paper's numbers)."
     ),
+    tta: str = typer.Option(
+        "none", "--tta", help="Test-time augmentation: none | flip (each tile also mirrored "
+        "left-right, up-down and both: 4 passes) | d4 (every mirror and quarter turn: 8 "
+        "passes); the scores of the views are averaged. Slower by that factor; none gives "
+        "the paper's numbers."
+    ),
     batch_size: str = typer.Option(
         "auto", "--batch-size", help="Tiles per forward pass, or auto: 4 on the CPU, sized from "
         "free GPU memory on a GPU (halved and retried on out-of-memory either way)."
@@ -135,7 +141,7 @@ def segment_command(
     job = _Job(
         inputs=inputs, output=output, model=model, checkpoint=checkpoint, backbone=backbone,
         bands=bands, value_range=value_range, tile=tile, stride=stride, overlap=overlap,
-        blend=blend, batch_size=batch_size, device=device, precision=precision,
+        blend=blend, tta=tta, batch_size=batch_size, device=device, precision=precision,
         confidence=confidence, probabilities=probabilities,
         probabilities_dtype=probabilities_dtype, vector=vector, cog=cog, compress=compress,
         compile=compile, vector_min_area=vector_min_area,
@@ -164,7 +170,7 @@ class _Job:
 
         return SegmentSettings(
             input=input_path or Path("."), output=output, tile=self.tile, stride=self.stride,
-            blend=self.blend.lower(), bands=parse_bands(self.bands),
+            blend=self.blend.lower(), tta=self.tta.lower(), bands=parse_bands(self.bands),
             value_range=parse_range(self.value_range, 3),
             batch_size=_parse_batch_size(self.batch_size),
             device=self.device, precision=self.precision,
@@ -266,7 +272,7 @@ class _Job:
         spec = self.load_model(self.device)
         self.finish_settings(settings, spec)
         with Session(spec, settings.device, settings.precision, settings.batch_size,
-                     compile=settings.compile) as session:
+                     compile=settings.compile, tta=settings.tta) as session:
             scene = session.prepare(settings)
             with progress_events(src.name) as events:
                 result = session.run(scene, events=events)
@@ -332,7 +338,8 @@ class _Job:
         result = None
         try:
             with Session(spec, part_settings.device, settings.precision,
-                         settings.batch_size, compile=settings.compile) as session:
+                         settings.batch_size, compile=settings.compile,
+                         tta=settings.tta) as session:
                 scene = session.prepare(part_settings, part=RowPart(rank.rank, rank.world))
                 if scene.rows.y1 > scene.rows.y0:
                     with progress_events(f"{src.name} [rank {rank.rank}]") as events:
@@ -440,7 +447,7 @@ class _Job:
                 self.vectorize(spec, outs["classes"], outs["vector"], outs.get("confidence"))
 
         with Session(spec, device, template.precision, template.batch_size,
-                     compile=template.compile) as session:
+                     compile=template.compile, tta=template.tta) as session:
             with _BatchProgress(len(todo), rank, manifest) as events:
                 result = run_batch(mine, outdir, template, session, kinds, key, manifest,
                                    after_scene=after_scene, events=events)
@@ -517,6 +524,7 @@ class _Job:
             "checkpoint": identity(self.checkpoint), "backbone": identity(self.backbone),
             "tile": self.tile, "stride": self.stride, "overlap": self.overlap,
             "blend": self.blend.lower(), "bands": self.bands, "range": self.value_range,
+            **({"tta": self.tta.lower()} if self.tta.lower() != "none" else {}),
             "device": self.device, "precision": self.precision, "outputs": kinds,
             "probabilities_dtype": self.probabilities_dtype.lower(), "cog": self.cog,
             "compress": self.compress.lower(), "random_allowed": self.allow_random,
