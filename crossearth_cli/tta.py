@@ -26,7 +26,8 @@ def _view(k: int, mirror: bool) -> View:
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         y = x.flip(-1) if mirror else x
-        return torch.rot90(y, k, dims=(-2, -1)) if k else y
+        # contiguous: the model's fast paths (the patch GEMM on CUDA) expect a plain layout
+        return torch.rot90(y, k, dims=(-2, -1)).contiguous() if k else y
 
     def back(s: torch.Tensor) -> torch.Tensor:
         y = torch.rot90(s, -k, dims=(-2, -1)) if k else s

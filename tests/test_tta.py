@@ -108,7 +108,7 @@ def test_out_of_memory_halves_the_batch_with_every_view(tmp_path):
 def test_segment_tta_writes_the_averaged_map_and_says_so(tmp_path, capfd, ckpt):
     src = write_tif(tmp_path / "scene.tif", random_scene(80, 96, seed=5))
     maps = {}
-    for mode in ("none", "flip"):
+    for mode in ("none", "flip", "d4"):
         out = tmp_path / f"{mode}.tif"
         code, _, err = cli(capfd, "segment", src, "-o", out, "-c", ckpt, "--tta", mode)
         assert code == 0, err
