@@ -174,3 +174,94 @@ def test_the_reader_applies_a_shared_scaling(tmp_path):
     with SceneReader(path, value_range=shared) as reader:
         assert reader.scaling == list(shared.scaling)
         assert any("7 inputs together" in n for n in reader.notes)
+
+
+def test_the_printed_limits_read_back_as_the_same_floats(tmp_path, capfd, ckpt):
+    """Large values (a float scene offset by 2.5e6): six significant digits would move the
+    stretch by ~10 units and change classes; the line must give back the very floats used."""
+    rng = np.random.default_rng(7)
+    folder = tmp_path / "tiles"
+    folder.mkdir()
+    for i in range(3):
+        write_tif(folder / f"f{i}.tif",
+                  (2.5e6 + rng.normal(20 * i, 10, (3, 40, 40))).astype(np.float64))
+    code, _, err = cli(capfd, "segment", folder, "-o", tmp_path / "out", "--range", "shared",
+                       "-c", ckpt, "--summary", tmp_path / "s.json")
+    assert code == 0, err
+    printed = [float(v) for v in _stretch(err).split(",")]
+    recorded = json.loads((tmp_path / "s.json").read_text())["shared_range"]
+    assert printed == [v for pair in recorded for v in pair]
+    assert printed == parse_range_floats(_stretch(err))
+
+
+def parse_range_floats(text: str) -> list[float]:
+    return [v for s in parse_range(text, 3) for v in (s.low, s.high)]
+
+
+def test_8bit_and_paletted_inputs_are_used_as_they_are(tmp_path, capfd, ckpt):
+    """A mixed folder: the 16-bit tiles share a stretch; an 8-bit tile and a paletted one
+    (even read as indices with --bands) are neither pooled nor stretched."""
+    scene = _mosaic()
+    folder = tmp_path / "tiles"
+    _cut(folder, scene)
+    write_tif(folder / "rgb8.tif", random_scene(64, 64, seed=9))
+    pal = write_tif(folder / "pal.tif", np.arange(64 * 64, dtype=np.uint8).reshape(1, 64, 64)
+                    % 4, photometric="palette")
+    with rasterio.open(pal, "r+") as ds:
+        ds.write_colormap(1, {i: (60 * i, 255 - 60 * i, 30 * i, 255) for i in range(4)})
+    for extra in ((), ("--bands", "1,1,1")):
+        out = tmp_path / ("out" + "".join(extra).replace(",", ""))
+        code, _, err = cli(capfd, "segment", folder, "-o", out, "--range", "shared", "-c",
+                           ckpt, "--batch-size", "1", *extra)
+        assert code == 0, err
+        assert "one stretch for 3 input(s)" in err  # the three 16-bit tiles only
+        limits = _stretch(err)
+        for band, lo in enumerate(parse_range_floats(limits)[::2]):
+            src_band = 0 if extra else band  # --bands 1,1,1: band 1 in every channel
+            assert lo == pytest.approx(np.percentile(scene[src_band], 2),
+                                       abs=0.002 * np.ptp(scene))
+    # the 8-bit tile as the default leaves it: its own run without --range
+    code, _, err = cli(capfd, "segment", folder / "rgb8.tif", "-o", tmp_path / "alone.tif",
+                       "-c", ckpt, "--batch-size", "1")
+    assert code == 0, err
+    with rasterio.open(tmp_path / "out" / "rgb8_classes.tif") as a, \
+            rasterio.open(tmp_path / "alone.tif") as b:
+        np.testing.assert_array_equal(a.read(), b.read())
+
+
+def test_one_input_gets_exactly_its_auto_stretch(tmp_path, capfd, ckpt):
+    folder = tmp_path / "one"
+    folder.mkdir()
+    write_tif(folder / "a.tif", _mosaic()[:, :, :160])
+    code, _, err = cli(capfd, "segment", folder, "-o", tmp_path / "shared", "--range",
+                       "shared", "-c", ckpt, "--batch-size", "1")
+    assert code == 0, err
+    code, _, err = cli(capfd, "segment", folder / "a.tif", "-o", tmp_path / "auto.tif",
+                       "--range", "auto", "-c", ckpt, "--batch-size", "1")
+    assert code == 0, err
+    with rasterio.open(tmp_path / "shared" / "a_classes.tif") as a, \
+            rasterio.open(tmp_path / "auto.tif") as b:
+        np.testing.assert_array_equal(a.read(), b.read())
+
+
+def test_no_input_to_pool_is_said_plainly(tmp_path, capfd, ckpt):
+    folder = tmp_path / "rgb"
+    folder.mkdir()
+    for i in range(2):
+        write_tif(folder / f"t{i}.tif", random_scene(48, 48, seed=i))
+    code, _, err = cli(capfd, "segment", folder, "-o", tmp_path / "out", "--range", "shared",
+                       "-c", ckpt)
+    assert code == 0, err
+    assert "no input to take a stretch from" in err
+
+
+def test_a_constant_scene_of_huge_values_still_gets_a_stretch(tmp_path):
+    from crossearth_cli.raster.reader import percentile_scaling, stretch
+
+    for lo in (0.0, -5.0, 1e17, -1e300):
+        s = stretch(lo, lo)
+        assert s.high > s.low == lo
+    assert percentile_scaling(np.full(100, 1e17)).high > 1e17
+    pool = WeightedQuantiles()
+    pool.add(np.full(50, 1e17), 10.0)
+    assert pool.scaling().high > 1e17

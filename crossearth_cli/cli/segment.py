@@ -469,11 +469,14 @@ class _Job:
         shared = shared_scaling([it.path for it in items], bands, band_order)
         self.shared_limits = [[s.low, s.high] if s.sampled else None for s in shared.scaling]
         if self.rank.rank == 0:
-            sampled = [s for s in shared.scaling if s.sampled]
-            if not sampled:
-                note(f"--range shared: no valid pixel was found in the {len(items)} inputs")
-            else:
-                limits = ",".join(f"{v:.6g}" for s in shared.scaling for v in (s.low, s.high))
+            if not shared.files:
+                note("--range shared: no input to take a stretch from (8-bit, paletted and "
+                     "unreadable inputs are left out; 8-bit ones are used as they are)")
+            elif not any(s.sampled for s in shared.scaling):
+                note(f"--range shared: no valid pixel was found in the {shared.files} "
+                     "input(s) sampled: they look like nodata everywhere")
+            else:  # repr: the shortest text that reads back as the same float
+                limits = ",".join(repr(v) for s in shared.scaling for v in (s.low, s.high))
                 note(f"--range shared: one stretch for {shared.files} input(s), from the 2-98 % "
                      f"percentiles of their values together: {limits} (MIN,MAX per channel; "
                      f"--range {limits} reuses it)")

@@ -433,6 +433,7 @@ class SceneReader:
         _check_real(src, self.path)
         self.notes: list[str] = []
         self.palette: np.ndarray | None = None  # 3×N uint8 colour table of band 1
+        self.takes_shared_range = False  # set with the scaling: pooled by --range shared
         self._palette_nodata: np.ndarray | None = None  # N bool: entries with alpha 0
         if bands is None and _is_paletted(src):
             self._use_palette(src, band_order)
@@ -504,13 +505,18 @@ class SceneReader:
             return value_range
         if self.palette is not None:
             return None  # colours from the table are 8-bit already
+        all_uint8 = all(src.dtypes[b - 1] == "uint8" for b in self.bands)
+        # what --range shared pools and stretches: what the default would stretch (8-bit
+        # data is used as it is, and colour-table indices are no values to pool)
+        self.takes_shared_range = not all_uint8 and not (_is_paletted(src) and 1 in self.bands)
         if isinstance(value_range, SharedScaling):
+            if not self.takes_shared_range:
+                return None
             self.notes.append(_scaling_note(f"the {PERCENTILES[0]:g}-{PERCENTILES[1]:g} "
                                             f"percentiles of {value_range.files} inputs "
                                             "together (--range shared)",
                                             self.bands, value_range.scaling))
             return list(value_range.scaling)
-        all_uint8 = all(src.dtypes[b - 1] == "uint8" for b in self.bands)
         if value_range == "none" or (value_range is None and all_uint8):
             return None
         with corrupt_is_input_error(self.path, "read failed while sampling its value range"):
@@ -672,7 +678,15 @@ def percentile_scaling(values: np.ndarray) -> BandScaling:
     if values.size == 0:
         return BandScaling(0.0, 255.0, sampled=False)
     lo, hi = (float(v) for v in np.percentile(values, PERCENTILES))
-    return BandScaling(lo, hi if hi > lo else lo + 1.0)
+    return stretch(lo, hi)
+
+
+def stretch(lo: float, hi: float) -> BandScaling:
+    """``lo..hi``, widened when the values are all one (by 1, or by the next float above
+    ``lo`` where 1 is below its precision: |lo| ≥ 2⁵³)."""
+    if not hi > lo:
+        hi = max(lo + 1.0, float(np.nextafter(lo, np.inf)))
+    return BandScaling(lo, hi)
 
 
 MIN_CHUNK_COLUMNS = 1024  # narrower reads are not worth a thread (and its file handle)

@@ -23,6 +23,8 @@ from crossearth_cli.raster.reader import (
     BandScaling,
     SceneReader,
     SharedScaling,
+    percentile_scaling,
+    stretch,
 )
 
 POINTS_PER_INPUT = 4096  # quantiles that stand for one input's values
@@ -71,8 +73,7 @@ class WeightedQuantiles:
     def scaling(self) -> BandScaling:
         if not self.size:
             return BandScaling(0.0, 255.0, sampled=False)
-        lo, hi = (self.percentile(q) for q in PERCENTILES)
-        return BandScaling(lo, hi if hi > lo else lo + 1.0)
+        return stretch(*(self.percentile(q) for q in PERCENTILES))
 
 
 def _quantile_points(sorted_values: np.ndarray, n: int) -> np.ndarray:
@@ -90,16 +91,17 @@ def shared_scaling(
 ) -> SharedScaling:
     """The 2–98 % stretch of all ``paths`` together, per model channel.
 
-    Paletted inputs (their colours are 8-bit already) and inputs that cannot be read are left
-    out; ``skipped(path, reason)`` hears of the unreadable ones, which fail later on their own.
+    Only inputs the default would stretch are pooled (8-bit and paletted ones are used as they
+    are); inputs that cannot be read are left out too, and ``skipped(path, reason)`` hears of
+    them (they fail later, on their own). One input pooled gives its own ``auto`` stretch.
     """
     pools = [WeightedQuantiles() for _ in range(3)]
-    files = 0
+    files, first = 0, None
     for path in paths:
         try:
             with SceneReader(path, bands=bands, value_range="none",
                              band_order=band_order) as reader:
-                if reader.palette is not None:
+                if not reader.takes_shared_range:
                     continue
                 sampled = reader.sample_values()
                 area = reader.height * reader.width
@@ -108,6 +110,9 @@ def shared_scaling(
                 skipped(Path(path), str(exc))
             continue
         files += 1
+        first = sampled if files == 1 else None  # kept whole while it is the only one
         for pool, (values, read) in zip(pools, sampled):
             pool.add(values, area * values.size / max(read, 1))  # its valid pixels
+    if first is not None:  # exactly what auto takes of it, not its summary
+        return SharedScaling(tuple(percentile_scaling(v) for v, _ in first), files)
     return SharedScaling(tuple(pool.scaling() for pool in pools), files)
