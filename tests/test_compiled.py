@@ -128,7 +128,6 @@ def test_xformers_only_for_unmasked_cuda_attention_outside_compilation(monkeypat
 def test_cudnn_attention_first_only_when_asked_and_on_cuda(monkeypatch):
     """CROSSEARTH_SDPA=cudnn (a GPU candidate, opt-in until measured) puts cuDNN first in
     SDPA's order for CUDA tensors, and only then; elsewhere SDPA keeps its own choice."""
-    import contextlib
     from types import SimpleNamespace
 
     from torch.nn.attention import SDPBackend
@@ -137,12 +136,12 @@ def test_cudnn_attention_first_only_when_asked_and_on_cuda(monkeypatch):
 
     cuda_q, cpu_q = SimpleNamespace(is_cuda=True), torch.zeros(1)
     monkeypatch.delenv(attention.SDPA_ENV, raising=False)
-    assert isinstance(attention._sdpa_preference(cuda_q), contextlib.nullcontext)
+    assert not attention._prefer_cudnn(cuda_q)
     monkeypatch.setenv(attention.SDPA_ENV, "cudnn")
-    assert isinstance(attention._sdpa_preference(cpu_q), contextlib.nullcontext)
+    assert attention._prefer_cudnn(cuda_q) and not attention._prefer_cudnn(cpu_q)
     before = torch._C._get_sdp_priority_order()
-    with attention._sdpa_preference(cuda_q):
+    with attention._cudnn_first():
         assert torch._C._get_sdp_priority_order()[0] == int(SDPBackend.CUDNN_ATTENTION)
     assert torch._C._get_sdp_priority_order() == before
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # dynamo: SDPA as is
-    assert isinstance(attention._sdpa_preference(cuda_q), contextlib.nullcontext)
+    assert not attention._prefer_cudnn(cuda_q)

@@ -63,15 +63,21 @@ def attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale
         )
         return out.transpose(1, 2)
-    with _sdpa_preference(q):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
+    if _prefer_cudnn(q):
+        with _cudnn_first():
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
 
 
-def _sdpa_preference(q: torch.Tensor):
-    """cuDNN first when asked (CUDA only; a shape it cannot serve falls to the next kernel)."""
-    if (not q.is_cuda or os.environ.get(SDPA_ENV, "").lower() != "cudnn"
-            or torch.compiler.is_compiling()):
-        return contextlib.nullcontext()
+def _prefer_cudnn(q: torch.Tensor) -> bool:
+    """cuDNN first for this call: asked for, CUDA tensors, not while dynamo traces (asked
+    first, so that a traced forward never reads the environment)."""
+    return (not torch.compiler.is_compiling() and q.is_cuda
+            and os.environ.get(SDPA_ENV, "").lower() == "cudnn")
+
+
+def _cudnn_first():
+    """SDPA's order with cuDNN first; a shape it cannot serve falls to the next kernel."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
