@@ -129,6 +129,7 @@ class SegmentResult:
     precision: str
     extra_outputs: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    tta: str = "none"  # the views each tile was seen in (model time × 1, 4 or 8)
 
     @property
     def pixels(self) -> int:
@@ -593,6 +594,8 @@ class Session:
         self.spec = spec
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
+        if tta not in TTA_MODES:
+            raise ConfigError(f"--tta {tta!r}: use one of {', '.join(TTA_MODES)}")
         configure_cpu_threads(self.device, io_threads)
         if self.device.type == "cpu":
             keep_freed_memory()  # reuse the model's temporaries (crossearth_cli/allocator.py)
@@ -614,6 +617,9 @@ class Session:
         ``prime=False``: open it only; its reads start when it runs or ``scene.feed.prime()``
         is called (a folder run reads ahead only the scenes small enough to share batches)."""
         validate_settings(settings)
+        if settings.tta != self.predictor.tta:  # views are the session's: one model wrapper
+            raise ConfigError(f"the scene asks for --tta {settings.tta} but the session runs "
+                              f"--tta {self.predictor.tta}")
         if reader is None:
             reader = SceneReader(settings.input, bands=settings.bands,
                                  value_range=settings.value_range,
@@ -682,7 +688,7 @@ def segment(
 ) -> SegmentResult:
     """Segment one scene. Raises :class:`UserError` for anything the user can fix."""
     with Session(spec, settings.device, settings.precision, settings.batch_size,
-                 settings.io_threads, settings.compile) as session:
+                 settings.io_threads, settings.compile, tta=settings.tta) as session:
         return session.run(session.prepare(settings, part, reader), events)
 
 
@@ -778,6 +784,7 @@ def _scene_result(session: Session, scene: PreparedScene, sinks: list[GeoTiffSin
         batch_size=session.predictor.batch_size,
         device=str(session.device),
         precision=session.precision,
+        tta=session.predictor.tta,
         extra_outputs=[s.final for s in sinks[1:]],
         notes=reader.notes + reader.output_notes,
     )

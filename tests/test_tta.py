@@ -140,3 +140,31 @@ def test_a_folder_rerun_with_another_tta_redoes_the_files(tmp_path, capfd, ckpt)
     assert len(run("--tta", "none")["skipped"]) == 2  # none is the default, the same key
     assert len(run("--tta", "flip")["done"]) == 2
     assert len(run("--tta", "flip")["skipped"]) == 2
+
+
+def test_the_library_runs_the_views_the_settings_ask_for(tmp_path):
+    """engine.segment (what scripts and the benchmarks call) takes tta from the settings; a
+    session refuses a scene asking for other views, and an unknown mode up front."""
+    from crossearth_cli.engine import SegmentSettings, Session, segment
+    from crossearth_cli.errors import ConfigError
+
+    spec = per_pixel_spec()
+    spec.module = Oriented().eval()
+    src = write_tif(tmp_path / "s.tif", random_scene(40, 56, seed=4))
+    probs = {}
+    for mode in ("none", "d4"):
+        settings = SegmentSettings(input=src, output=tmp_path / f"{mode}.tif", device="cpu",
+                                   tta=mode, probabilities=tmp_path / f"{mode}_p.tif",
+                                   probabilities_dtype="float32")
+        result = segment(settings, spec)
+        assert result.tta == mode
+        with rasterio.open(tmp_path / f"{mode}_p.tif") as ds:
+            probs[mode] = ds.read()
+            assert ds.tags().get("tta") == (None if mode == "none" else mode)
+    assert np.abs(probs["d4"] - probs["none"]).max() > 0.01
+
+    with Session(spec, "cpu", tta="flip") as session:
+        with pytest.raises(ConfigError, match="--tta none but the session runs --tta flip"):
+            session.prepare(SegmentSettings(input=src, output=tmp_path / "x.tif"))
+    with pytest.raises(ConfigError, match="--tta 'D4'"):
+        Session(spec, "cpu", tta="D4")

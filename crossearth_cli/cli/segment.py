@@ -561,7 +561,7 @@ def _result_dict(result) -> dict:
         "pixels": result.pixels, "seconds": round(result.seconds, 3),
         "mpx_per_s": round(result.mpx_per_s, 4), "tiles": result.tiles,
         "tiles_skipped": result.tiles_skipped, "device": result.device,
-        "precision": result.precision, "batch_size": result.batch_size,
+        "precision": result.precision, "tta": result.tta, "batch_size": result.batch_size,
         "class_shares": result.class_shares(), "nodata_pixels": result.nodata_pixels,
     }
 
@@ -587,7 +587,8 @@ def _print_result(result, vector: Path | None, ranks: int = 1) -> None:
     if result.nodata_pixels:
         counts.append(f"nodata {result.nodata_pixels / result.pixels:.1%}")
     extra = "".join(f" + {p}" for p in result.extra_outputs) + (f" + {vector}" if vector else "")
-    where = f"{result.device} ({result.precision})" + (f" over {ranks} ranks" if ranks > 1 else "")
+    how = result.precision + (f", tta {result.tta}" if result.tta != "none" else "")
+    where = f"{result.device} ({how})" + (f" over {ranks} ranks" if ranks > 1 else "")
     out_console().print(
         f"{result.output}{extra}: {result.width}x{result.height} px "
         f"({result.pixels / 1e6:.2f} Mpx) in {result.seconds:.1f} s, "
