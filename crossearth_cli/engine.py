@@ -38,6 +38,7 @@ from crossearth_cli.raster.reader import (
     BandScaling,
     Scaling,
     SceneReader,
+    SharedScaling,
     StripFeed,
     cpu_io_threads,
 )
@@ -95,7 +96,7 @@ class SegmentSettings:
     stride: int | None = None
     blend: str = "gaussian"
     bands: list[int] | None = None
-    value_range: str | list[BandScaling] | None = None  # None: 8-bit as is, else auto
+    value_range: str | list[BandScaling] | SharedScaling | None = None  # None: 8-bit as is
     batch_size: int | str = "auto"  # or a number; auto: 4 on the CPU, sized from GPU memory
     device: str = "auto"
     precision: str = "auto"

@@ -409,7 +409,7 @@ class SceneReader:
         self,
         path: str | Path,
         bands: list[int] | None = None,
-        value_range: str | list[BandScaling] | None = None,
+        value_range: str | list[BandScaling] | SharedScaling | None = None,
         band_order: str = "RGB",
     ):
         self.path = Path(path)
