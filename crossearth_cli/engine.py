@@ -59,7 +59,8 @@ from crossearth_cli.raster.writer import (
     remove_stale_parts,
     remove_stale_temps,
 )
-from crossearth_cli.tta import TTA_MODES, averaged_scores
+from crossearth_cli.tta import averaged_scores
+from crossearth_cli.tta import check_mode as check_tta
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 # Scenes wider than this are run in vertical stripes of at most this many output columns, so
@@ -462,8 +463,7 @@ def validate_settings(settings: SegmentSettings) -> None:
         not isinstance(settings.batch_size, int) or settings.batch_size < 1
     ):
         raise ConfigError("--batch-size must be a number of tiles (at least 1) or auto")
-    if settings.tta not in TTA_MODES:
-        raise ConfigError(f"--tta {settings.tta!r}: use one of {', '.join(TTA_MODES)}")
+    check_tta(settings.tta)
     if settings.probabilities_dtype not in ("uint8", "float16", "float32"):
         raise ConfigError("--probabilities-dtype must be uint8, float16 or float32")
     if settings.compress.lower() not in ("deflate", "zstd", "lzw", "none"):
@@ -595,8 +595,7 @@ class Session:
         self.spec = spec
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
-        if tta not in TTA_MODES:
-            raise ConfigError(f"--tta {tta!r}: use one of {', '.join(TTA_MODES)}")
+        check_tta(tta)
         configure_cpu_threads(self.device, io_threads)
         if self.device.type == "cpu":
             keep_freed_memory()  # reuse the model's temporaries (crossearth_cli/allocator.py)

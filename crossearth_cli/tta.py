@@ -14,11 +14,18 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["TTA_MODES", "views", "averaged_scores"]
+from crossearth_cli.errors import ConfigError
+
+__all__ = ["TTA_MODES", "check_mode", "views", "averaged_scores"]
 
 View = tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]
 
 TTA_MODES = ("none", "flip", "d4")  # 1, 4 and 8 views
+
+
+def check_mode(mode: str) -> None:
+    if mode not in TTA_MODES:
+        raise ConfigError(f"--tta {mode!r}: use one of {', '.join(TTA_MODES)}")
 
 
 def _view(k: int, mirror: bool) -> View:

@@ -44,7 +44,7 @@ class WeightedQuantiles:
         """Add a sample of values that stands for ``weight`` pixels in all."""
         if values.size == 0 or weight <= 0:
             return
-        points = _quantile_points(np.sort(values), POINTS_PER_INPUT)
+        points = _quantile_points(values, POINTS_PER_INPUT)
         self.values.append(points)
         self.weights.append(np.full(points.size, weight / points.size))
         self.size += points.size
@@ -66,21 +66,24 @@ class WeightedQuantiles:
         # each point at the middle of its own weight, as np.percentile places equal weights
         return values, (np.cumsum(weights) - weights / 2) / total, total
 
-    def percentile(self, q: float) -> float:
+    def percentiles(self, qs) -> list[float]:
         values, cdf, _ = self._cdf()
-        return float(np.interp(q / 100.0, cdf, values))
+        return [float(v) for v in np.interp(np.asarray(qs) / 100.0, cdf, values)]
+
+    def percentile(self, q: float) -> float:
+        return self.percentiles([q])[0]
 
     def scaling(self) -> BandScaling:
         if not self.size:
             return BandScaling(0.0, 255.0, sampled=False)
-        return stretch(*(self.percentile(q) for q in PERCENTILES))
+        return stretch(*self.percentiles(PERCENTILES))
 
 
-def _quantile_points(sorted_values: np.ndarray, n: int) -> np.ndarray:
-    """``n`` evenly spaced quantiles of sorted values (all of them if there are fewer)."""
-    if sorted_values.size <= n:
-        return sorted_values
-    return np.quantile(sorted_values, (np.arange(n) + 0.5) / n)
+def _quantile_points(values: np.ndarray, n: int) -> np.ndarray:
+    """``n`` evenly spaced quantiles of ``values`` (all of them if there are fewer)."""
+    if values.size <= n:
+        return values
+    return np.quantile(values, (np.arange(n) + 0.5) / n)
 
 
 def shared_scaling(
