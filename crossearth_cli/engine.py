@@ -34,6 +34,7 @@ from crossearth_cli.raster.accumulator import (
     RowBandAccumulator,
     upload,
 )
+from crossearth_cli.raster.aoi import AreaOfInterest
 from crossearth_cli.raster.reader import (
     BandScaling,
     Scaling,
@@ -110,6 +111,7 @@ class SegmentSettings:
     io_threads: int | None = None
     compile: bool = False  # torch.compile the model (measure first: see docs/performance.md)
     tta: str = "none"  # test-time augmentation: none | flip | d4 (crossearth_cli/tta.py)
+    aoi: AreaOfInterest | None = None  # only this area (crossearth_cli/raster/aoi.py)
 
     def outputs(self) -> list[Path]:
         return [p for p in (self.output, self.confidence, self.probabilities) if p is not None]
@@ -132,6 +134,8 @@ class SegmentResult:
     extra_outputs: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     tta: str = "none"  # the views each tile was seen in (model time × 1, 4 or 8)
+    # with --aoi: the outputs' (col_off, row_off, width, height) in the input's pixels
+    window: tuple[int, int, int, int] | None = None
 
     @property
     def pixels(self) -> int:
@@ -516,20 +520,27 @@ class PartRange:
     y1: int  # one past the last scene row written
 
 
-def part_range(grid: list[list[Tile]], height: int, part: RowPart | None) -> PartRange:
+def part_range(grid: list[list[Tile]], height: int, part: RowPart | None,
+               span: tuple[int, int] | None = None) -> PartRange:
     """Rows of part ``part``: output rows end where the single-run band finalises them, so the
-    pieces are bit-identical to one run (tile rows overlapping the top are run again)."""
+    pieces are bit-identical to one run (tile rows overlapping the top are run again).
+
+    ``span=(y0, y1)``: only these scene rows are output (an AOI's); tile rows that reach none
+    of the part's rows are not run. A part may then have no rows (``y1 <= y0``)."""
     n = len(grid)
-    if part is None or part.count <= 1:
-        return PartRange(0, n, 0, height)
-    a = part.index * n // part.count
-    b = (part.index + 1) * n // part.count
-    y0 = grid[a][0].y if a > 0 else 0
-    y1 = grid[b][0].y if b < n else height
-    first = a
-    while first > 0 and grid[first - 1][0].y + grid[first - 1][0].h > y0:
-        first -= 1
-    return PartRange(first, b, y0, y1)
+    y0, y1 = 0, height
+    if part is not None and part.count > 1:
+        a = part.index * n // part.count
+        b = (part.index + 1) * n // part.count
+        y0 = grid[a][0].y if a > 0 else 0
+        y1 = grid[b][0].y if b < n else height
+    if span is not None:
+        y0, y1 = max(y0, span[0]), min(y1, span[1])
+    if y1 <= y0:
+        return PartRange(0, 0, y0, y0)
+    first = next(i for i, row in enumerate(grid) if row[0].y + row[0].h > y0)
+    end = sum(row[0].y < y1 for row in grid)
+    return PartRange(first, end, y0, y1)
 
 
 @dataclass
@@ -544,6 +555,11 @@ class PreparedScene:
     rows: PartRange
     stripes: list[ColumnStripe]
     feed: StripFeed  # of the first stripe, already reading
+    columns: tuple[int, int]  # the scene columns output (all of them, but with an AOI)
+
+    @property
+    def out_width(self) -> int:
+        return self.columns[1] - self.columns[0]
 
     def stripe_grid(self, stripe: ColumnStripe) -> list[list[Tile]]:
         """This part's tile rows, restricted to the stripe's tile columns."""
@@ -620,18 +636,23 @@ class Session:
         if settings.tta != self.predictor.tta:  # views are the session's: one model wrapper
             raise ConfigError(f"the scene asks for --tta {settings.tta} but the session runs "
                               f"--tta {self.predictor.tta}")
+        tile, stride = tile_and_stride(settings, self.spec)
+        if stride > tile:
+            raise ConfigError(f"stride {stride} is larger than tile {tile}")
         if reader is None:
+            # around an AOI the model reads as far as a tile reaches past its neighbour's edge
             reader = SceneReader(settings.input, bands=settings.bands,
                                  value_range=settings.value_range,
-                                 band_order=self.spec.band_order)
+                                 band_order=self.spec.band_order, aoi=settings.aoi,
+                                 aoi_margin=tile - stride)
         try:
-            tile, stride = tile_and_stride(settings, self.spec)
-            if stride > tile:
-                raise ConfigError(f"stride {stride} is larger than tile {tile}")
             grid = tile_grid(reader.height, reader.width, tile, stride)
-            rows = part_range(grid, reader.height, part)
-            stripes = column_stripes(grid[0], reader.width, max(STRIPE_WIDTH, 2 * tile))
-            scene = PreparedScene(settings, reader, grid, tile, stride, rows, stripes, None)
+            x0, y0, w, h = reader.aoi.out if reader.aoi else (0, 0, reader.width, reader.height)
+            rows = part_range(grid, reader.height, part, span=(y0, y0 + h))
+            stripes = column_stripes(grid[0], reader.width, max(STRIPE_WIDTH, 2 * tile),
+                                     span=(x0, x0 + w))
+            scene = PreparedScene(settings, reader, grid, tile, stride, rows, stripes, None,
+                                  (x0, x0 + w))
             scene.feed = self.feed(scene, stripes[0])
             if prime:
                 scene.feed.prime()
@@ -692,8 +713,11 @@ def segment(
         return session.run(session.prepare(settings, part, reader), events)
 
 
-def _part_transform(reader: SceneReader, y0: int):
-    return reader.transform * Affine.translation(0, y0) if y0 else reader.transform
+def _part_transform(scene: PreparedScene):
+    """The outputs' transform: the scene's, moved to their first row and column."""
+    x0, y0 = scene.columns[0], scene.rows.y0
+    transform = scene.reader.transform
+    return transform * Affine.translation(x0, y0) if x0 or y0 else transform
 
 
 def _open_sinks(session: Session, scene: PreparedScene, sinks: list[GeoTiffSink]) -> None:
@@ -704,8 +728,8 @@ def _open_sinks(session: Session, scene: PreparedScene, sinks: list[GeoTiffSink]
     if session.predictor.tta != "none":
         tag_notes["tta"] = session.predictor.tta
     for rs in _raster_specs(settings, session.spec, tag_notes, session.compress_threads):
-        sinks.append(GeoTiffSink(rs, rows.y1 - rows.y0, reader.width, reader.crs,
-                                 _part_transform(reader, rows.y0), reader.gcps, reader.rpcs))
+        sinks.append(GeoTiffSink(rs, rows.y1 - rows.y0, scene.out_width, reader.crs,
+                                 _part_transform(scene), reader.gcps, reader.rpcs))
 
 
 def _accumulator(session: Session, scene: PreparedScene, stripe: ColumnStripe,
@@ -713,7 +737,7 @@ def _accumulator(session: Session, scene: PreparedScene, stripe: ColumnStripe,
     """The row band of one column stripe (the sinks are told which columns come next)."""
     settings, reader, rows = scene.settings, scene.reader, scene.rows
     for sink in sinks:
-        sink.start_columns(stripe.c0, stripe.c1)
+        sink.start_columns(stripe.c0 - scene.columns[0], stripe.c1 - scene.columns[0])
     return RowBandAccumulator(
         reader.height,
         reader.width,
@@ -749,14 +773,20 @@ def _commit(sinks: list[GeoTiffSink], scene: PreparedScene, emit: Events) -> Non
 
 class _RowWriter:
     """Writes finished rows into a scene's rasters (classes, confidence, probabilities) and
-    counts the pixels of each class."""
+    counts the pixels of each class. With an AOI, pixels outside its polygons become nodata
+    first."""
 
-    def __init__(self, sinks: list[GeoTiffSink], y0: int, num_classes: int):
-        self.sinks, self.y0 = sinks, y0
+    def __init__(self, sinks: list[GeoTiffSink], scene: PreparedScene, num_classes: int):
+        self.sinks, self.y0 = sinks, scene.rows.y0
         self.counts = np.zeros(num_classes, dtype=np.int64)
+        aoi = scene.reader.aoi
+        self.inside = aoi.inside if aoi is not None and not aoi.rectangle else None
+        self.x0 = scene.columns[0]  # scene column of the rows' first column (per stripe)
 
     def __call__(self, rows: FinishedRows) -> None:
         rows.wait()  # CUDA: the rows' copies to the host are done
+        if self.inside is not None:
+            self._mask_outside(rows)
         self.sinks[0].write_rows(rows.y - self.y0, rows.classes)
         k = 1
         if rows.confidence is not None:
@@ -766,27 +796,49 @@ class _RowWriter:
             self.sinks[k].write_rows(rows.y - self.y0, rows.probabilities)
         self.counts += rows.class_counts
 
+    def _mask_outside(self, rows: FinishedRows) -> None:
+        h, w = rows.classes.shape
+        out = rows.classes != CLASS_NODATA  # nodata rows stay untouched (they may be views)
+        if not out.any():
+            return
+        out &= ~self.inside(self.x0, rows.y, w, h)
+        if not out.any():
+            return
+        rows.class_counts = rows.class_counts - np.bincount(
+            rows.classes[out], minlength=len(rows.class_counts))
+        rows.classes[out] = CLASS_NODATA
+        if rows.confidence is not None:
+            rows.confidence[out] = CONFIDENCE_NODATA
+        if rows.probabilities is not None:
+            p = rows.probabilities
+            p[:, out] = PROBABILITY_NODATA_U8 if p.dtype == np.uint8 else np.nan
+
 
 def _scene_result(session: Session, scene: PreparedScene, sinks: list[GeoTiffSink],
                   counts: np.ndarray, skipped: int, seconds: float) -> SegmentResult:
     reader, rows = scene.reader, scene.rows
-    out_h = rows.y1 - rows.y0
+    out_h, out_w = rows.y1 - rows.y0, scene.out_width
+    window = None
+    if reader.aoi is not None:  # this part's rows of the AOI's output window
+        x, y, _, _ = reader.aoi.output_window
+        window = (x, y + rows.y0 - reader.aoi.out[1], out_w, out_h)
     return SegmentResult(
         output=scene.settings.output,
         height=out_h,
-        width=reader.width,
+        width=out_w,
         tiles=scene.tile_count,
         tiles_skipped=skipped,
         seconds=seconds,
         class_names=list(session.spec.class_names),
         class_pixels=counts,
-        nodata_pixels=out_h * reader.width - int(counts.sum()),
+        nodata_pixels=out_h * out_w - int(counts.sum()),
         batch_size=session.predictor.batch_size,
         device=str(session.device),
         precision=session.precision,
         tta=session.predictor.tta,
         extra_outputs=[s.final for s in sinks[1:]],
         notes=reader.notes + reader.output_notes,
+        window=window,
     )
 
 
@@ -795,8 +847,8 @@ def _announce(session: Session, scene: PreparedScene, emit: Events) -> None:
     for note in session.notes + scene.reader.notes:
         emit("note", {"message": note})
     session.notes.clear()
-    reader = scene.reader
-    emit("start", {"tiles": scene.tile_count, "height": reader.height, "width": reader.width})
+    emit("start", {"tiles": scene.tile_count, "height": scene.rows.y1 - scene.rows.y0,
+                   "width": scene.out_width})
 
 
 def _run_scene(session: Session, scene: PreparedScene, emit: Events) -> SegmentResult:
@@ -806,11 +858,12 @@ def _run_scene(session: Session, scene: PreparedScene, emit: Events) -> SegmentR
     sinks: list[GeoTiffSink] = []
     try:
         _open_sinks(session, scene, sinks)
-        write = _RowWriter(sinks, scene.rows.y0, session.spec.num_classes)
+        write = _RowWriter(sinks, scene, session.spec.num_classes)
         skipped = 0
         for k, stripe in enumerate(scene.stripes):  # one stripe unless the scene is very wide
             feed = scene.feed if k == 0 else session.feed(scene, stripe).prime()
             acc = _accumulator(session, scene, stripe, sinks)
+            write.x0 = stripe.c0
             try:
                 skipped += _run_tiles(session.predictor, feed, acc, write,
                                       reader.model_scaling(), emit)
@@ -916,7 +969,8 @@ def _open_member(session: Session, m: _GroupMember, emit: Events) -> None:
     _announce(session, scene, emit)
     _open_sinks(session, scene, m.sinks)
     m.acc = _accumulator(session, scene, scene.stripes[0], m.sinks)
-    m.write = _RowWriter(m.sinks, scene.rows.y0, session.spec.num_classes)
+    m.write = _RowWriter(m.sinks, scene, session.spec.num_classes)
+    m.write.x0 = scene.stripes[0].c0
     m.tiles = [(t, d, v) if v.any() else (t, None, None) for t, d, v in scene.feed]
 
 

@@ -48,6 +48,16 @@ def segment_command(
         "MIN,MAX for all bands, or MIN,MAX,... per band (default: none for 8-bit, auto "
         "otherwise)."
     ),
+    aoi: str | None = typer.Option(
+        None, "--aoi", help="Segment only this area: a box W,S,E,N (in the raster's CRS, or "
+        "--aoi-crs) or a vector file (its polygons, every layer). The outputs cover the area's "
+        "bounding box on the input's own pixel grid; pixels outside its polygons are nodata. "
+        "Inputs it does not reach are left out of a folder run."
+    ),
+    aoi_crs: str | None = typer.Option(
+        None, "--aoi-crs", help="CRS of the --aoi box (or of a file that has none), e.g. "
+        "EPSG:4326 (default: each raster's own)."
+    ),
     tile: int | None = typer.Option(
         None, "--tile", help="Tile size in pixels (default: the preset's crop)."
     ),
@@ -130,6 +140,13 @@ def segment_command(
         raise ConfigError(f"--vector-min-area must be ≥ 0 m², not {vector_min_area}")
     if vector_min_area > 0 and vector is None:
         raise ConfigError("--vector-min-area applies to the GeoPackage: add --vector auto")
+    if aoi_crs is not None and aoi is None:
+        raise ConfigError("--aoi-crs is the CRS of --aoi: add --aoi")
+    area = None
+    if aoi is not None:
+        from crossearth_cli.raster.aoi import parse_aoi
+
+        area = parse_aoi(aoi, aoi_crs)
     if len(inputs) == 1 and _is_glob(inputs[0]):
         from crossearth_cli.batch import expand_inputs
 
@@ -146,7 +163,7 @@ def segment_command(
         probabilities_dtype=probabilities_dtype, vector=vector, cog=cog, compress=compress,
         compile=compile, vector_min_area=vector_min_area,
         overwrite=overwrite, summary=summary, vrt=vrt, allow_random=allow_random_weights,
-        rank=rank,
+        rank=rank, aoi=area,
     )
     if single and rank.world == 1:
         job.run_single()
@@ -176,6 +193,7 @@ class _Job:
             device=self.device, precision=self.precision,
             probabilities_dtype=self.probabilities_dtype.lower(), cog=self.cog,
             overwrite=self.overwrite, compress=self.compress.lower(), compile=self.compile,
+            aoi=self.aoi,
         )
 
     def load_model(self, device: str):
@@ -221,6 +239,31 @@ class _Job:
             check_report_path(self.vrt, "mosaic", self.overwrite,
                               [*taken, self.summary] if self.summary else taken)
 
+    def check_aoi(self, src: Path) -> None:
+        """--aoi on one input: refused before any work if it holds no pixel of it."""
+        if self.aoi is None:
+            return
+        from crossearth_cli.raster.aoi import place_on_file
+
+        place_on_file(self.aoi, src)
+
+    def inside_aoi(self, items: list) -> list:
+        """--aoi on a folder: the inputs it reaches (the others are left out, with a note)."""
+        if self.aoi is None:
+            return items
+        from crossearth_cli.errors import ConfigError
+        from crossearth_cli.raster.aoi import overlaps
+
+        kept = [it for it in items if overlaps(self.aoi, it.path)]
+        if not kept:
+            raise ConfigError(f"--aoi {self.aoi.label}: it holds no pixel of any of the "
+                              f"{len(items)} input(s)",
+                              hint="check the AOI's coordinates and CRS (--aoi-crs)")
+        if len(kept) < len(items) and self.rank.rank == 0:
+            note(f"--aoi: {len(items) - len(kept)} of {len(items)} input(s) lie outside it "
+                 "and are left out")
+        return kept
+
     def vector_options(self, spec):
         from crossearth_cli.vector.options import VectorizeOptions
 
@@ -264,6 +307,7 @@ class _Job:
         settings.confidence, settings.probabilities = conf, probs
         validate_settings(settings)
         probe_input(src, settings.bands)  # fail fast, before a model is loaded
+        self.check_aoi(src)
         check_outputs(settings)
         if vec is not None:
             check_suffix(vec)
@@ -299,6 +343,7 @@ class _Job:
         settings.confidence, settings.probabilities = conf, probs
         validate_settings(settings)
         probe_input(src, settings.bands)
+        self.check_aoi(src)
         check_outputs(settings, job=(rank.rank, rank.world))
         if vec is not None:  # before the ranks segment, not when rank 0 vectorizes at the end
             check_suffix(vec)
@@ -398,6 +443,7 @@ class _Job:
                 f"-o {outdir}: every input is inside the output folder, so nothing is left to do",
                 hint="choose an output folder outside the inputs",
             )
+        items = self.inside_aoi(items)
         check_output_names(items, outdir)
         kinds = ["classes"] + [k for k, v in (("confidence", self.confidence),
                                              ("probabilities", self.probabilities),
@@ -528,6 +574,7 @@ class _Job:
             "tile": self.tile, "stride": self.stride, "overlap": self.overlap,
             "blend": self.blend.lower(), "bands": self.bands, "range": self.value_range,
             **({"tta": self.tta.lower()} if self.tta.lower() != "none" else {}),
+            **({"aoi": self.aoi.fingerprint} if self.aoi is not None else {}),
             "device": self.device, "precision": self.precision, "outputs": kinds,
             "probabilities_dtype": self.probabilities_dtype.lower(), "cog": self.cog,
             "compress": self.compress.lower(), "random_allowed": self.allow_random,
@@ -563,6 +610,8 @@ def _result_dict(result) -> dict:
         "tiles_skipped": result.tiles_skipped, "device": result.device,
         "precision": result.precision, "tta": result.tta, "batch_size": result.batch_size,
         "class_shares": result.class_shares(), "nodata_pixels": result.nodata_pixels,
+        **({"window": dict(zip(("col_off", "row_off", "width", "height"), result.window))}
+           if result.window is not None else {}),
     }
 
 
@@ -573,8 +622,10 @@ def _merge_part_results(parts: list, output: Path, extra: list[Path]):
     import numpy as np
 
     first = parts[0]
+    height = sum(p.height for p in parts)
     return dataclasses.replace(
-        first, output=output, height=sum(p.height for p in parts),
+        first, output=output, height=height,
+        window=(*first.window[:3], height) if first.window else None,
         tiles=sum(p.tiles for p in parts), tiles_skipped=sum(p.tiles_skipped for p in parts),
         seconds=max(p.seconds for p in parts),
         class_pixels=np.sum([p.class_pixels for p in parts], axis=0),

@@ -33,9 +33,11 @@ import numpy as np
 import rasterio
 from rasterio.enums import ColorInterp, MaskFlags
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
+from rasterio.transform import Affine
 from rasterio.windows import Window
 
 from crossearth_cli.errors import ConfigError, InputError
+from crossearth_cli.raster.aoi import AreaOfInterest, PlacedAOI, place_aoi
 from crossearth_cli.raster.windows import Tile
 
 try:  # GDAL errors that rasterio raises as they are
@@ -411,7 +413,11 @@ class SceneReader:
         bands: list[int] | None = None,
         value_range: str | list[BandScaling] | SharedScaling | None = None,
         band_order: str = "RGB",
+        aoi: AreaOfInterest | None = None,
+        aoi_margin: int = 0,
     ):
+        """``aoi``: the scene is the AOI's context window (:mod:`crossearth_cli.raster.aoi`),
+        grown by ``aoi_margin`` pixels; :attr:`aoi` then says where its outputs go."""
         self.path = Path(path)
         src = open_raster(self.path)
         self._handles: list = [src]
@@ -422,6 +428,7 @@ class SceneReader:
         self._lock = threading.Lock()
         try:
             self._inspect(src, bands, value_range, band_order)
+            self._place(src, aoi, aoi_margin)
         except Exception:
             self.close()
             raise
@@ -482,6 +489,22 @@ class SceneReader:
         self._sparse = _SparseBlocks.for_reader(src, self._read_bands, self._mask_kinds)
         self.scaling = self._resolve_scaling(src, value_range)
         self._check_readable(src)
+
+    def _place(self, src, aoi: AreaOfInterest | None, margin: int) -> None:
+        """Narrow the scene to the AOI's context window (the value range stays the whole
+        file's, so two AOIs of one scene are stretched alike)."""
+        self.aoi: PlacedAOI | None = None
+        self.row_offset = self.col_offset = 0  # the file pixel of the scene's (0, 0)
+        if aoi is None:
+            return
+        self.aoi = place_aoi(aoi, self.path, src.crs, src.transform, src.width, src.height,
+                             margin, self.gcps is not None or bool(self.rpcs))
+        self.col_offset, self.row_offset, self.width, self.height = self.aoi.context
+        self.transform = src.transform * Affine.translation(self.col_offset, self.row_offset)
+        x, y, w, h = self.aoi.output_window
+        self.notes.append(f"--aoi: the outputs cover columns {x}-{x + w}, rows {y}-{y + h} of "
+                          f"the input ({w}x{h} px, {w * h / (src.width * src.height):.1%} of "
+                          f"it); the model also reads up to {margin} px around them")
 
     def _use_palette(self, src, band_order: str) -> None:
         cmap = src.colormap(1)
@@ -557,7 +580,12 @@ class SceneReader:
         """Whether rows ``y .. y+h`` hold no data at all: every selected band's blocks there
         were never written (sparse GeoTIFF) and read as nodata. Answered from the TIFF's block
         table, without reading or decompressing anything."""
-        return self._sparse is not None and self._sparse.rows_empty(self._src(), y, h)
+        return self._sparse is not None and self._sparse.rows_empty(self._src(),
+                                                                    y + self.row_offset, h)
+
+    def tile_needed(self, tile: Tile) -> bool:
+        """False for a tile outside the AOI's polygons: none of its pixels is output."""
+        return self.aoi is None or self.aoi.touches(tile.x, tile.y, tile.w, tile.h)
 
     def read_window(self, y: int, x: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
         data, valid = self.read_raw(y, x, h, w)
@@ -566,7 +594,7 @@ class SceneReader:
     def read_raw(self, y: int, x: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
         """(3×h×w in :attr:`dtype`, h×w bool valid): one read, masks derived from it."""
         src = self._src()
-        window = Window(x, y, w, h)
+        window = Window(x + self.col_offset, y + self.row_offset, w, h)
         with corrupt_is_input_error(
                 self.path, f"read failed at rows {y}-{y + h}, columns {x}-{x + w}"):
             data = src.read(self._read_bands, window=window, out_dtype=self._read_dtype)
@@ -721,6 +749,8 @@ class StripFeed:
 
     Rows a sparse GeoTIFF never wrote (:meth:`SceneReader.rows_empty`) are not read: while the
     whole strip is empty, tiles come out as shared all-nodata arrays, and nothing is allocated.
+    With an AOI, tiles that touch none of its polygons come out so too, and rows that only such
+    tiles use are not read.
 
     Memory: ``tile × width × (bands × bytes per sample + 1)`` for the strip, twice at most
     (``width``: the stripe's, for scenes read in vertical stripes).
@@ -749,13 +779,23 @@ class StripFeed:
         start = tile.y if r == 0 else max(tile.y, self.grid[r - 1][0].y + tile.h)
         end = tile.y + tile.h
         futures: list | None = []
-        if end > start and self.reader.rows_empty(start, end - start):
+        if end > start and (self.reader.rows_empty(start, end - start)
+                            or not self._rows_needed(start, end)):
             futures = None
         elif end > start:
-            for a, b in column_chunks(self.x0, self.x1, self.chunks, self.reader.block_width):
-                futures.append(self.pool.submit(self.reader.read_raw, start, a, end - start,
-                                                b - a))
+            off = self.reader.col_offset  # cuts on the file's block columns
+            for a, b in column_chunks(self.x0 + off, self.x1 + off, self.chunks,
+                                      self.reader.block_width):
+                futures.append(self.pool.submit(self.reader.read_raw, start, a - off,
+                                                end - start, b - a))
         self._next = (r, start, end, futures)
+
+    def _rows_needed(self, start: int, end: int) -> bool:
+        """Whether a tile that runs (inside the AOI, if any) uses rows ``start .. end``."""
+        if self.reader.aoi is None:
+            return True
+        return any(self.reader.tile_needed(t) for row in self.grid
+                   if row[0].y < end and row[0].y + row[0].h > start for t in row)
 
     def prime(self) -> StripFeed:
         if self._next is None and self._row < len(self.grid):
@@ -823,7 +863,7 @@ class StripFeed:
         while self._row < len(self.grid):
             self._advance()
             for t in self.grid[self._row]:
-                if self._empty:
+                if self._empty or not self.reader.tile_needed(t):
                     yield (t, *self._blank_tile(t.h, t.w))
                     continue
                 rows = slice(t.y - self._top, t.y - self._top + t.h)

@@ -137,18 +137,21 @@ class ColumnStripe:
     c1: int
 
 
-def column_stripes(row: list[Tile], width: int, max_width: int,
-                   block: int = 512) -> list[ColumnStripe]:
+def column_stripes(row: list[Tile], width: int, max_width: int, block: int = 512,
+                   span: tuple[int, int] | None = None) -> list[ColumnStripe]:
     """Split a wide scene into vertical stripes run one after another, so the row band holds
     at most ``max_width`` output columns (plus the tiles reaching over its edges).
 
     Each stripe runs every tile touching its output columns, so a pixel gets the same tiles,
     added in the same order, as in one pass over the whole width: the result is identical.
-    Boundaries are multiples of ``block`` so each stripe writes whole output blocks.
+    Boundaries are multiples of ``block`` from the first output column, so each stripe writes
+    whole output blocks. ``span=(c0, c1)``: only these columns are output (an AOI's).
     """
-    n = max(1, -(-width // max_width))
-    bounds = sorted({0, width, *(min(width, round(k * width / n / block) * block)
-                                 for k in range(1, n))})
+    start, end = span if span is not None else (0, width)
+    out = end - start
+    n = max(1, -(-out // max_width))
+    bounds = sorted({start, end, *(start + min(out, round(k * out / n / block) * block)
+                                   for k in range(1, n))})
     stripes = []
     for c0, c1 in zip(bounds[:-1], bounds[1:]):
         cols = [t for t in row if t.x < c1 and t.x + t.w > c0]

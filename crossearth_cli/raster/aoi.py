@@ -1,0 +1,264 @@
+"""``--aoi``: segment only an area of interest of each raster.
+
+The AOI is a bounding box (``W,S,E,N`` in the raster's CRS, or in ``--aoi-crs``) or the
+polygons of a vector file (every layer, each in its own CRS). On one raster it becomes:
+
+- the **output window**: the pixels of the raster's own grid whose centres lie in the AOI's
+  bounding box. The outputs cover exactly this window (same CRS and pixel size, a whole-pixel
+  offset from the input), so they overlay the input and each other without resampling;
+- the **context window**: the output window grown by ``margin`` pixels on each side (clipped
+  to the raster). The model reads it, so pixels at the AOI's edge are predicted with as much
+  surrounding imagery as pixels at a tile seam are, not as if the raster ended there;
+- the **mask**: pixels whose centres fall outside the AOI's polygons are nodata in every
+  output, and tiles that touch no polygon are neither read nor run.
+
+Everything here works in the raster's pixel coordinates (column, row; pixel ``(i, j)`` covers
+``[i, i+1) × [j, j+1)``), so masks of neighbouring windows agree pixel for pixel.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import shapely
+import shapely.affinity
+import shapely.geometry
+from rasterio.crs import CRS
+from rasterio.errors import CRSError
+from rasterio.transform import Affine
+
+from crossearth_cli.errors import ConfigError, InputError
+
+_NUMBER = r"\s*[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?\s*"
+_BBOX = re.compile(rf"^{_NUMBER}(,{_NUMBER}){{3}}$")
+# edges are densified to this many points before a reprojection, so a box stays the area it
+# encloses (a straight edge in degrees is a curve in metres)
+_DENSIFY = 256
+
+
+class OutsideAOI(ConfigError):
+    """The AOI holds no pixel of this raster (a folder run leaves such inputs out)."""
+
+
+@dataclass(frozen=True)
+class AreaOfInterest:
+    """Polygons, each group in its CRS (``None``: the raster's own coordinates)."""
+
+    parts: tuple[tuple[CRS | None, shapely.Geometry], ...]
+    label: str  # for messages: the bounding box as given, or the file's name
+
+    @property
+    def fingerprint(self) -> str:
+        """Changes whenever the area does (resume decisions)."""
+        h = hashlib.sha256()
+        for crs, geom in self.parts:
+            h.update((crs.to_wkt() if crs else "raster").encode())
+            h.update(shapely.to_wkb(shapely.normalize(geom)))
+        return h.hexdigest()[:16]
+
+
+def parse_crs(text: str, what: str = "--aoi-crs") -> CRS:
+    try:
+        return CRS.from_user_input(text.strip())
+    except (CRSError, ValueError):
+        raise ConfigError(f"{what} {text!r} is not a CRS GDAL knows",
+                          hint="give e.g. EPSG:4326 or EPSG:32631") from None
+
+
+def parse_aoi(text: str, crs_text: str | None = None) -> AreaOfInterest:
+    """``W,S,E,N`` or a vector file; ``crs_text`` is the CRS of a box or of a file that
+    has none."""
+    crs = parse_crs(crs_text) if crs_text else None
+    if _BBOX.match(text):
+        w, s, e, n = (float(v) for v in text.split(","))
+        if not all(math.isfinite(v) for v in (w, s, e, n)) or not (w < e and s < n):
+            raise ConfigError(f"--aoi {text}: a box is W,S,E,N with W < E and S < N")
+        return AreaOfInterest(((crs, shapely.box(w, s, e, n)),), text.strip())
+    path = Path(text)
+    if not path.exists():
+        raise ConfigError(f"--aoi {text}: no such file, and not a box W,S,E,N",
+                          hint="give a vector file (GeoPackage, GeoJSON, Shapefile...) or "
+                          "four numbers")
+    return read_aoi_file(path, crs)
+
+
+def read_aoi_file(path: Path, crs: CRS | None = None) -> AreaOfInterest:
+    """The polygons of every layer of ``path`` (points and lines are not areas: left out)."""
+    import pyogrio
+
+    try:
+        layers = [str(name) for name, _ in pyogrio.list_layers(path)]
+        parts: dict[str, tuple[CRS | None, list]] = {}
+        for layer in layers:
+            meta, _, wkb, _ = pyogrio.raw.read(path, layer=layer, columns=[])
+            layer_crs = _layer_crs(path, layer, meta.get("crs"), crs)
+            key = layer_crs.to_wkt() if layer_crs else ""
+            parts.setdefault(key, (layer_crs, []))[1].extend(
+                g for g in wkb if g is not None)
+    except (pyogrio.errors.DataSourceError, pyogrio.errors.DataLayerError) as exc:
+        raise InputError(f"cannot read it as a vector file ({_first_line(exc)})", path=path,
+                         hint="give a GeoPackage, GeoJSON or Shapefile, or a box W,S,E,N"
+                         ) from None
+    groups = []
+    for layer_crs, blobs in parts.values():
+        area = _polygons(shapely.from_wkb(np.asarray(blobs, dtype=object)))
+        if not area.is_empty:
+            groups.append((layer_crs, area))
+    if not groups:
+        raise InputError("holds no polygon to use as an area of interest", path=path,
+                         hint="draw the area as a polygon")
+    return AreaOfInterest(tuple(groups), path.name)
+
+
+def _layer_crs(path: Path, layer: str, found: str | None, given: CRS | None) -> CRS | None:
+    if not found:
+        return given
+    layer_crs = parse_crs(found, f"{path} (layer {layer}):")
+    if given is not None and given != layer_crs:
+        raise ConfigError(f"--aoi {path} has its own CRS ({layer_crs.to_string()}): "
+                          "--aoi-crs is for a box or a file without one",
+                          hint="leave out --aoi-crs")
+    return layer_crs
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _polygons(geoms: np.ndarray) -> shapely.Geometry:
+    """The union of the polygonal parts of ``geoms``, made valid."""
+    geoms = geoms[~shapely.is_missing(geoms)]
+    geoms = shapely.make_valid(geoms)
+    parts = shapely.get_parts(geoms)
+    while True:  # collections nest: flatten until only simple geometries remain
+        nested = shapely.get_type_id(parts) == 7
+        if not nested.any():
+            break
+        parts = np.concatenate([parts[~nested], shapely.get_parts(parts[nested])])
+    polygons = parts[shapely.get_type_id(parts) == 3]
+    return shapely.union_all(polygons) if len(polygons) else shapely.Polygon()
+
+
+@dataclass(frozen=True)
+class PlacedAOI:
+    """An AOI on one raster. Windows are ``(col_off, row_off, width, height)`` in the file's
+    pixels; ``out`` is the output window inside the context window (its coordinates)."""
+
+    context: tuple[int, int, int, int]
+    out: tuple[int, int, int, int]
+    area: shapely.Geometry  # polygons in the file's pixel coordinates, clipped to the raster
+    rectangle: bool  # the area is a box that covers every output pixel: nothing to mask
+
+    @property
+    def output_window(self) -> tuple[int, int, int, int]:
+        """The outputs' window in the input's pixels."""
+        x, y, w, h = self.out
+        return self.context[0] + x, self.context[1] + y, w, h
+
+    def touches(self, col: int, row: int, width: int, height: int) -> bool:
+        """Whether the box of context pixels ``col .. col+width``, ``row .. row+height``
+        reaches the area (a tile that does not is not run: none of its pixels is output)."""
+        x0, y0 = col + self.context[0], row + self.context[1]
+        return bool(shapely.intersects(self.area, shapely.box(x0, y0, x0 + width,
+                                                              y0 + height)))
+
+    def inside(self, col: int, row: int, width: int, height: int) -> np.ndarray:
+        """``height × width`` bool: which context pixels have their centre in the area."""
+        if self.rectangle:
+            return np.ones((height, width), dtype=bool)
+        from rasterio.features import geometry_mask
+
+        x0, y0 = col + self.context[0], row + self.context[1]
+        part = shapely.clip_by_rect(self.area, x0, y0, x0 + width, y0 + height)
+        if part.is_empty:
+            return np.zeros((height, width), dtype=bool)
+        return geometry_mask([part], out_shape=(height, width),
+                             transform=Affine.translation(x0, y0), invert=True)
+
+
+def place_aoi(aoi: AreaOfInterest, path: Path | str, crs: CRS | None, transform: Affine,
+              width: int, height: int, margin: int, has_sensor_model: bool = False
+              ) -> PlacedAOI:
+    """Where ``aoi`` falls on a raster of ``width × height`` pixels."""
+    if transform.is_identity and has_sensor_model:
+        raise ConfigError("is georeferenced by ground control points or RPCs, not a "
+                          "geotransform, so --aoi cannot be placed on it", path=path,
+                          hint="warp it to a map grid first (gdalwarp), or leave out --aoi")
+    to_pixels = ~transform
+    pieces = []
+    for part_crs, geom in aoi.parts:
+        if part_crs is not None and crs is None:
+            raise ConfigError(f"has no CRS, so an area given in {part_crs.to_string()} "
+                              "cannot be placed on it", path=path,
+                              hint="give the AOI in the raster's own coordinates, without "
+                              "a CRS")
+        if part_crs is not None and part_crs != crs:
+            geom = _reproject(geom, part_crs, crs, path)
+        pieces.append(shapely.affinity.affine_transform(
+            geom, [to_pixels.a, to_pixels.b, to_pixels.d, to_pixels.e, to_pixels.c,
+                   to_pixels.f]))
+    area = shapely.clip_by_rect(shapely.union_all(pieces), 0, 0, width, height)
+    if not area.is_empty:
+        xmin, ymin, xmax, ymax = area.bounds
+        # pixels whose centres (i + 0.5) lie in the bounds
+        c0, c1 = math.ceil(xmin - 0.5), math.floor(xmax - 0.5) + 1
+        r0, r1 = math.ceil(ymin - 0.5), math.floor(ymax - 0.5) + 1
+    if area.is_empty or c1 <= c0 or r1 <= r0:
+        from rasterio.transform import array_bounds
+
+        west, south, east, north = array_bounds(height, width, transform)
+        where = f"in {crs.to_string()}" if crs else "in its own coordinates"
+        raise OutsideAOI(f"the area of interest ({aoi.label}) holds no pixel of it; it covers "
+                         f"{west:.10g},{south:.10g},{east:.10g},{north:.10g} (W,S,E,N) {where}",
+                         path=path, hint="check the AOI's coordinates and CRS (--aoi-crs)")
+    x0, y0 = max(c0 - margin, 0), max(r0 - margin, 0)
+    x1, y1 = min(c1 + margin, width), min(r1 + margin, height)
+    rectangle = bool(shapely.equals(area, shapely.box(*area.bounds)))
+    shapely.prepare(area)
+    return PlacedAOI((x0, y0, x1 - x0, y1 - y0), (c0 - x0, r0 - y0, c1 - c0, r1 - r0), area,
+                     rectangle)
+
+
+def _reproject(geom: shapely.Geometry, src: CRS, dst: CRS, path) -> shapely.Geometry:
+    from rasterio.warp import transform_geom
+
+    xmin, ymin, xmax, ymax = geom.bounds
+    step = max(xmax - xmin, ymax - ymin) / _DENSIFY
+    if step > 0:
+        geom = shapely.segmentize(geom, step)
+    try:
+        moved = shapely.geometry.shape(transform_geom(src, dst, shapely.geometry.mapping(geom)))
+    except Exception as exc:  # noqa: BLE001 - PROJ's failures come in several types
+        raise ConfigError(f"the area of interest cannot be moved from {src.to_string()} to "
+                          f"the raster's CRS ({_first_line(exc)})", path=path) from None
+    return shapely.make_valid(moved)
+
+
+def place_on_file(aoi: AreaOfInterest, path: Path, margin: int = 0) -> PlacedAOI:
+    """:func:`place_aoi` on the raster at ``path`` (its header only)."""
+    from crossearth_cli.raster.reader import open_raster
+
+    with open_raster(path) as src:
+        return place_aoi(aoi, path, src.crs, src.transform, src.width, src.height, margin,
+                         bool(src.gcps[0]) or bool(src.rpcs))
+
+
+def overlaps(aoi: AreaOfInterest, path: Path) -> bool:
+    """Whether the AOI holds a pixel of the raster at ``path``; True when that cannot be
+    told (an unreadable file fails later, with its own reason)."""
+    try:
+        place_on_file(aoi, path)
+    except OutsideAOI:
+        return False
+    except Exception:  # noqa: BLE001 - reported when the file runs
+        return True
+    return True
+
+
+__all__ = ["AreaOfInterest", "OutsideAOI", "PlacedAOI", "overlaps", "parse_aoi",
+           "parse_crs", "place_aoi", "place_on_file", "read_aoi_file"]

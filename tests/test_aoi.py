@@ -1,0 +1,368 @@
+"""``--aoi``: only an area of interest is segmented; its outputs sit on the input's own grid."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import rasterio
+import shapely
+from helpers import PerPixelModel, per_pixel_spec, random_scene, tiny_model, write_tif
+from rasterio.features import geometry_mask
+from rasterio.transform import Affine
+from rasterio.warp import transform as warp_points
+from reliability_helpers import assert_nothing_written, assert_user_error, cli, snapshot
+
+from crossearth_cli import engine
+from crossearth_cli.engine import ModelSpec, RowPart, SegmentSettings, segment
+from crossearth_cli.raster.aoi import AreaOfInterest, parse_aoi, place_aoi
+from crossearth_cli.raster.reader import SceneReader
+
+
+def _area(geom, crs=None) -> AreaOfInterest:
+    return AreaOfInterest(((crs, geom),), "test area")
+
+
+def _pixel_polygon(transform: Affine, coords) -> shapely.Polygon:
+    """A polygon given in (column, row) pixels, in the raster's CRS."""
+    return shapely.Polygon([transform * xy for xy in coords])
+
+
+def _read(path):
+    with rasterio.open(path) as ds:
+        return ds.read(), ds.transform, ds.crs, ds.nodata
+
+
+def _run(tmp_path, name, src, spec, aoi=None, part=None, **kw):
+    paths = {k: tmp_path / f"{name}_{k}.tif" for k in ("c", "p")}
+    settings = SegmentSettings(input=src, output=tmp_path / f"{name}.tif", aoi=aoi,
+                               confidence=paths["c"], probabilities=paths["p"], **kw)
+    result = segment(settings, spec, part=part)
+    return result, [_read(settings.output), _read(paths["c"]), _read(paths["p"])]
+
+
+@pytest.mark.parametrize("how", ["one pass", "stripes", "row parts"])
+def test_inside_the_aoi_the_outputs_are_the_whole_scene_run_and_outside_nodata(
+        tmp_path, monkeypatch, how):
+    """A per-pixel model makes tiling irrelevant, so inside a triangle every output equals the
+    whole scene's, on the same pixels of the same grid; outside it, each output's nodata."""
+    spec = per_pixel_spec(crop=48, stride=32)
+    src = write_tif(tmp_path / "s.tif", random_scene(260, 700, seed=4))
+    with rasterio.open(src) as ds:
+        t = ds.transform
+    triangle = _pixel_polygon(t, [(50.3, 40.7), (610.2, 60.1), (120.6, 230.4)])
+    _, whole = _run(tmp_path, "whole", src, spec, probabilities_dtype="float32")
+    if how == "stripes":
+        monkeypatch.setattr(engine, "STRIPE_WIDTH", 16)  # max(16, 2 × 48): 96-column stripes
+    parts = [RowPart(i, 3) for i in range(3)] if how == "row parts" else [None]
+    runs = [_run(tmp_path, f"aoi{i}", src, spec, _area(triangle), part=p,
+                 probabilities_dtype="float32") for i, p in enumerate(parts)]
+    results = [r for r, _ in runs]
+    assert [r.window[1] for r in results] == sorted(r.window[1] for r in results)
+    outs = [np.concatenate([o[k][0] for _, o in runs], axis=1) for k in range(3)]
+    col, row, w, h = results[0].window[0], results[0].window[1], results[0].width, \
+        sum(r.height for r in results)
+    # pixel centres 50.5 .. 609.5 and 41.5 .. 229.5 lie in the triangle's bounds
+    assert (col, row, w, h) == (50, 41, 560, 189)
+    first_transform = runs[0][1][0][1]
+    assert first_transform == t * Affine.translation(col, row)
+    inside = geometry_mask([triangle], out_shape=(h, w), transform=first_transform,
+                           invert=True)
+    for (whole_data, _, crs, nodata), out, (_, _, out_crs, out_nodata) in zip(
+            whole, outs, runs[0][1]):
+        assert out_crs == crs and (out_nodata == nodata or np.isnan(out_nodata))
+        window = whole_data[:, row:row + h, col:col + w]
+        # float probabilities: other tile placements sum the same tapers in another order
+        np.testing.assert_allclose(out[:, inside], window[:, inside], rtol=0, atol=1e-6)
+        if out.dtype == np.uint8:
+            np.testing.assert_array_equal(out[:, inside], window[:, inside])
+        if np.isnan(out_nodata):
+            assert np.isnan(out[:, ~inside]).all()
+        else:
+            assert (out[:, ~inside] == out_nodata).all()
+    counts = sum(r.class_pixels for r in results)
+    np.testing.assert_array_equal(counts, np.bincount(outs[0][0][inside], minlength=4))
+    assert sum(r.nodata_pixels for r in results) == (~inside).sum()
+
+
+def test_the_model_reads_around_the_aoi(tmp_path):
+    """Pixels at the AOI's edge are predicted with the imagery around them: with a margin
+    that reaches the raster's edges, a model that looks at neighbours gives exactly the whole
+    scene's answer inside the box (same tiles, same context)."""
+    spec = ModelSpec(module=tiny_model(), class_names=[f"c{i}" for i in range(4)],
+                     palette=[(i, i, i) for i in range(4)], crop=64, stride=40, label="tiny")
+    src = write_tif(tmp_path / "s.tif", random_scene(150, 170, seed=5))
+    with rasterio.open(src) as ds:
+        t = ds.transform
+    box = _pixel_polygon(t, [(10, 12), (150, 12), (150, 140), (10, 140)])  # 24 px margin
+    _, whole = _run(tmp_path, "whole", src, spec)
+    result, outs = _run(tmp_path, "aoi", src, spec, _area(box))
+    assert result.window == (10, 12, 140, 128)
+    np.testing.assert_array_equal(outs[0][0], whole[0][0][:, 12:140, 10:150])
+    with SceneReader(src, aoi=_area(box), aoi_margin=24) as reader:
+        assert (reader.width, reader.height) == (170, 150)  # the margin reaches every edge
+    with SceneReader(src, aoi=_area(box), aoi_margin=5) as reader:
+        assert (reader.width, reader.height) == (150, 138)
+        assert reader.transform == t * Affine.translation(5, 7)
+        np.testing.assert_array_equal(reader.read_raw(0, 0, 3, 4)[0],
+                                      _read(src)[0][:, 7:10, 5:9])
+
+
+class Counting(PerPixelModel):
+    tiles = 0
+
+    def forward(self, x):
+        Counting.tiles += x.shape[0]
+        return super().forward(x)
+
+
+def test_tiles_and_rows_away_from_the_polygons_are_neither_read_nor_run(tmp_path,
+                                                                         monkeypatch):
+    spec = per_pixel_spec(crop=32, stride=32)
+    spec.module = Counting(4)
+    src = write_tif(tmp_path / "s.tif", random_scene(640, 640, seed=6))
+    with rasterio.open(src) as ds:
+        t = ds.transform
+    # two 20-px squares at opposite corners: their bounding box is the whole scene
+    squares = shapely.MultiPolygon([
+        _pixel_polygon(t, [(5, 5), (25, 5), (25, 25), (5, 25)]),
+        _pixel_polygon(t, [(610, 610), (630, 610), (630, 630), (610, 630)]),
+    ])
+    rows_read = []
+    real_read = SceneReader.read_raw
+
+    def read_raw(self, y, x, h, w):
+        rows_read.append((y, y + h))
+        return real_read(self, y, x, h, w)
+
+    monkeypatch.setattr(SceneReader, "read_raw", read_raw)
+    Counting.tiles = 0
+    result, outs = _run(tmp_path, "aoi", src, spec, _area(squares))
+    # the grid starts at the output window (column and row 5, no margin: stride = tile):
+    # one tile holds the first square; the second sits where the last tile, pushed back
+    # flush to the edge, overlaps the one before it: 2 × 2 tiles
+    assert Counting.tiles == 5 and result.tiles == 400
+    assert result.tiles_skipped == 395
+    # rows (of the window) that only tiles outside the squares use are never read
+    assert rows_read and all(b <= 32 or a >= 576 for a, b in rows_read)
+    classes = outs[0][0][0]
+    assert (classes != 255).sum() == 2 * 20 * 20
+
+
+def test_a_box_in_degrees_is_the_area_it_encloses_on_a_utm_grid(tmp_path):
+    """Each output pixel is kept exactly when its centre, taken to longitude and latitude by
+    PROJ directly, falls in the box. 200 km east of the zone's central meridian, meridians
+    lean about 2° on the UTM grid, so the box is a tilted shape there, not the window."""
+    src = write_tif(tmp_path / "s.tif", random_scene(200, 240, seed=7),
+                    transform=Affine(0.5, 0, 700000, 0, -0.5, 5800000))
+    with rasterio.open(src) as ds:
+        t, crs = ds.transform, ds.crs
+    lon, lat = warp_points(crs, "EPSG:4326", [t.c + 20, t.c + 100], [t.f - 90, t.f - 30])
+    box = f"{lon[0]},{lat[0]},{lon[1]},{lat[1]}"
+    spec = per_pixel_spec()
+    result, outs = _run(tmp_path, "aoi", src, spec, parse_aoi(box, "EPSG:4326"))
+    col, row, w, h = result.window
+    out_t = outs[0][1]
+    cols, rows = np.meshgrid(np.arange(w) + 0.5, np.arange(h) + 0.5)
+    xs, ys = out_t * (cols.ravel(), rows.ravel())
+    plon, plat = map(np.asarray, warp_points(crs, "EPSG:4326", xs, ys))
+    want = ((plon >= lon[0]) & (plon <= lon[1]) & (plat >= lat[0]) & (plat <= lat[1]))
+    got = outs[0][0][0].ravel() != 255
+    assert 0.8 * w * h < want.sum() < w * h - 100  # the tilt leaves corners out
+    np.testing.assert_array_equal(got, want)
+
+
+def test_an_aoi_polygon_on_a_rotated_grid(tmp_path):
+    """A geotransform with rotation: the window and mask follow the file's own pixels."""
+    t = Affine(0.4, 0.3, 500000, 0.3, -0.4, 5800000)
+    src = write_tif(tmp_path / "s.tif", random_scene(120, 130, seed=8), transform=t)
+    poly = _pixel_polygon(t, [(20.2, 30.7), (100.4, 25.1), (90.9, 110.3)])
+    spec = per_pixel_spec()
+    _, whole = _run(tmp_path, "whole", src, spec)
+    result, outs = _run(tmp_path, "aoi", src, spec, _area(poly))
+    col, row, w, h = result.window
+    assert outs[0][1] == t * Affine.translation(col, row)
+    inside = geometry_mask([poly], out_shape=(h, w), transform=outs[0][1], invert=True)
+    np.testing.assert_array_equal(outs[0][0][0][inside],
+                                  whole[0][0][0, row:row + h, col:col + w][inside])
+    assert (outs[0][0][0][~inside] == 255).all()
+
+
+def test_place_aoi_windows_are_the_pixels_whose_centres_are_in_the_box():
+    t = Affine(2.0, 0, 100.0, 0, -2.0, 500.0)
+    box = shapely.box(*(t * (3.4, 9.6)), *(t * (7.6, 2.4)))  # columns 3.4-7.6, rows 2.4-9.6
+    placed = place_aoi(_area(box), "x.tif", None, t, 50, 40, margin=3)
+    # centres 3.5 .. 7.5 and 2.5 .. 9.5
+    assert placed.output_window == (3, 2, 5, 8) and placed.rectangle
+    assert placed.context == (0, 0, 11, 13)  # grown by 3, clipped at 0
+    assert placed.out == (3, 2, 5, 8)
+    edge = place_aoi(_area(shapely.box(*(t * (45, 38)), *(t * (60, 30)))), "x.tif", None, t,
+                     50, 40, margin=4)
+    assert edge.output_window == (45, 30, 5, 8) and edge.context == (41, 26, 9, 14)
+
+
+# -- the command line --------------------------------------------------------------------
+
+
+def test_segment_aoi_from_a_geopackage_and_the_summary(tmp_path, capfd, ckpt):
+    src = write_tif(tmp_path / "s.tif", random_scene(120, 160, seed=9))
+    with rasterio.open(src) as ds:
+        t = ds.transform
+    import pyogrio
+
+    poly = _pixel_polygon(t, [(10, 10), (90, 20), (40, 100)])
+    pyogrio.raw.write(tmp_path / "area.gpkg", np.array([shapely.to_wkb(poly)], dtype=object),
+                      fields=[], field_data=[], geometry_type="Polygon",
+                      crs="EPSG:32631", driver="GPKG", layer="area")
+    out = tmp_path / "o.tif"
+    code, stdout, err = cli(capfd, "segment", src, "-c", ckpt, "-o", out, "--aoi",
+                            tmp_path / "area.gpkg", "--summary", tmp_path / "run.json",
+                            "--confidence", "auto", "--vector", "auto")
+    assert code == 0, err
+    assert "--aoi: the outputs cover columns 10-90, rows 10-100" in err
+    summary = json.loads((tmp_path / "run.json").read_text())
+    assert summary["window"] == {"col_off": 10, "row_off": 10, "width": 80, "height": 90}
+    classes, out_t, _, _ = _read(out)
+    assert classes.shape == (1, 90, 80) and out_t == t * Affine.translation(10, 10)
+    inside = geometry_mask([poly], out_shape=(90, 80), transform=out_t, invert=True)
+    assert (classes[0][inside] != 255).all() and (classes[0][~inside] == 255).all()
+    assert summary["nodata_pixels"] == (~inside).sum()
+    layers = pyogrio.list_layers(tmp_path / "o.gpkg")
+    total = shapely.union_all(np.concatenate([
+        shapely.from_wkb(pyogrio.raw.read(tmp_path / "o.gpkg", layer=name)[2])
+        for name, _ in layers]))
+    assert total.buffer(-1).within(poly)  # polygons only inside the AOI
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--aoi", "1,2,3"], ["--aoi 1,2,3", "not a box"]),
+    (["--aoi", "5,5,1,1"], ["W < E"]),
+    (["--aoi", "0,0,1,1", "--aoi-crs", "EPSG:99999"], ["--aoi-crs", "EPSG:99999"]),
+    (["--aoi-crs", "EPSG:4326"], ["add --aoi"]),
+    (["--aoi", "0,0,1,1"], ["s.tif", "holds no pixel", "EPSG:32631"]),
+])
+def test_aoi_mistakes_are_one_line_and_write_nothing(tmp_path, capfd, ckpt, args, needles):
+    src = write_tif(tmp_path / "s.tif", random_scene(40, 40))
+    before = snapshot(tmp_path)
+    code, _, err = cli(capfd, "segment", src, "-c", ckpt, "-o", tmp_path / "o.tif", *args)
+    assert_user_error(code, err, *needles)
+    assert_nothing_written(tmp_path, before)
+
+
+def test_aoi_files_that_cannot_serve(tmp_path, capfd, ckpt):
+    import pyogrio
+
+    src = write_tif(tmp_path / "s.tif", random_scene(40, 40))
+    line = shapely.LineString([(500000, 5799990), (500010, 5799980)])
+    pyogrio.raw.write(tmp_path / "line.gpkg", np.array([shapely.to_wkb(line)], dtype=object),
+                      fields=[], field_data=[], geometry_type="LineString", crs="EPSG:32631",
+                      driver="GPKG")
+    (tmp_path / "junk.geojson").write_text("{ not json")
+    no_crs = write_tif(tmp_path / "nocrs.tif", random_scene(40, 40), crs=None)
+    before = snapshot(tmp_path)
+    for aoi, target, extra, needles in [
+        ("line.gpkg", src, [], ["line.gpkg", "no polygon"]),
+        ("junk.geojson", src, [], ["junk.geojson", "vector file"]),
+        ("line.gpkg", src, ["--aoi-crs", "EPSG:4326"], ["own CRS", "--aoi-crs"]),
+        ("500000,5799980,500010,5799990", no_crs, ["--aoi-crs", "EPSG:32631"],
+         ["nocrs.tif", "no CRS"]),
+    ]:
+        code, _, err = cli(capfd, "segment", target, "-c", ckpt, "-o", tmp_path / "o.tif",
+                           "--aoi", tmp_path / aoi if "." in aoi[-8:] else aoi, *extra)
+        assert_user_error(code, err, *needles)
+    assert_nothing_written(tmp_path, before)
+
+
+def test_a_folder_run_leaves_out_inputs_outside_the_aoi_and_resumes_by_it(tmp_path, capfd,
+                                                                          ckpt):
+    folder = tmp_path / "tiles"
+    folder.mkdir()
+    for i in range(3):  # three 40-px tiles side by side, 20 m wide each
+        write_tif(folder / f"t{i}.tif", random_scene(40, 40, seed=i),
+                  transform=Affine(0.5, 0, 500000 + 20 * i, 0, -0.5, 5800000))
+    out = tmp_path / "out"
+    first = "500005,5799985,500035,5799995"  # tiles 0 and 1
+    code, stdout, err = cli(capfd, "segment", folder, "-c", ckpt, "-o", out, "--aoi", first)
+    assert code == 0, err
+    assert "1 of 3 input(s) lie outside it" in err
+    assert sorted(p.name for p in out.glob("*.tif")) == ["t0_classes.tif", "t1_classes.tif"]
+    assert _read(out / "t0_classes.tif")[0].shape == (1, 20, 30)
+    code, stdout, _ = cli(capfd, "segment", folder, "-c", ckpt, "-o", out, "--aoi", first)
+    assert code == 0 and "files done" in stdout
+    assert _batch_row(stdout)[:2] == ["0", "2"]  # nothing to redo
+    code, stdout, err = cli(capfd, "segment", folder, "-c", ckpt, "-o", out, "--aoi",
+                            "500005,5799985,500025,5799995")  # another area: redone
+    assert code == 0, err
+    assert _batch_row(stdout)[:2] == ["2", "0"]
+    assert _read(out / "t1_classes.tif")[0].shape == (1, 20, 10)
+    code, _, err = cli(capfd, "segment", folder, "-c", ckpt, "-o", out, "--aoi", "0,0,1,1")
+    assert_user_error(code, err, "holds no pixel of any of the 3 input(s)")
+
+
+def _batch_row(stdout: str) -> list[str]:
+    """The figures row of the folder table (files done, skipped, failed, ...)."""
+    for line in stdout.splitlines():
+        cells = [c.strip() for c in line.replace("│", "|").split("|") if c.strip()]
+        if cells and all(c.replace(".", "").isdigit() for c in cells):
+            return cells
+    raise AssertionError(stdout)
+
+
+def test_float_probabilities_outside_the_aoi_are_nan(tmp_path):
+    spec = per_pixel_spec()
+    src = write_tif(tmp_path / "s.tif", random_scene(80, 80))
+    with rasterio.open(src) as ds:
+        t = ds.transform
+    tri = _pixel_polygon(t, [(5, 5), (70, 5), (5, 70)])
+    _, outs = _run(tmp_path, "aoi", src, spec, _area(tri), probabilities_dtype="float16")
+    probs = outs[2][0]
+    inside = geometry_mask([tri], out_shape=probs.shape[1:], transform=outs[2][1], invert=True)
+    assert np.isnan(probs[:, ~inside]).all() and np.isfinite(probs[:, inside]).all()
+    np.testing.assert_allclose(probs[:, inside].sum(axis=0), 1, atol=3e-3)
+
+
+def test_small_scenes_sharing_forward_passes_are_masked_each_by_its_own_aoi(tmp_path):
+    """A folder's small files run through the model together (Session.run_group); each one's
+    outputs still follow the AOI exactly as when it runs alone."""
+    from crossearth_cli.engine import Session
+
+    spec = per_pixel_spec(crop=64, stride=48)
+    paths = [write_tif(tmp_path / f"t{i}.tif", random_scene(60, 60, seed=10 + i),
+                       transform=Affine(0.5, 0, 500000 + 30 * i, 0, -0.5, 5800000))
+             for i in range(2)]
+    # one triangle in each file, at the same place: equal windows, so one tile shape
+    tri = shapely.MultiPolygon([
+        shapely.Polygon([(x + 2.2, 5799997.1), (x + 26.7, 5799991.3), (x + 6.1, 5799974.8)])
+        for x in (500000, 500030)])
+    aoi = _area(tri)
+    alone = [_run(tmp_path, f"alone{i}", p, spec, aoi)[1][0] for i, p in enumerate(paths)]
+    with Session(spec, "cpu", batch_size=8) as session:
+        scenes = [session.prepare(SegmentSettings(input=p, output=tmp_path / f"g{i}.tif",
+                                                  aoi=aoi)) for i, p in enumerate(paths)]
+        assert session.group_key(scenes[0]) == session.group_key(scenes[1]) is not None
+        results = session.run_group(scenes)
+    for i, (want, result) in enumerate(zip(alone, results)):
+        got = _read(tmp_path / f"g{i}.tif")
+        assert got[1] == want[1]
+        np.testing.assert_array_equal(got[0], want[0])
+        inside = geometry_mask([tri], out_shape=got[0].shape[1:], transform=got[1], invert=True)
+        assert inside.any() and (~inside).any()
+        assert (got[0][0][~inside] == 255).all() and (got[0][0][inside] != 255).all()
+        col, row = ~Affine(0.5, 0, 500000 + 30 * i, 0, -0.5, 5800000) * (got[1].c, got[1].f)
+        assert result.window == (round(col), round(row), *got[0].shape[:0:-1])
+
+
+def test_the_aoi_benchmark_runs_and_runs_fewer_tiles_for_smaller_areas(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import bench_aoi
+
+    assert bench_aoi.main(["--size", "1400", "--repeats", "1", "--json",
+                           str(tmp_path / "aoi.json")]) == 0
+    rows = json.loads((tmp_path / "aoi.json").read_text())["rows"]
+    whole, box, parcels = (r["tiles_run"] for r in rows)
+    assert box < whole and parcels < whole
+    assert rows[1]["window"] == [350, 350, 700, 700]
