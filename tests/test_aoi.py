@@ -366,3 +366,36 @@ def test_the_aoi_benchmark_runs_and_runs_fewer_tiles_for_smaller_areas(tmp_path)
     whole, box, parcels = (r["tiles_run"] for r in rows)
     assert box < whole and parcels < whole
     assert rows[1]["window"] == [350, 350, 700, 700]
+
+
+def test_torchrun_row_parts_of_an_aoi_merge_into_the_single_run(tmp_path, ckpt):
+    """Two ranks split the AOI's rows (the first rank's band starts inside the margin) and
+    their merged outputs equal one process's, placement and summary included."""
+    from helpers import run_cli
+    from test_batch import _torchrun
+
+    src = write_tif(tmp_path / "scene.tif", random_scene(300, 190, seed=12))
+    (tmp_path / "tri.geojson").write_text(json.dumps({
+        "type": "FeatureCollection", "crs": {"type": "name", "properties": {
+            "name": "urn:ogc:def:crs:EPSG::32631"}},
+        "features": [{"type": "Feature", "properties": {}, "geometry": {
+            "type": "Polygon", "coordinates": [[[500010.3, 5799980.2], [500085.1, 5799960.7],
+                                                [500030.6, 5799865.4], [500010.3, 5799980.2]]]}}]}))
+    opts = ["-c", ckpt, "--tile", "64", "--stride", "40", "--aoi", tmp_path / "tri.geojson",
+            "--confidence", "auto"]
+    one = run_cli("segment", src, "-o", tmp_path / "one.tif", *opts, "--summary",
+                  tmp_path / "one.json")
+    assert one.returncode == 0, one.stderr
+    two = _torchrun("segment", src, "-o", tmp_path / "two.tif", *opts, "--summary",
+                    tmp_path / "two.json")
+    assert two.returncode == 0, two.stderr + two.stdout
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert b["ranks"] == 2
+    for key in ("window", "width", "height", "nodata_pixels", "class_shares"):
+        assert a[key] == b[key], key
+    for name in ("", "_confidence"):
+        one_data, two_data = _read(tmp_path / f"one{name}.tif"), _read(tmp_path / f"two{name}.tif")
+        assert one_data[1] == two_data[1] and one_data[2] == two_data[2]
+        np.testing.assert_array_equal(one_data[0], two_data[0])
+    assert sorted(p.name for p in tmp_path.glob("*.tif")) == sorted(
+        ["scene.tif", "one.tif", "two.tif", "one_confidence.tif", "two_confidence.tif"])
