@@ -202,7 +202,10 @@ def place_aoi(aoi: AreaOfInterest, path: Path | str, crs: CRS | None, transform:
         pieces.append(shapely.affinity.affine_transform(
             geom, [to_pixels.a, to_pixels.b, to_pixels.d, to_pixels.e, to_pixels.c,
                    to_pixels.f]))
-    area = shapely.clip_by_rect(shapely.union_all(pieces), 0, 0, width, height)
+    # polygons only: a reprojection made valid may leave slivers of lines, which would mark
+    # pixels along them as inside
+    area = _polygons(np.array([shapely.intersection(shapely.union_all(pieces),
+                                                    shapely.box(0, 0, width, height))]))
     if not area.is_empty:
         xmin, ymin, xmax, ymax = area.bounds
         # pixels whose centres (i + 0.5) lie in the bounds
