@@ -148,6 +148,7 @@ class Record:
     seconds: float = 0.0
     rank: int = 0
     finished: float = 0.0
+    window: list[int] | None = None  # with --aoi: col_off, row_off, width, height
 
 
 class Manifest:
@@ -233,11 +234,12 @@ class Manifest:
         self.records[rec.input] = rec
 
     def done_record(self, item: BatchInput, settings: str, outputs: dict[str, Path],
-                    pixels: int, seconds: float) -> Record:
+                    pixels: int, seconds: float, window=None) -> Record:
         st = item.path.stat()
         return Record(
             input=self.key(item), status="done", settings=settings, size=st.st_size,
             mtime_ns=st.st_mtime_ns, pixels=pixels, seconds=round(seconds, 3),
+            window=list(window) if window is not None else None,
             outputs={
                 k: {"path": str(p.relative_to(self.outdir)), "size": p.stat().st_size}
                 for k, p in outputs.items()
@@ -308,6 +310,8 @@ class BatchResult:
         self.seconds = max(self.seconds, other.seconds)
 
     def as_dict(self) -> dict:
+        windows = {r.input: dict(zip(("col_off", "row_off", "width", "height"), r.window))
+                   for r in self.done if r.window is not None}
         return {
             "files_done": len(self.done),
             "files_skipped": len(self.skipped),
@@ -318,6 +322,7 @@ class BatchResult:
             "done": [r.input for r in self.done],
             "skipped": list(self.skipped),
             "failed": [{"input": r.input, "reason": r.reason} for r in self.failed],
+            **({"windows": windows} if windows else {}),
         }
 
 
@@ -388,7 +393,8 @@ def run_batch(
         try:
             if after_scene is not None:
                 after_scene(res, outs)
-            rec = manifest.done_record(it, result_key, outs, res.pixels, seconds)
+            rec = manifest.done_record(it, result_key, outs, res.pixels, seconds,
+                                       window=res.window)
         except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
             _fail(manifest, result, it, result_key, exc, emit)
             return

@@ -640,14 +640,15 @@ class Session:
         if stride > tile:
             raise ConfigError(f"stride {stride} is larger than tile {tile}")
         if reader is None:
-            # around an AOI the model reads as far as a tile reaches past its neighbour's edge
             reader = SceneReader(settings.input, bands=settings.bands,
                                  value_range=settings.value_range,
-                                 band_order=self.spec.band_order, aoi=settings.aoi,
-                                 aoi_margin=tile - stride)
+                                 band_order=self.spec.band_order, aoi=settings.aoi)
         try:
             grid = tile_grid(reader.height, reader.width, tile, stride)
-            x0, y0, w, h = reader.aoi.out if reader.aoi else (0, 0, reader.width, reader.height)
+            # an AOI runs the whole scene's tiles that cover its window (its rows and columns
+            # as a part and a stripe are run): inside it, exactly the whole run's numbers
+            x0, y0, w, h = reader.aoi.window if reader.aoi else (0, 0, reader.width,
+                                                                   reader.height)
             rows = part_range(grid, reader.height, part, span=(y0, y0 + h))
             stripes = column_stripes(grid[0], reader.width, max(STRIPE_WIDTH, 2 * tile),
                                      span=(x0, x0 + w))
@@ -819,9 +820,8 @@ def _scene_result(session: Session, scene: PreparedScene, sinks: list[GeoTiffSin
     reader, rows = scene.reader, scene.rows
     out_h, out_w = rows.y1 - rows.y0, scene.out_width
     window = None
-    if reader.aoi is not None:  # this part's rows of the AOI's output window
-        x, y, _, _ = reader.aoi.output_window
-        window = (x, y + rows.y0 - reader.aoi.out[1], out_w, out_h)
+    if reader.aoi is not None:  # this part's rows of the AOI's window
+        window = (scene.columns[0], rows.y0, out_w, out_h)
     return SegmentResult(
         output=scene.settings.output,
         height=out_h,

@@ -100,7 +100,7 @@ def test_cancelling_a_feed_waits_for_its_running_reads():
 
     class SlowReader:  # wide enough to be read in two pieces
         width, block_width, bands, dtype = 2048, 256, [1], np.dtype(np.uint8)
-        aoi, col_offset = None, 0
+        aoi = None
 
         def rows_empty(self, y, h):
             return False

@@ -247,21 +247,28 @@ class _Job:
 
         place_on_file(self.aoi, src)
 
-    def inside_aoi(self, items: list) -> list:
-        """--aoi on a folder: the inputs it reaches (the others are left out, with a note)."""
+    def inside_aoi(self, items: list, outdir: Path, kinds: list[str]) -> list:
+        """--aoi on a folder: the inputs it reaches. The others are left out, with a note
+        (and listed in --summary as ``outside_aoi``); outputs of theirs from an earlier run
+        are left as they are."""
         if self.aoi is None:
             return items
         from crossearth_cli.errors import ConfigError
         from crossearth_cli.raster.aoi import overlaps
 
-        kept = [it for it in items if overlaps(self.aoi, it.path)]
+        reached = [overlaps(self.aoi, it.path) for it in items]
+        kept = [it for it, hit in zip(items, reached) if hit]
         if not kept:
             raise ConfigError(f"--aoi {self.aoi.label}: it holds no pixel of any of the "
                               f"{len(items)} input(s)",
                               hint="check the AOI's coordinates and CRS (--aoi-crs)")
-        if len(kept) < len(items) and self.rank.rank == 0:
-            note(f"--aoi: {len(items) - len(kept)} of {len(items)} input(s) lie outside it "
-                 "and are left out")
+        out = [it for it, hit in zip(items, reached) if not hit]
+        self.outside_aoi = [it.rel.as_posix() for it in out]
+        if out and self.rank.rank == 0:
+            old = sum(any(p.exists() for p in it.outputs(outdir, kinds).values()) for it in out)
+            note(f"--aoi: {len(out)} of {len(items)} input(s) lie outside it and are left out"
+                 + (f"; {old} of them have outputs in {outdir} from an earlier run, left as "
+                    "they are" if old else ""))
         return kept
 
     def vector_options(self, spec):
@@ -443,11 +450,11 @@ class _Job:
                 f"-o {outdir}: every input is inside the output folder, so nothing is left to do",
                 hint="choose an output folder outside the inputs",
             )
-        items = self.inside_aoi(items)
-        check_output_names(items, outdir)
         kinds = ["classes"] + [k for k, v in (("confidence", self.confidence),
                                              ("probabilities", self.probabilities),
                                              ("vector", self.vector)) if v]
+        items = self.inside_aoi(items, outdir, kinds)
+        check_output_names(items, outdir)
         manifest = Manifest(outdir, rank.rank, rank.world)
         taken = [manifest.path] + [it.path for it in items]
         taken += [p for it in items for p in it.outputs(outdir, kinds).values()]
@@ -538,6 +545,8 @@ class _Job:
         if self.summary:
             limits = getattr(self, "shared_limits", None)  # set when --range shared ran
             extra = {"shared_range": limits} if limits is not None else {}
+            if self.aoi is not None:
+                extra["outside_aoi"] = self.outside_aoi
             dist.summary_json(self.summary, {**total.as_dict(), "ranks": self.rank.world,
                                              "outdir": str(outdir), **extra})
         if self.vrt:

@@ -3,14 +3,16 @@
 The AOI is a bounding box (``W,S,E,N`` in the raster's CRS, or in ``--aoi-crs``) or the
 polygons of a vector file (every layer, each in its own CRS). On one raster it becomes:
 
-- the **output window**: the pixels of the raster's own grid whose centres lie in the AOI's
-  bounding box. The outputs cover exactly this window (same CRS and pixel size, a whole-pixel
-  offset from the input), so they overlay the input and each other without resampling;
-- the **context window**: the output window grown by ``margin`` pixels on each side (clipped
-  to the raster). The model reads it, so pixels at the AOI's edge are predicted with as much
-  surrounding imagery as pixels at a tile seam are, not as if the raster ended there;
+- the **output window**: the pixels of the raster's own grid whose centres lie in the bounding
+  box of the part of the AOI on the raster. The outputs cover exactly this window (same CRS
+  and pixel size, a whole-pixel offset from the input), so they overlay the input and each
+  other without resampling;
 - the **mask**: pixels whose centres fall outside the AOI's polygons are nodata in every
-  output, and tiles that touch no polygon are neither read nor run.
+  output.
+
+The engine runs the whole scene's tiles that reach the polygons, each read in full, with the
+whole scene's blending weights (``crossearth_cli.engine``): inside the AOI the outputs are
+exactly the whole-scene run's; the other tiles are neither read nor run.
 
 Everything here works in the raster's pixel coordinates (column, row; pixel ``(i, j)`` covers
 ``[i, i+1) × [j, j+1)``), so masks of neighbouring windows agree pixel for pixel.
@@ -80,7 +82,7 @@ def parse_aoi(text: str, crs_text: str | None = None) -> AreaOfInterest:
             raise ConfigError(f"--aoi {text}: a box is W,S,E,N with W < E and S < N")
         return AreaOfInterest(((crs, shapely.box(w, s, e, n)),), text.strip())
     path = Path(text)
-    if not path.exists():
+    if not path.exists() and not text.startswith("/vsi"):  # GDAL's virtual files: /vsizip/...
         raise ConfigError(f"--aoi {text}: no such file, and not a box W,S,E,N",
                           hint="give a vector file (GeoPackage, GeoJSON, Shapefile...) or "
                           "four numbers")
@@ -101,7 +103,7 @@ def read_aoi_file(path: Path, crs: CRS | None = None) -> AreaOfInterest:
             parts.setdefault(key, (layer_crs, []))[1].extend(
                 g for g in wkb if g is not None)
     except (pyogrio.errors.DataSourceError, pyogrio.errors.DataLayerError) as exc:
-        raise InputError(f"cannot read it as a vector file ({_first_line(exc)})", path=path,
+        raise InputError(f"{path}: cannot read it as a vector file ({_first_line(exc)})",
                          hint="give a GeoPackage, GeoJSON or Shapefile, or a box W,S,E,N"
                          ) from None
     groups = []
@@ -146,44 +148,33 @@ def _polygons(geoms: np.ndarray) -> shapely.Geometry:
 
 @dataclass(frozen=True)
 class PlacedAOI:
-    """An AOI on one raster. Windows are ``(col_off, row_off, width, height)`` in the file's
-    pixels; ``out`` is the output window inside the context window (its coordinates)."""
+    """An AOI on one raster, in the file's pixels."""
 
-    context: tuple[int, int, int, int]
-    out: tuple[int, int, int, int]
-    area: shapely.Geometry  # polygons in the file's pixel coordinates, clipped to the raster
+    window: tuple[int, int, int, int]  # the outputs': (col_off, row_off, width, height)
+    area: shapely.Geometry  # polygons in pixel coordinates, cut to the raster
     rectangle: bool  # the area is a box that covers every output pixel: nothing to mask
 
-    @property
-    def output_window(self) -> tuple[int, int, int, int]:
-        """The outputs' window in the input's pixels."""
-        x, y, w, h = self.out
-        return self.context[0] + x, self.context[1] + y, w, h
-
     def touches(self, col: int, row: int, width: int, height: int) -> bool:
-        """Whether the box of context pixels ``col .. col+width``, ``row .. row+height``
-        reaches the area (a tile that does not is not run: none of its pixels is output)."""
-        x0, y0 = col + self.context[0], row + self.context[1]
-        return bool(shapely.intersects(self.area, shapely.box(x0, y0, x0 + width,
-                                                              y0 + height)))
+        """Whether pixels ``col .. col+width``, ``row .. row+height`` reach the area (a tile
+        that does not is not run: none of its pixels is output)."""
+        return bool(shapely.intersects(self.area, shapely.box(col, row, col + width,
+                                                              row + height)))
 
     def inside(self, col: int, row: int, width: int, height: int) -> np.ndarray:
-        """``height × width`` bool: which context pixels have their centre in the area."""
+        """``height × width`` bool: which of those pixels have their centre in the area."""
         if self.rectangle:
             return np.ones((height, width), dtype=bool)
         from rasterio.features import geometry_mask
 
-        x0, y0 = col + self.context[0], row + self.context[1]
-        part = shapely.clip_by_rect(self.area, x0, y0, x0 + width, y0 + height)
+        part = shapely.clip_by_rect(self.area, col, row, col + width, row + height)
         if part.is_empty:
             return np.zeros((height, width), dtype=bool)
         return geometry_mask([part], out_shape=(height, width),
-                             transform=Affine.translation(x0, y0), invert=True)
+                             transform=Affine.translation(col, row), invert=True)
 
 
 def place_aoi(aoi: AreaOfInterest, path: Path | str, crs: CRS | None, transform: Affine,
-              width: int, height: int, margin: int, has_sensor_model: bool = False
-              ) -> PlacedAOI:
+              width: int, height: int, has_sensor_model: bool = False) -> PlacedAOI:
     """Where ``aoi`` falls on a raster of ``width × height`` pixels."""
     if transform.is_identity and has_sensor_model:
         raise ConfigError("is georeferenced by ground control points or RPCs, not a "
@@ -198,7 +189,8 @@ def place_aoi(aoi: AreaOfInterest, path: Path | str, crs: CRS | None, transform:
                               hint="give the AOI in the raster's own coordinates, without "
                               "a CRS")
         if part_crs is not None and part_crs != crs:
-            geom = _reproject(geom, part_crs, crs, path)
+            geom = _reproject(_near_raster(geom, part_crs, crs, transform, width, height),
+                              part_crs, crs, path)
         pieces.append(shapely.affinity.affine_transform(
             geom, [to_pixels.a, to_pixels.b, to_pixels.d, to_pixels.e, to_pixels.c,
                    to_pixels.f]))
@@ -219,12 +211,28 @@ def place_aoi(aoi: AreaOfInterest, path: Path | str, crs: CRS | None, transform:
         raise OutsideAOI(f"the area of interest ({aoi.label}) holds no pixel of it; it covers "
                          f"{west:.10g},{south:.10g},{east:.10g},{north:.10g} (W,S,E,N) {where}",
                          path=path, hint="check the AOI's coordinates and CRS (--aoi-crs)")
-    x0, y0 = max(c0 - margin, 0), max(r0 - margin, 0)
-    x1, y1 = min(c1 + margin, width), min(r1 + margin, height)
     rectangle = bool(shapely.equals(area, shapely.box(*area.bounds)))
     shapely.prepare(area)
-    return PlacedAOI((x0, y0, x1 - x0, y1 - y0), (c0 - x0, r0 - y0, c1 - c0, r1 - r0), area,
-                     rectangle)
+    return PlacedAOI((c0, r0, c1 - c0, r1 - r0), area, rectangle)
+
+
+def _near_raster(geom: shapely.Geometry, src: CRS, dst: CRS, transform: Affine, width: int,
+                 height: int) -> shapely.Geometry:
+    """``geom`` cut to a generous box around the raster, in ``src``: a continent, or the
+    whole world in degrees, cannot be taken to a UTM zone whole (PROJ fails or folds it)."""
+    from rasterio.transform import array_bounds
+    from rasterio.warp import transform_bounds
+
+    try:
+        west, south, east, north = transform_bounds(dst, src, *array_bounds(height, width,
+                                                                           transform),
+                                                    densify_pts=21)
+    except Exception:  # noqa: BLE001 - no footprint to cut to: reproject the whole area
+        return geom
+    if not all(math.isfinite(v) for v in (west, south, east, north)) or west >= east:
+        return geom  # e.g. a footprint across the antimeridian
+    grow = 0.5 * max(east - west, north - south)
+    return shapely.clip_by_rect(geom, west - grow, south - grow, east + grow, north + grow)
 
 
 def _reproject(geom: shapely.Geometry, src: CRS, dst: CRS, path) -> shapely.Geometry:
@@ -242,12 +250,12 @@ def _reproject(geom: shapely.Geometry, src: CRS, dst: CRS, path) -> shapely.Geom
     return shapely.make_valid(moved)
 
 
-def place_on_file(aoi: AreaOfInterest, path: Path, margin: int = 0) -> PlacedAOI:
+def place_on_file(aoi: AreaOfInterest, path: Path) -> PlacedAOI:
     """:func:`place_aoi` on the raster at ``path`` (its header only)."""
     from crossearth_cli.raster.reader import open_raster
 
     with open_raster(path) as src:
-        return place_aoi(aoi, path, src.crs, src.transform, src.width, src.height, margin,
+        return place_aoi(aoi, path, src.crs, src.transform, src.width, src.height,
                          bool(src.gcps[0]) or bool(src.rpcs))
 
 

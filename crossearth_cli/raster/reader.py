@@ -33,7 +33,6 @@ import numpy as np
 import rasterio
 from rasterio.enums import ColorInterp, MaskFlags
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
-from rasterio.transform import Affine
 from rasterio.windows import Window
 
 from crossearth_cli.errors import ConfigError, InputError
@@ -414,10 +413,9 @@ class SceneReader:
         value_range: str | list[BandScaling] | SharedScaling | None = None,
         band_order: str = "RGB",
         aoi: AreaOfInterest | None = None,
-        aoi_margin: int = 0,
     ):
-        """``aoi``: the scene is the AOI's context window (:mod:`crossearth_cli.raster.aoi`),
-        grown by ``aoi_margin`` pixels; :attr:`aoi` then says where its outputs go."""
+        """``aoi``: :attr:`aoi` says where it falls (:mod:`crossearth_cli.raster.aoi`); the
+        scene stays the whole file."""
         self.path = Path(path)
         src = open_raster(self.path)
         self._handles: list = [src]
@@ -428,7 +426,7 @@ class SceneReader:
         self._lock = threading.Lock()
         try:
             self._inspect(src, bands, value_range, band_order)
-            self._place(src, aoi, aoi_margin)
+            self._place(src, aoi)
         except Exception:
             self.close()
             raise
@@ -490,21 +488,16 @@ class SceneReader:
         self.scaling = self._resolve_scaling(src, value_range)
         self._check_readable(src)
 
-    def _place(self, src, aoi: AreaOfInterest | None, margin: int) -> None:
-        """Narrow the scene to the AOI's context window (the value range stays the whole
-        file's, so two AOIs of one scene are stretched alike)."""
+    def _place(self, src, aoi: AreaOfInterest | None) -> None:
         self.aoi: PlacedAOI | None = None
-        self.row_offset = self.col_offset = 0  # the file pixel of the scene's (0, 0)
         if aoi is None:
             return
         self.aoi = place_aoi(aoi, self.path, src.crs, src.transform, src.width, src.height,
-                             margin, self.gcps is not None or bool(self.rpcs))
-        self.col_offset, self.row_offset, self.width, self.height = self.aoi.context
-        self.transform = src.transform * Affine.translation(self.col_offset, self.row_offset)
-        x, y, w, h = self.aoi.output_window
+                             self.gcps is not None or bool(self.rpcs))
+        x, y, w, h = self.aoi.window
         self.notes.append(f"--aoi: the outputs cover columns {x}-{x + w}, rows {y}-{y + h} of "
                           f"the input ({w}x{h} px, {w * h / (src.width * src.height):.1%} of "
-                          f"it); the model also reads up to {margin} px around them")
+                          "it)")
 
     def _use_palette(self, src, band_order: str) -> None:
         cmap = src.colormap(1)
@@ -580,8 +573,7 @@ class SceneReader:
         """Whether rows ``y .. y+h`` hold no data at all: every selected band's blocks there
         were never written (sparse GeoTIFF) and read as nodata. Answered from the TIFF's block
         table, without reading or decompressing anything."""
-        return self._sparse is not None and self._sparse.rows_empty(self._src(),
-                                                                    y + self.row_offset, h)
+        return self._sparse is not None and self._sparse.rows_empty(self._src(), y, h)
 
     def tile_needed(self, tile: Tile) -> bool:
         """False for a tile outside the AOI's polygons: none of its pixels is output."""
@@ -594,7 +586,7 @@ class SceneReader:
     def read_raw(self, y: int, x: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
         """(3×h×w in :attr:`dtype`, h×w bool valid): one read, masks derived from it."""
         src = self._src()
-        window = Window(x + self.col_offset, y + self.row_offset, w, h)
+        window = Window(x, y, w, h)
         with corrupt_is_input_error(
                 self.path, f"read failed at rows {y}-{y + h}, columns {x}-{x + w}"):
             data = src.read(self._read_bands, window=window, out_dtype=self._read_dtype)
@@ -783,11 +775,9 @@ class StripFeed:
                             or not self._rows_needed(start, end)):
             futures = None
         elif end > start:
-            off = self.reader.col_offset  # cuts on the file's block columns
-            for a, b in column_chunks(self.x0 + off, self.x1 + off, self.chunks,
-                                      self.reader.block_width):
-                futures.append(self.pool.submit(self.reader.read_raw, start, a - off,
-                                                end - start, b - a))
+            for a, b in column_chunks(self.x0, self.x1, self.chunks, self.reader.block_width):
+                futures.append(self.pool.submit(self.reader.read_raw, start, a, end - start,
+                                                b - a))
         self._next = (r, start, end, futures)
 
     def _rows_needed(self, start: int, end: int) -> bool:
