@@ -16,7 +16,7 @@ from reliability_helpers import assert_nothing_written, assert_user_error, cli, 
 
 from crossearth_cli import engine
 from crossearth_cli.engine import ModelSpec, RowPart, SegmentSettings, Session
-from crossearth_cli.raster.aoi import AreaOfInterest, parse_aoi, place_aoi
+from crossearth_cli.raster.aoi import AreaOfInterest, OutsideAOI, parse_aoi, place_aoi
 from crossearth_cli.raster.reader import SceneReader
 
 
@@ -425,3 +425,42 @@ def test_torchrun_row_parts_of_an_aoi_merge_into_the_single_run(tmp_path, ckpt):
         np.testing.assert_array_equal(one_data[0], two_data[0])
     assert sorted(p.name for p in tmp_path.glob("*.tif")) == sorted(
         ["scene.tif", "one.tif", "two.tif", "one_confidence.tif", "two_confidence.tif"])
+
+
+def test_an_aoi_in_another_crs_that_misses_the_raster_says_so(tmp_path, capfd, ckpt):
+    """A box in degrees far from a UTM raster is "no pixel of it" (with the raster's bounds),
+    alone and in a folder, where the raster is left out rather than failed."""
+    src = write_tif(tmp_path / "s.tif", random_scene(60, 80, seed=14))
+    with pytest.raises(OutsideAOI, match="holds no pixel of it; it covers 500000,5799970"):
+        place_aoi(parse_aoi("10,50,11,51", "EPSG:4326"), src, *_header(src))
+    folder = tmp_path / "tiles"
+    folder.mkdir()
+    near = write_tif(folder / "near.tif", random_scene(40, 40, seed=15))
+    write_tif(folder / "far.tif", random_scene(40, 40, seed=16),
+              transform=Affine(0.5, 0, 200000, 0, -0.5, 5000000))
+    with rasterio.open(near) as ds:
+        lon, lat = warp_points(ds.crs, "EPSG:4326", [500002, 500018], [5799982, 5799998])
+    code, _, err = cli(capfd, "segment", folder, "-c", ckpt, "-o", tmp_path / "out",
+                       f"--aoi={lon[0]},{lat[0]},{lon[1]},{lat[1]}", "--aoi-crs", "EPSG:4326",
+                       "--summary", tmp_path / "run.json")
+    assert code == 0, err
+    summary = json.loads((tmp_path / "run.json").read_text())
+    assert summary["outside_aoi"] == ["far.tif"] and summary["done"] == ["near.tif"]
+
+
+def test_an_aoi_in_a_zipped_shapefile_by_gdal_virtual_path(tmp_path):
+    import zipfile
+
+    import pyogrio
+
+    poly = shapely.box(500002, 5799982, 500018, 5799998)
+    pyogrio.raw.write(tmp_path / "a.shp", np.array([shapely.to_wkb(poly)], dtype=object),
+                      fields=[], field_data=[], geometry_type="Polygon", crs="EPSG:32631",
+                      driver="ESRI Shapefile")
+    with zipfile.ZipFile(tmp_path / "a.zip", "w") as z:
+        for part in tmp_path.glob("a.*"):
+            if part.suffix != ".zip":
+                z.write(part, part.name)
+    aoi = parse_aoi(f"/vsizip/{tmp_path}/a.zip/a.shp")  # an absolute path: "/vsizip//tmp/..."
+    ((crs, geom),) = aoi.parts
+    assert crs == rasterio.crs.CRS.from_epsg(32631) and shapely.equals(geom, poly)

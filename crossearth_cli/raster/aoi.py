@@ -81,15 +81,17 @@ def parse_aoi(text: str, crs_text: str | None = None) -> AreaOfInterest:
         if not all(math.isfinite(v) for v in (w, s, e, n)) or not (w < e and s < n):
             raise ConfigError(f"--aoi {text}: a box is W,S,E,N with W < E and S < N")
         return AreaOfInterest(((crs, shapely.box(w, s, e, n)),), text.strip())
+    if text.startswith("/vsi"):  # GDAL's virtual files, as given (Path would fold "//")
+        return read_aoi_file(text, crs)
     path = Path(text)
-    if not path.exists() and not text.startswith("/vsi"):  # GDAL's virtual files: /vsizip/...
+    if not path.exists():
         raise ConfigError(f"--aoi {text}: no such file, and not a box W,S,E,N",
                           hint="give a vector file (GeoPackage, GeoJSON, Shapefile...) or "
                           "four numbers")
     return read_aoi_file(path, crs)
 
 
-def read_aoi_file(path: Path, crs: CRS | None = None) -> AreaOfInterest:
+def read_aoi_file(path: Path | str, crs: CRS | None = None) -> AreaOfInterest:
     """The polygons of every layer of ``path`` (points and lines are not areas: left out)."""
     import pyogrio
 
@@ -114,7 +116,7 @@ def read_aoi_file(path: Path, crs: CRS | None = None) -> AreaOfInterest:
     if not groups:
         raise InputError("holds no polygon to use as an area of interest", path=path,
                          hint="draw the area as a polygon")
-    return AreaOfInterest(tuple(groups), path.name)
+    return AreaOfInterest(tuple(groups), Path(path).name)
 
 
 def _layer_crs(path: Path, layer: str, found: str | None, given: CRS | None) -> CRS | None:
@@ -189,8 +191,10 @@ def place_aoi(aoi: AreaOfInterest, path: Path | str, crs: CRS | None, transform:
                               hint="give the AOI in the raster's own coordinates, without "
                               "a CRS")
         if part_crs is not None and part_crs != crs:
-            geom = _reproject(_near_raster(geom, part_crs, crs, transform, width, height),
-                              part_crs, crs, path)
+            geom = _near_raster(geom, part_crs, crs, transform, width, height)
+            if geom.is_empty:  # nowhere near this raster
+                continue
+            geom = _reproject(geom, part_crs, crs, path)
         pieces.append(shapely.affinity.affine_transform(
             geom, [to_pixels.a, to_pixels.b, to_pixels.d, to_pixels.e, to_pixels.c,
                    to_pixels.f]))
