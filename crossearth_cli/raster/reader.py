@@ -764,6 +764,9 @@ class StripFeed:
         self._empty = False  # the strip holds only nodata (and _data/_valid are None)
         self._top = 0
         self._blank: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        # with an AOI: which tiles reach its polygons (asked once per tile, not per read)
+        self._needed = ([[reader.tile_needed(t) for t in row] for row in grid]
+                        if reader.aoi is not None else None)
 
     def _submit(self, r: int) -> None:
         """Start reading the rows tile row ``r`` adds to the strip."""
@@ -782,10 +785,10 @@ class StripFeed:
 
     def _rows_needed(self, start: int, end: int) -> bool:
         """Whether a tile that runs (inside the AOI, if any) uses rows ``start .. end``."""
-        if self.reader.aoi is None:
+        if self._needed is None:
             return True
-        return any(self.reader.tile_needed(t) for row in self.grid
-                   if row[0].y < end and row[0].y + row[0].h > start for t in row)
+        return any(any(flags) for row, flags in zip(self.grid, self._needed)
+                   if row[0].y < end and row[0].y + row[0].h > start)
 
     def prime(self) -> StripFeed:
         if self._next is None and self._row < len(self.grid):
@@ -852,8 +855,9 @@ class StripFeed:
         self.prime()
         while self._row < len(self.grid):
             self._advance()
-            for t in self.grid[self._row]:
-                if self._empty or not self.reader.tile_needed(t):
+            needed = self._needed[self._row] if self._needed is not None else None
+            for j, t in enumerate(self.grid[self._row]):
+                if self._empty or (needed is not None and not needed[j]):
                     yield (t, *self._blank_tile(t.h, t.w))
                     continue
                 rows = slice(t.y - self._top, t.y - self._top + t.h)
