@@ -970,7 +970,6 @@ def _open_member(session: Session, m: _GroupMember, emit: Events) -> None:
     _open_sinks(session, scene, m.sinks)
     m.acc = _accumulator(session, scene, scene.stripes[0], m.sinks)
     m.write = _RowWriter(m.sinks, scene, session.spec.num_classes)
-    m.write.x0 = scene.stripes[0].c0
     m.tiles = [(t, d, v) if v.any() else (t, None, None) for t, d, v in scene.feed]
 
 
