@@ -58,6 +58,12 @@ def segment_command(
         None, "--aoi-crs", help="CRS of the --aoi box (or of a file that has none), e.g. "
         "EPSG:4326 (default: each raster's own)."
     ),
+    mosaic: bool = typer.Option(
+        False, "--mosaic", help="The inputs are the tiles of one mosaic: segment them as one "
+        "scene, so the model sees across file edges (no seams there), into one set of outputs "
+        "(-o MOSAIC.tif). They must share the CRS, pixel size and grid, bands, pixel type and "
+        "nodata."
+    ),
     tile: int | None = typer.Option(
         None, "--tile", help="Tile size in pixels (default: the preset's crop)."
     ),
@@ -163,9 +169,11 @@ def segment_command(
         probabilities_dtype=probabilities_dtype, vector=vector, cog=cog, compress=compress,
         compile=compile, vector_min_area=vector_min_area,
         overwrite=overwrite, summary=summary, vrt=vrt, allow_random=allow_random_weights,
-        rank=rank, aoi=area,
+        rank=rank, aoi=area, mosaic_inputs=[],
     )
-    if single and rank.world == 1:
+    if mosaic:
+        job.run_mosaic()
+    elif single and rank.world == 1:
         job.run_single()
     elif single:
         job.run_split_scene()
@@ -287,6 +295,10 @@ class _Job:
 
     # -- one file -----------------------------------------------------------------------
 
+    def label(self, src: Path) -> str:
+        """The scene's name in progress lines."""
+        return f"mosaic of {len(self.mosaic_inputs)} inputs" if self.mosaic_inputs else src.name
+
     def _single_paths(self):
         from crossearth_cli.engine import default_output_path
 
@@ -318,14 +330,15 @@ class _Job:
         check_outputs(settings)
         if vec is not None:
             check_suffix(vec)
-            check_output_path(vec, self.overwrite, inputs=[src], what="vector output")
+            check_output_path(vec, self.overwrite, inputs=[src, *self.mosaic_inputs],
+                              what="vector output")
         self.check_reports([src, out, conf, probs, vec], single=True)
         spec = self.load_model(self.device)
         self.finish_settings(settings, spec)
         with Session(spec, settings.device, settings.precision, settings.batch_size,
                      compile=settings.compile, tta=settings.tta) as session:
             scene = session.prepare(settings)
-            with progress_events(src.name) as events:
+            with progress_events(self.label(src)) as events:
                 result = session.run(scene, events=events)
         if vec is not None:
             self.vectorize(spec, out, vec, conf)
@@ -333,7 +346,7 @@ class _Job:
         if self.summary:
             from crossearth_cli.distributed import summary_json
 
-            summary_json(self.summary, _result_dict(result))
+            summary_json(self.summary, {**_result_dict(result), **self.mosaic_summary()})
 
     # -- one file split across torchrun ranks -------------------------------------------
 
@@ -354,7 +367,8 @@ class _Job:
         check_outputs(settings, job=(rank.rank, rank.world))
         if vec is not None:  # before the ranks segment, not when rank 0 vectorizes at the end
             check_suffix(vec)
-            check_output_path(vec, self.overwrite, inputs=[src], what="vector output")
+            check_output_path(vec, self.overwrite, inputs=[src, *self.mosaic_inputs],
+                              what="vector output")
         self.check_reports([src, out, conf, probs, vec], single=True)
         dist.init(rank)
         spec = self.load_model(dist.device_for(rank, self.device))
@@ -378,7 +392,8 @@ class _Job:
             merged = _merge_part_results(written, out, finals[1:])
             _print_result(merged, vec, ranks=rank.world)
             if self.summary:
-                dist.summary_json(self.summary, {**_result_dict(merged), "ranks": rank.world})
+                dist.summary_json(self.summary, {**_result_dict(merged), "ranks": rank.world,
+                                                 **self.mosaic_summary()})
 
     def _run_part(self, spec, settings, part_settings, src, out, conf, vec, finals) -> list:
         """This rank's row part, then (rank 0) the merge and vectors; every rank's outcome."""
@@ -394,7 +409,7 @@ class _Job:
                          tta=settings.tta) as session:
                 scene = session.prepare(part_settings, part=RowPart(rank.rank, rank.world))
                 if scene.rows.y1 > scene.rows.y0:
-                    with progress_events(f"{src.name} [rank {rank.rank}]") as events:
+                    with progress_events(f"{self.label(src)} [rank {rank.rank}]") as events:
                         result = session.run(scene, events=events if rank.rank == 0 else None)
                 else:  # fewer tile rows than ranks: this rank has none, and writes no part
                     scene.close()
@@ -419,6 +434,64 @@ class _Job:
 
             raise UserError(errors[0])
         return outcomes
+
+    # -- the tiles of one mosaic, as one scene -------------------------------------------
+
+    def run_mosaic(self) -> None:
+        """--mosaic: the inputs put on one grid by a VRT, then run as one scene (split into
+        row bands under torchrun)."""
+        import tempfile
+
+        from crossearth_cli.errors import ConfigError, UserError
+        from crossearth_cli.raster.mosaic import write_mosaic_vrt
+
+        if self.vrt is not None:
+            raise ConfigError("--vrt mosaics the outputs of a folder run; --mosaic already "
+                              "writes one raster", hint="leave out --vrt")
+        out = self.output or Path("mosaic_classes.tif")
+        if out.suffix.lower() not in (".tif", ".tiff") or out.is_dir():
+            raise ConfigError(f"-o {out}: --mosaic writes one raster",
+                              hint="give -o a file name ending in .tif")
+        self.output = out
+        paths = self._mosaic_paths()
+        with tempfile.TemporaryDirectory(prefix="crossearth-mosaic-") as tmp:
+            vrt = Path(tmp) / f"mosaic-of-{len(paths)}-inputs.vrt"
+            grid = write_mosaic_vrt(paths, vrt, bands_given=self.bands is not None)
+            if grid.covered < 0.5 and self.rank.rank == 0:
+                note(f"--mosaic: the {len(paths)} inputs cover {grid.covered:.0%} of their "
+                     f"bounding box ({grid.width}x{grid.height} px), which the outputs cover "
+                     "whole, nodata between them; for scattered files, leave out --mosaic")
+            self.inputs, self.mosaic_inputs = [str(vrt)], paths
+            try:
+                self.run_split_scene() if self.rank.world > 1 else self.run_single()
+            except UserError as exc:  # name the mosaic, not the temporary VRT
+                label = f"the mosaic of {len(paths)} inputs"
+                exc.args = (str(exc).replace(str(vrt), label),)
+                if exc.path == str(vrt):
+                    exc.path = label
+                raise
+
+    def _mosaic_paths(self) -> list[Path]:
+        """The inputs, less this run's own outputs found in an input folder (an earlier run
+        wrote them there); an output that would replace a real input is refused."""
+        from crossearth_cli.batch import expand_inputs
+        from crossearth_cli.errors import OutputError
+        from crossearth_cli.raster.writer import same_path
+
+        _, out, conf, probs, _ = self._single_paths()
+        outputs = [p for p in (out, conf, probs) if p is not None]
+        paths = []
+        for it in expand_inputs(self.inputs):
+            clash = next((o for o in outputs if same_path(it.path, o)), None)
+            if clash is None:
+                paths.append(it.path)
+            elif str(it.path) in self.inputs or not _written_by_crossearth(it.path):
+                raise OutputError("an output of --mosaic is one of its inputs", path=clash,
+                                  hint="choose another -o path")
+        return paths
+
+    def mosaic_summary(self) -> dict:
+        return {"inputs": [str(p) for p in self.mosaic_inputs]} if self.mosaic_inputs else {}
 
     # -- folders, globs, many files ------------------------------------------------------
 
@@ -604,6 +677,16 @@ def _parse_batch_size(text: str) -> int | str:
     if value < 1:
         raise ConfigError("--batch-size must be at least 1")
     return value
+
+
+def _written_by_crossearth(path: Path) -> bool:
+    """A raster crossearth wrote (it carries the class names of its model)."""
+    from crossearth_cli.raster.writer import read_class_names
+
+    try:
+        return read_class_names(path) is not None
+    except Exception:  # noqa: BLE001 - unreadable: not one of ours
+        return False
 
 
 def _suffix(option: str) -> str:
