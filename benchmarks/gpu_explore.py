@@ -261,15 +261,15 @@ def explore_size(step, size: int, batches: tuple[int, ...], dev: str, seconds: f
             now, (functools.partial(fused_pixel_encoder, sampling_in_kernel=True),)),
         "now_plus_cudnn_attention": (now, (cudnn_attention,)),
     }
+    with torch.inference_mode(), autocast(dev):
+        ref_now = now(x).float()
     for name, (model, patches) in variants.items():
         if not full and name.startswith(("now_but", "now_plus")):
             continue
-        step(f"model_{size}_{name}",
-             lambda m=model, p=patches: variant_row(m, x, dev, seconds, ref, patches=p))
+        step(f"model_{size}_{name}", lambda m=model, p=patches, n=name: variant_row(
+            m, x, dev, seconds, ref, patches=p, ref_now=ref_now if n != "now" else None))
     if not full:
         return
-    with torch.inference_mode(), autocast(dev):
-        ref_now = now(x).float()
     if e2e is not None:  # before the regional compile, which may take long
         work = Path(tempfile.mkdtemp(prefix="crossearth-explore-"))
         step("end_to_end_now", lambda: end_to_end_kept(net, e2e, dev, batches[0], work, size))

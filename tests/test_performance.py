@@ -91,15 +91,18 @@ def test_gpu_session_dry_run_on_the_cpu(tmp_path):
 
 def test_gpu_explore_dry_run_on_the_cpu(tmp_path):
     """gpu_explore.py must still run when a GPU session comes (profile_gpu.py once broke
-    unnoticed); on the CPU every switch it flips leaves the model's numbers as they are."""
+    unnoticed); on the CPU every CUDA-only switch it flips leaves the model's numbers as they
+    are. "before" also undoes reorderings (masks resized after their projection), equal to
+    bf16 rounding only: bit-equal on some CPUs, 1 class pixel in 1,024 off on an AMD EPYC."""
     steps = cpu_smoke_report("gpu_explore.py", tmp_path)["steps"]
     assert steps["model_64_now"]["tiles_per_s"] > 0
-    for name in ("before", "now_but_eager_vit", "now_but_eager_semantic",
+    assert steps["model_64_before"]["class_agreement_vs_now"] >= 0.99
+    for name in ("now_but_eager_vit", "now_but_eager_semantic",
                  "now_but_patch_convolution",
                  "now_plus_fused_pixel_encoder",
                  "now_plus_fused_pixel_encoder_sampling_in_kernel",
                  "now_plus_cudnn_attention"):  # no CUDA path on a CPU
-        assert steps[f"model_64_{name}"]["max_abs_diff"] == 0.0, name
+        assert steps[f"model_64_{name}"]["max_abs_diff_vs_now"] == 0.0, name
     assert steps["end_to_end_now"]["tiles"] > 1
 
 
@@ -668,7 +671,7 @@ MSDeformAttn.forward = fused
 config = tiny_config(num_classes=4)
 net = CrossEarth(config).eval()
 net.load_state_dict(random_state_dict(config, seed=0))
-x = torch.randn(2, 3, 64, 64)
+x = torch.randn(1, 3, 64, 64)  # one image: the interpreter runs each program in Python
 with torch.inference_mode():
     want = net(x)
     explained = torch._dynamo.explain(net)(x)
