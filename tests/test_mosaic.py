@@ -225,11 +225,20 @@ def test_a_rerun_into_the_input_folder_does_not_take_its_outputs_as_tiles(tmp_pa
                            tmp_path / "s.json")
         assert code == 0, err
         assert json.loads((tmp_path / "s.json").read_text())["inputs"] == [str(p) for p in tiles]
-    # a real tile named as the output is refused, even with --overwrite
+    # under another name too: the earlier outputs (classes, confidence) are not tiles
+    code, out, err = cli(capfd, "segment", tmp_path / "tiles", "--mosaic", "-o",
+                         tmp_path / "tiles" / "other.tif", "-c", ckpt, *OPTS)
+    assert code == 0, err
+    assert "left out 2 raster(s) that crossearth wrote" in " ".join((out + err).split())
+    # a real tile named as an output is refused, even with --overwrite
     before = snapshot(tmp_path)
     code, _, err = cli(capfd, "segment", tmp_path / "tiles", "--mosaic", "-o", tiles[1], "-c",
                        ckpt, *OPTS, "--overwrite")
-    assert_user_error(code, err, "tile_0_1.tif", "is one of its inputs")
+    assert_user_error(code, err, "tile_0_1.tif", "the -o output of --mosaic is one of its inputs")
+    code, _, err = cli(capfd, "segment", tmp_path / "tiles", "--mosaic", "-o",
+                       tmp_path / "m.tif", "--confidence", tiles[0], "-c", ckpt, *OPTS,
+                       "--overwrite")
+    assert_user_error(code, err, "tile_0_0.tif", "choose another --confidence path")
     assert_nothing_written(tmp_path, before)
 
 
@@ -244,6 +253,7 @@ def _bad_tile(tmp_path, case):
         "rotated": dict(transform=t * rasterio.Affine.rotation(10)),
         "georeferencing": dict(crs=None, transform=rasterio.Affine.identity()),
         "nodata": dict(transform=t, nodata=7),
+        "south-up": dict(transform=rasterio.Affine(0.5, 0, 500016, 0, 0.5, 5799984)),
     }[case]
     if case == "bands":
         data = data[:2]
@@ -255,7 +265,8 @@ def _bad_tile(tmp_path, case):
     ("crs", "its crs"), ("pixel size", "pixel size"), ("grid", "pixel grid"),
     ("bands", "2 band(s) of uint8"), ("rotated", "rotated grid"),
     ("georeferencing", "no georeferencing"),
-    ("nodata", "has nodata 7.0 where tile_0_0.tif has no nodata value")])
+    ("nodata", "has nodata 7.0 where tile_0_0.tif has no nodata value"),
+    ("south-up", "its grid is flipped against tile_0_0.tif's")])
 def test_tiles_that_do_not_share_one_grid_are_refused(tmp_path, capfd, ckpt, case, needle):
     _cut(tmp_path / "tiles", random_scene(64, 32, seed=0), [0, 32, 64], [0, 32])
     _bad_tile(tmp_path, case)  # b.tif: the first file, but the odd one out

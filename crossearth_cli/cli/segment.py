@@ -472,22 +472,33 @@ class _Job:
                 raise
 
     def _mosaic_paths(self) -> list[Path]:
-        """The inputs, less this run's own outputs found in an input folder (an earlier run
-        wrote them there); an output that would replace a real input is refused."""
+        """The inputs, less rasters crossearth wrote found in an input folder (outputs of an
+        earlier run: never imagery); an output that would replace a real input is refused."""
         from crossearth_cli.batch import expand_inputs
         from crossearth_cli.errors import OutputError
         from crossearth_cli.raster.writer import same_path
 
         _, out, conf, probs, _ = self._single_paths()
-        outputs = [p for p in (out, conf, probs) if p is not None]
-        paths = []
+        outputs = {"-o": out, "--confidence": conf, "--probabilities": probs}
+        paths, ours = [], 0
         for it in expand_inputs(self.inputs):
-            clash = next((o for o in outputs if same_path(it.path, o)), None)
-            if clash is None:
-                paths.append(it.path)
-            elif str(it.path) in self.inputs or not _written_by_crossearth(it.path):
-                raise OutputError("an output of --mosaic is one of its inputs", path=clash,
-                                  hint="choose another -o path")
+            named = str(it.path) in self.inputs
+            clash = next((o for o, p in outputs.items() if p and same_path(it.path, p)), None)
+            if clash is not None and (named or not _written_by_crossearth(it.path)):
+                raise OutputError(f"the {clash} output of --mosaic is one of its inputs",
+                                  path=it.path, hint=f"choose another {clash} path")
+            if clash is not None or (not named and _written_by_crossearth(it.path)):
+                ours += 1
+                continue
+            paths.append(it.path)
+        if ours and self.rank.rank == 0:
+            note(f"--mosaic: left out {ours} raster(s) that crossearth wrote, found among the "
+                 "inputs")
+        if not paths:
+            from crossearth_cli.errors import InputError
+
+            raise InputError("holds no raster but crossearth's own outputs",
+                             path=self.inputs[0], hint="give the folder of the tiles")
         return paths
 
     def mosaic_summary(self) -> dict:

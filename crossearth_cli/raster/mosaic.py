@@ -101,6 +101,11 @@ def check_compatible(ref: TileHeader, other: TileHeader, bands_given: bool) -> N
     if t.b or t.d or t0.b or t0.d:
         raise InputError("has a rotated grid; a mosaic needs north-up tiles", path=other.path
                          if (t.b or t.d) else ref.path, hint=fix)
+    if (t.a > 0) != (t0.a > 0) or (t.e > 0) != (t0.e > 0):
+        raise InputError(f"its grid is flipped against {ref.path.name}'s (its rows or columns "
+                         "run the other way, e.g. south-up among north-up tiles)",
+                         path=other.path, hint="bring it onto the others' grid, e.g. gdalwarp "
+                         "-tap -tr")
     widest = max(other.width, other.height, ref.width, ref.height)
     for size, size0 in ((t.a, t0.a), (t.e, t0.e)):
         # the same pixel size: over a tile, the difference stays under the tolerance
@@ -140,7 +145,8 @@ def check_compatible(ref: TileHeader, other: TileHeader, bands_given: bool) -> N
 
 def reference(headers: list[TileHeader]) -> TileHeader:
     """The file the others are checked against: the first of the most common kind (CRS, pixel
-    size, bands, pixel type, nodata), so that one odd file among many is the one named."""
+    size, bands, pixel type, nodata), so that one odd file among many is the one named; in a
+    tie, the first file's kind."""
     def kind(h: TileHeader):
         t = h.transform
         return (str(h.crs), round(t.a, 9), round(t.e, 9), t.b, t.d, h.count, h.dtype,
