@@ -124,9 +124,10 @@ def test_gaps_overlaps_and_each_files_own_nodata(tmp_path, capfd, ckpt):
 
 
 def _mosaic(tmp_path, paths):
-    from crossearth_cli.raster.mosaic import write_mosaic_vrt
+    from crossearth_cli.raster.mosaic import read_header, write_input_vrt
 
-    grid = write_mosaic_vrt(paths, tmp_path / "m.vrt", bands_given=False)
+    grid = write_input_vrt([read_header(p) for p in paths], tmp_path / "m.vrt",
+                           bands_given=False)
     with rasterio.open(tmp_path / "m.vrt") as ds:
         return grid, ds.read(), ds.dataset_mask(), ds.nodatavals
 

@@ -443,7 +443,7 @@ class _Job:
         import tempfile
 
         from crossearth_cli.errors import ConfigError, UserError
-        from crossearth_cli.raster.mosaic import write_mosaic_vrt
+        from crossearth_cli.raster.mosaic import write_input_vrt
 
         if self.vrt is not None:
             raise ConfigError("--vrt mosaics the outputs of a folder run; --mosaic already "
@@ -453,10 +453,11 @@ class _Job:
             raise ConfigError(f"-o {out}: --mosaic writes one raster",
                               hint="give -o a file name ending in .tif")
         self.output = out
-        paths = self._mosaic_paths()
+        headers = self._mosaic_headers()
+        paths = [h.path for h in headers]
         with tempfile.TemporaryDirectory(prefix="crossearth-mosaic-") as tmp:
             vrt = Path(tmp) / f"mosaic-of-{len(paths)}-inputs.vrt"
-            grid = write_mosaic_vrt(paths, vrt, bands_given=self.bands is not None)
+            grid = write_input_vrt(headers, vrt, bands_given=self.bands is not None)
             if grid.covered < 0.5 and self.rank.rank == 0:
                 note(f"--mosaic: the {len(paths)} inputs cover {grid.covered:.0%} of their "
                      f"bounding box ({grid.width}x{grid.height} px), which the outputs cover "
@@ -471,35 +472,38 @@ class _Job:
                     exc.path = label
                 raise
 
-    def _mosaic_paths(self) -> list[Path]:
-        """The inputs, less rasters crossearth wrote found in an input folder (outputs of an
-        earlier run: never imagery); an output that would replace a real input is refused."""
+    def _mosaic_headers(self) -> list:
+        """The inputs' headers, less rasters crossearth wrote found in an input folder
+        (outputs of an earlier run: never imagery); an output that would replace a real
+        input is refused."""
         from crossearth_cli.batch import expand_inputs
         from crossearth_cli.errors import OutputError
+        from crossearth_cli.raster.mosaic import read_header
         from crossearth_cli.raster.writer import same_path
 
         _, out, conf, probs, _ = self._single_paths()
         outputs = {"-o": out, "--confidence": conf, "--probabilities": probs}
-        paths, ours = [], 0
+        headers, ours = [], 0
         for it in expand_inputs(self.inputs):
             named = str(it.path) in self.inputs
             clash = next((o for o, p in outputs.items() if p and same_path(it.path, p)), None)
-            if clash is not None and (named or not _written_by_crossearth(it.path)):
+            header = read_header(it.path)
+            if clash is not None and (named or not header.written_by_crossearth):
                 raise OutputError(f"the {clash} output of --mosaic is one of its inputs",
                                   path=it.path, hint=f"choose another {clash} path")
-            if clash is not None or (not named and _written_by_crossearth(it.path)):
+            if clash is not None or (not named and header.written_by_crossearth):
                 ours += 1
                 continue
-            paths.append(it.path)
+            headers.append(header)
         if ours and self.rank.rank == 0:
             note(f"--mosaic: left out {ours} raster(s) that crossearth wrote, found among the "
                  "inputs")
-        if not paths:
+        if not headers:
             from crossearth_cli.errors import InputError
 
             raise InputError("holds no raster but crossearth's own outputs",
                              path=self.inputs[0], hint="give the folder of the tiles")
-        return paths
+        return headers
 
     def mosaic_summary(self) -> dict:
         return {"inputs": [str(p) for p in self.mosaic_inputs]} if self.mosaic_inputs else {}
@@ -688,16 +692,6 @@ def _parse_batch_size(text: str) -> int | str:
     if value < 1:
         raise ConfigError("--batch-size must be at least 1")
     return value
-
-
-def _written_by_crossearth(path: Path) -> bool:
-    """A raster crossearth wrote (it carries the class names of its model)."""
-    from crossearth_cli.raster.writer import read_class_names
-
-    try:
-        return read_class_names(path) is not None
-    except Exception:  # noqa: BLE001 - unreadable: not one of ours
-        return False
 
 
 def _suffix(option: str) -> str:

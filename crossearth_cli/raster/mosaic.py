@@ -50,6 +50,7 @@ class TileHeader:
     descriptions: tuple
     colormap: dict | None  # band 1's palette, for paletted files
     nodata: tuple | None  # every band's nodata value (repr: NaN equals NaN), or None
+    written_by_crossearth: bool = False  # an output of ours (it carries class names)
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ def read_header(path: Path) -> TileHeader:
     from rasterio.errors import NotGeoreferencedWarning
 
     from crossearth_cli.raster.reader import _check_real, check_readable, open_raster
+    from crossearth_cli.raster.writer import class_names_in
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
@@ -88,7 +90,7 @@ def read_header(path: Path) -> TileHeader:
             nodata = tuple(repr(float(v)) for v in src.nodatavals) if by_value else None
             return TileHeader(path, src.crs, src.transform, src.width, src.height, src.count,
                               src.dtypes[0], tuple(src.colorinterp), tuple(src.descriptions),
-                              cmap, nodata)
+                              cmap, nodata, class_names_in(src.tags()) is not None)
 
 
 def check_compatible(ref: TileHeader, other: TileHeader, bands_given: bool) -> None:
@@ -234,15 +236,14 @@ def _gdal_number(text: str) -> str:
     return repr(int(value)) if value.is_integer() and abs(value) < 2**53 else repr(value)
 
 
-def write_mosaic_vrt(paths: list[Path], vrt: Path, bands_given: bool) -> Placement:
-    """Check that ``paths`` tile one grid and write the VRT that reads them as one scene."""
-    headers = [read_header(p) for p in paths]
+def write_input_vrt(headers: list[TileHeader], vrt: Path, bands_given: bool) -> Placement:
+    """Check that the files tile one grid and write the VRT that reads them as one scene."""
     ref = reference(headers)
     for h in headers:
         if h is not ref:
             check_compatible(ref, h, bands_given)
     grid = place(headers, ref)
     if not math.prod((grid.width, grid.height)):
-        raise InputError("the mosaic has no pixels", path=paths[0])
+        raise InputError("the mosaic has no pixels", path=headers[0].path)
     vrt.write_text(vrt_xml(headers, grid))
     return grid

@@ -851,7 +851,11 @@ def class_tags(class_names: Sequence[str], extra: dict[str, str] | None = None) 
 def read_class_names(path: str | Path) -> list[str] | None:
     """Class names stored by :func:`class_tags` (None for rasters from elsewhere)."""
     with rasterio.open(path) as ds:
-        tags = ds.tags()
+        return class_names_in(ds.tags())
+
+
+def class_names_in(tags: dict[str, str]) -> list[str] | None:
+    """Class names in a raster's tags, as :func:`class_tags` stores them, or None."""
     if "classes" in tags:
         try:
             return list(json.loads(tags["classes"]))
