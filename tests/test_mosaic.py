@@ -112,9 +112,7 @@ def test_gaps_overlaps_and_each_files_own_nodata(tmp_path, capfd, ckpt):
     assert (classes[0, 48:, 64:] == 255).all()  # the missing tile
     assert (classes[0, :48] != 255).all() and (classes[0, 48:, :64] != 255).all()
 
-    with rasterio.open(tmp_path / "tiles" / "tile_0_0.tif") as ds:  # real 0s survive below
-        assert ds.nodata == 0
-    holed = data.copy()
+    holed = data.copy()  # a hole inside one file is nodata too
     holed[:, 10:20, 10:20] = 0
     _cut(tmp_path / "holed", holed, [0, 96], [0, 128], nodata=0)
     code, _, err = cli(capfd, "segment", tmp_path / "holed", "--mosaic", "-o",
