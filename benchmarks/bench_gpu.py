@@ -29,7 +29,6 @@ import contextlib
 import json
 import re
 import shutil
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -42,6 +41,7 @@ from scenes import (
     profiled,
     random_model,
     sync,
+    work_dir,
     write_scene,
     write_tiles,
 )
@@ -455,7 +455,7 @@ def main() -> None:
             if not smoke:
                 torch.cuda.empty_cache()
     e2e = args.e2e_size if not smoke else 128
-    work = Path(tempfile.mkdtemp(prefix="crossearth-gpu-"))
+    work = work_dir("crossearth-gpu-")
     b = 2 if smoke else batches[sizes[0]]["bf16"]
     step("end_to_end", lambda: end_to_end(e2e_net, e2e, device, b, "bf16", work, sizes[0]))
 

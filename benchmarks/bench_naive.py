@@ -37,11 +37,10 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import textwrap
 from pathlib import Path
 
-from scenes import class_agreement, machine, tiny_checkpoint, write_scene
+from scenes import class_agreement, machine, tiny_checkpoint, work_dir, write_scene
 
 from crossearth_cli.raster.windows import tile_count
 
@@ -291,8 +290,7 @@ def main() -> None:
     unknown = sorted(set(modes) - set(NAIVE_MODES))
     if unknown:
         ap.error(f"unknown naive form {', '.join(unknown)}; choose from {', '.join(NAIVE_MODES)}")
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="crossearth-naive-"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = work_dir("crossearth-naive-", args.workdir)
     ckpt = tiny_checkpoint(work / "tiny.pth", num_classes=CLASSES)
     naive_env = None
     if args.naive_malloc:

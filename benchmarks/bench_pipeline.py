@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 from pathlib import Path
 
 import rasterio
 from rasterio.windows import Window
-from scenes import ZeroCostHead, machine, write_scene
+from scenes import ZeroCostHead, machine, work_dir, write_scene
 
 
 def plain_copy(src: Path, dst: Path) -> float:
@@ -59,8 +58,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="crossearth-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = work_dir("crossearth-bench-", args.workdir)
     src = work / f"scene_{args.size}.tif"
     if not src.exists():
         write_scene(src, args.size)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,6 +25,8 @@ from rasterio.transform import from_origin
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from scenes import work_dir  # noqa: E402
 
 from crossearth_cli.vector import VectorizeOptions, vectorize_raster  # noqa: E402
 from crossearth_cli.vector.synthetic import (  # noqa: E402
@@ -60,7 +61,7 @@ def main(argv=None) -> int:
     n = args.tiles
     tiles = [tile_of_buildings(s) for s in range(n * n)]
     mask = np.block([[tiles[n * i + j] for j in range(n)] for i in range(n)]).astype(np.uint8)
-    work = Path(tempfile.mkdtemp(prefix="crossearth-bench-regularize-"))
+    work = work_dir("crossearth-bench-regularize-")
     size = n * TILE
     src = write_class_raster(work / "buildings.tif", mask,
                              transform=from_origin(0, size * PIXEL, PIXEL, PIXEL),

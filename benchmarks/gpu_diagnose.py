@@ -19,13 +19,12 @@
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 from bench_gpu import StepLog, applied, before_gpu_changes, patch_convolution
-from scenes import ZeroCostHead, machine, profiled, random_model, write_scene
+from scenes import ZeroCostHead, machine, profiled, random_model, work_dir, write_scene
 
 from crossearth_cli.model.backbone import FUSED_VIT
 from crossearth_cli.model.head import FUSED_SEMANTIC
@@ -96,7 +95,7 @@ def main() -> None:
     now = autocast_weights(net, torch.bfloat16) if not smoke else net
     step("faithfulness", lambda: faithfulness(net, now, dev, 2 if smoke else 8, tile))
 
-    work = Path(tempfile.mkdtemp(prefix="crossearth-diagnose-"))
+    work = work_dir("crossearth-diagnose-")
     src = write_scene(work / "scene.tif", size)
     step("segment_zero_cost", lambda: segment_row(ZeroCostHead(6), src, work, dev, batch, tile))
     step("segment_now", lambda: segment_row(net, src, work, dev, batch, tile))

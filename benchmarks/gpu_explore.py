@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import tempfile
 import time
 from pathlib import Path
 
@@ -49,7 +48,15 @@ from bench_gpu import (
 from candidates import head_compile, regional_compile
 from fused_pixel import check as check_fused_pixel
 from fused_pixel import fused_pixel_encoder
-from scenes import TFLOP_PER_TILE, class_agreement, machine, matmul_tflops, random_model, sync
+from scenes import (
+    TFLOP_PER_TILE,
+    class_agreement,
+    machine,
+    matmul_tflops,
+    random_model,
+    sync,
+    work_dir,
+)
 
 from crossearth_cli.cuda_graphs import GraphedForward
 from crossearth_cli.model.backbone import FUSED_VIT
@@ -271,7 +278,7 @@ def explore_size(step, size: int, batches: tuple[int, ...], dev: str, seconds: f
     if not full:
         return
     if e2e is not None:  # before the regional compile, which may take long
-        work = Path(tempfile.mkdtemp(prefix="crossearth-explore-"))
+        work = work_dir("crossearth-explore-")
         step("end_to_end_now", lambda: end_to_end_kept(net, e2e, dev, batches[0], work, size))
         step("end_to_end_before", lambda: end_to_end_kept(
             net, e2e, dev, batches[0], work, size, patches=(before_gpu_changes,)))

@@ -7,10 +7,13 @@ needs little memory to create. Also the small models the benchmarks use.
 
 from __future__ import annotations
 
+import atexit
 import cProfile
 import io
 import pstats
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +28,21 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
 
 CELL = 48  # pixels per coarse grid cell
 TFLOP_PER_TILE = {512: 0.89, 1024: 4.8}  # ViT-L CrossEarth, reference §3.5 (2 × MACs)
+
+
+def work_dir(prefix: str, keep: Path | None = None) -> Path:
+    """The folder a benchmark writes its scenes and outputs in.
+
+    A folder the user named (``--workdir``) is kept for inspection; otherwise a temporary one
+    is made and removed when the process exits, after a failure too: a 16k² scene is
+    hundreds of MB.
+    """
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
+        return keep
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
+    return work
 
 
 def _lerp_axis(grid: np.ndarray, coords: np.ndarray, axis: int) -> np.ndarray:
