@@ -136,6 +136,7 @@ def segment_command(
     """Segment GeoTIFFs into class rasters (plus confidence, probabilities, vectors)."""
     from crossearth_cli.batch import RankInfo, _is_glob
     from crossearth_cli.errors import ConfigError
+    from crossearth_cli.raster.remote import is_remote, use_network_defaults
 
     if stride is not None and overlap is not None:
         raise ConfigError("give --stride or --overlap, not both")
@@ -153,7 +154,14 @@ def segment_command(
         from crossearth_cli.raster.aoi import parse_aoi
 
         area = parse_aoi(aoi, aoi_crs)
-    if len(inputs) == 1 and _is_glob(inputs[0]):
+    remote = [text for text in inputs if is_remote(text)]
+    if remote:
+        use_network_defaults()
+        if len(inputs) > 1 and not mosaic:
+            raise ConfigError(f"{remote[0]}: remote rasters are segmented one per run, or "
+                              "several as the tiles of one mosaic",
+                              hint="give one URL, or add --mosaic")
+    if len(inputs) == 1 and not remote and _is_glob(inputs[0]):
         from crossearth_cli.batch import expand_inputs
 
         matches = expand_inputs(inputs)  # one that matches nothing fails here, by its pattern
@@ -169,10 +177,12 @@ def segment_command(
         probabilities_dtype=probabilities_dtype, vector=vector, cog=cog, compress=compress,
         compile=compile, vector_min_area=vector_min_area,
         overwrite=overwrite, summary=summary, vrt=vrt, allow_random=allow_random_weights,
-        rank=rank, aoi=area, mosaic_inputs=[],
+        rank=rank, aoi=area, mosaic_inputs=[], scene_label=None,
     )
     if mosaic:
         job.run_mosaic()
+    elif remote:
+        job.run_remote()
     elif single and rank.world == 1:
         job.run_single()
     elif single:
@@ -297,7 +307,7 @@ class _Job:
 
     def label(self, src: Path) -> str:
         """The scene's name in progress lines."""
-        return f"mosaic of {len(self.mosaic_inputs)} inputs" if self.mosaic_inputs else src.name
+        return self.scene_label or src.name
 
     def _single_paths(self):
         from crossearth_cli.engine import default_output_path
@@ -330,7 +340,7 @@ class _Job:
         check_outputs(settings)
         if vec is not None:
             check_suffix(vec)
-            check_output_path(vec, self.overwrite, inputs=[src, *self.mosaic_inputs],
+            check_output_path(vec, self.overwrite, inputs=[src, *self.local_inputs()],
                               what="vector output")
         self.check_reports([src, out, conf, probs, vec], single=True)
         spec = self.load_model(self.device)
@@ -367,7 +377,7 @@ class _Job:
         check_outputs(settings, job=(rank.rank, rank.world))
         if vec is not None:  # before the ranks segment, not when rank 0 vectorizes at the end
             check_suffix(vec)
-            check_output_path(vec, self.overwrite, inputs=[src, *self.mosaic_inputs],
+            check_output_path(vec, self.overwrite, inputs=[src, *self.local_inputs()],
                               what="vector output")
         self.check_reports([src, out, conf, probs, vec], single=True)
         dist.init(rank)
@@ -440,10 +450,7 @@ class _Job:
     def run_mosaic(self) -> None:
         """--mosaic: the inputs put on one grid by a VRT, then run as one scene (split into
         row bands under torchrun)."""
-        import tempfile
-
-        from crossearth_cli.errors import ConfigError, UserError
-        from crossearth_cli.raster.mosaic import write_input_vrt
+        from crossearth_cli.errors import ConfigError
 
         if self.vrt is not None:
             raise ConfigError("--vrt mosaics the outputs of a folder run; --mosaic already "
@@ -454,6 +461,28 @@ class _Job:
                               hint="give -o a file name ending in .tif")
         self.output = out
         headers = self._mosaic_headers()
+        self._run_through_vrt(headers, f"the mosaic of {len(headers)} inputs")
+
+    def run_remote(self) -> None:
+        """One raster on a server: read through a VRT naming its GDAL path, so that the
+        scene's code (written for local paths) reads it window by window, as --mosaic does
+        its tiles. Outputs go to the current folder unless -o says otherwise."""
+        from crossearth_cli.engine import default_output_path
+        from crossearth_cli.raster.mosaic import read_header
+        from crossearth_cli.raster.remote import file_name, file_stem
+
+        url = self.inputs[0]
+        self.output = self.output or default_output_path(Path(file_stem(url) + ".tif"))
+        self._run_through_vrt([read_header(url)], url, label=file_name(url))
+
+    def _run_through_vrt(self, headers: list, name: str, label: str | None = None) -> None:
+        """Run the scene a VRT makes of ``headers`` (the whole scene, or row bands under
+        torchrun); errors and progress name ``name``, not the temporary VRT."""
+        import tempfile
+
+        from crossearth_cli.errors import UserError
+        from crossearth_cli.raster.mosaic import write_input_vrt
+
         paths = [h.path for h in headers]
         with tempfile.TemporaryDirectory(prefix="crossearth-mosaic-") as tmp:
             vrt = Path(tmp) / f"mosaic-of-{len(paths)}-inputs.vrt"
@@ -463,14 +492,20 @@ class _Job:
                      f"bounding box ({grid.width}x{grid.height} px), which the outputs cover "
                      "whole, nodata between them; for scattered files, leave out --mosaic")
             self.inputs, self.mosaic_inputs = [str(vrt)], paths
+            self.scene_label = label or name.removeprefix("the ")
             try:
                 self.run_split_scene() if self.rank.world > 1 else self.run_single()
-            except UserError as exc:  # name the mosaic, not the temporary VRT
-                label = f"the mosaic of {len(paths)} inputs"
-                exc.args = (str(exc).replace(str(vrt), label),)
+            except UserError as exc:  # name the inputs, not the temporary VRT
+                exc.args = (str(exc).replace(str(vrt), name),)
                 if exc.path == str(vrt):
-                    exc.path = label
+                    exc.path = name
                 raise
+
+    def local_inputs(self) -> list[Path]:
+        """The inputs on this machine's disk (an output must not replace one)."""
+        from crossearth_cli.raster.remote import is_remote
+
+        return [Path(p) for p in self.mosaic_inputs if not is_remote(p)]
 
     def _mosaic_headers(self) -> list:
         """The inputs' headers, less rasters crossearth wrote found in an input folder
@@ -479,12 +514,14 @@ class _Job:
         from crossearth_cli.batch import expand_inputs
         from crossearth_cli.errors import OutputError
         from crossearth_cli.raster.mosaic import read_header
+        from crossearth_cli.raster.remote import is_remote
         from crossearth_cli.raster.writer import same_path
 
         _, out, conf, probs, _ = self._single_paths()
         outputs = {"-o": out, "--confidence": conf, "--probabilities": probs}
         headers, ours = [], 0
-        for it in expand_inputs(self.inputs):
+        local = [text for text in self.inputs if not is_remote(text)]
+        for it in expand_inputs(local) if local else ():
             named = str(it.path) in self.inputs
             clash = next((o for o, p in outputs.items() if p and same_path(it.path, p)), None)
             header = read_header(it.path)
@@ -495,6 +532,8 @@ class _Job:
                 ours += 1
                 continue
             headers.append(header)
+        # URLs after the local files, in the order given (the later wins where tiles overlap)
+        headers += [read_header(text) for text in self.inputs if is_remote(text)]
         if ours and self.rank.rank == 0:
             note(f"--mosaic: left out {ours} raster(s) that crossearth wrote, found among the "
                  "inputs")

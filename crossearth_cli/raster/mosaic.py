@@ -39,7 +39,7 @@ GDAL_TYPES = {
 class TileHeader:
     """What placing a file on the mosaic needs from its header."""
 
-    path: Path
+    path: Path | str  # str: a URL (raster.remote)
     crs: object  # rasterio CRS or None
     transform: object  # affine.Affine
     width: int
@@ -51,6 +51,21 @@ class TileHeader:
     colormap: dict | None  # band 1's palette, for paletted files
     nodata: tuple | None  # every band's nodata value (repr: NaN equals NaN), or None
     written_by_crossearth: bool = False  # an output of ours (it carries class names)
+    georeferenced: bool = True
+
+    @property
+    def name(self) -> str:
+        """The file's name, for messages."""
+        from crossearth_cli.raster.remote import file_name, is_remote
+
+        return file_name(self.path) if is_remote(self.path) else Path(self.path).name
+
+    @property
+    def source(self) -> str:
+        """What a VRT opens for this file: its absolute path, or GDAL's path for a URL."""
+        from crossearth_cli.raster.remote import gdal_path, is_remote
+
+        return gdal_path(self.path) if is_remote(self.path) else str(Path(self.path).resolve())
 
 
 @dataclass(frozen=True)
@@ -64,7 +79,7 @@ class Placement:
     covered: float  # the files' pixels over the grid's (overlaps counted twice)
 
 
-def read_header(path: Path) -> TileHeader:
+def read_header(path: Path | str) -> TileHeader:
     import rasterio
     from rasterio.enums import MaskFlags
     from rasterio.errors import NotGeoreferencedWarning
@@ -80,31 +95,26 @@ def read_header(path: Path) -> TileHeader:
             cmap = None
             if src.count and src.colorinterp[0] == rasterio.enums.ColorInterp.palette:
                 cmap = src.colormap(1)
-            georeferenced = src.crs is not None or not src.transform.is_identity
-            if not georeferenced:
-                raise InputError(
-                    "has no georeferencing, so its place in the mosaic is unknown", path=path,
-                    hint="give each tile a CRS and geotransform, or segment the files "
-                    "without --mosaic")
             by_value = all(MaskFlags.nodata in f for f in src.mask_flag_enums)
             nodata = tuple(repr(float(v)) for v in src.nodatavals) if by_value else None
             return TileHeader(path, src.crs, src.transform, src.width, src.height, src.count,
                               src.dtypes[0], tuple(src.colorinterp), tuple(src.descriptions),
-                              cmap, nodata, class_names_in(src.tags()) is not None)
+                              cmap, nodata, class_names_in(src.tags()) is not None,
+                              src.crs is not None or not src.transform.is_identity)
 
 
 def check_compatible(ref: TileHeader, other: TileHeader, bands_given: bool) -> None:
     """Refuse a file that cannot go on ``ref``'s grid without resampling or converting."""
     t0, t = ref.transform, other.transform
-    fix = f"bring it onto {ref.path.name}'s grid, e.g. gdalwarp -t_srs, -tr and -tap"
+    fix = f"bring it onto {ref.name}'s grid, e.g. gdalwarp -t_srs, -tr and -tap"
     if other.crs != ref.crs:
-        raise InputError(f"its CRS ({other.crs}) differs from {ref.path.name}'s "
+        raise InputError(f"its CRS ({other.crs}) differs from {ref.name}'s "
                          f"({ref.crs}); a mosaic needs one CRS", path=other.path, hint=fix)
     if t.b or t.d or t0.b or t0.d:
         raise InputError("has a rotated grid; a mosaic needs north-up tiles", path=other.path
                          if (t.b or t.d) else ref.path, hint=fix)
     if (t.a > 0) != (t0.a > 0) or (t.e > 0) != (t0.e > 0):
-        raise InputError(f"its grid is flipped against {ref.path.name}'s (its rows or columns "
+        raise InputError(f"its grid is flipped against {ref.name}'s (its rows or columns "
                          "run the other way, e.g. south-up among north-up tiles)",
                          path=other.path, hint="bring it onto the others' grid, e.g. gdalwarp "
                          "-tap -tr")
@@ -113,21 +123,21 @@ def check_compatible(ref: TileHeader, other: TileHeader, bands_given: bool) -> N
         # the same pixel size: over a tile, the difference stays under the tolerance
         if abs(size - size0) * widest > GRID_TOLERANCE_PX * abs(size0):
             raise InputError(f"its pixel size ({abs(t.a):g} x {abs(t.e):g}) differs from "
-                             f"{ref.path.name}'s ({abs(t0.a):g} x {abs(t0.e):g})",
+                             f"{ref.name}'s ({abs(t0.a):g} x {abs(t0.e):g})",
                              path=other.path, hint=fix)
     for origin, origin0, size in ((t.c, t0.c, t0.a), (t.f, t0.f, t0.e)):
         shift = (origin - origin0) / size
         if abs(shift - round(shift)) > GRID_TOLERANCE_PX:
-            raise InputError(f"is not on {ref.path.name}'s pixel grid (its origin is "
+            raise InputError(f"is not on {ref.name}'s pixel grid (its origin is "
                              f"{abs(shift - round(shift)):.2f} px off)", path=other.path,
                              hint=fix)
     if other.count != ref.count or other.dtype != ref.dtype:
         raise InputError(f"has {other.count} band(s) of {other.dtype} where "
-                         f"{ref.path.name} has {ref.count} of {ref.dtype}; the tiles of "
+                         f"{ref.name} has {ref.count} of {ref.dtype}; the tiles of "
                          "a mosaic share their bands and pixel type", path=other.path,
                          hint="convert it with gdal_translate (-b, -ot)")
     if other.colormap != ref.colormap:
-        raise InputError(f"its palette differs from {ref.path.name}'s", path=other.path,
+        raise InputError(f"its palette differs from {ref.name}'s", path=other.path,
                          hint="expand paletted tiles to RGB with gdal_translate -expand rgb")
     if other.nodata != ref.nodata and (other.nodata or ref.nodata):
         def says(h: TileHeader) -> str:
@@ -135,13 +145,13 @@ def check_compatible(ref: TileHeader, other: TileHeader, bands_given: bool) -> N
                 return "no nodata value"
             return f"nodata {', '.join(dict.fromkeys(h.nodata))}"  # one value: once
 
-        raise InputError(f"has {says(other)} where {ref.path.name} has {says(ref)}",
+        raise InputError(f"has {says(other)} where {ref.name} has {says(ref)}",
                          path=other.path, hint="give the tiles one nodata value, e.g. "
                          "gdal_translate -a_nodata")
     if not bands_given and other.colorinterp != ref.colorinterp:
         names = ", ".join(c.name for c in other.colorinterp)
         names0 = ", ".join(c.name for c in ref.colorinterp)
-        raise InputError(f"its bands are ({names}) where {ref.path.name}'s are ({names0})",
+        raise InputError(f"its bands are ({names}) where {ref.name}'s are ({names0})",
                          path=other.path, hint="choose the bands with --bands")
 
 
@@ -189,7 +199,7 @@ def vrt_xml(headers: list[TileHeader], grid: Placement) -> str:
         col, row = offset
         return (
             f'<ComplexSource><SourceFilename relativeToVRT="0">'
-            f"{escape(str(h.path.resolve()))}</SourceFilename><SourceBand>{band}</SourceBand>"
+            f"{escape(h.source)}</SourceFilename><SourceBand>{band}</SourceBand>"
             f'<SrcRect xOff="0" yOff="0" xSize="{h.width}" ySize="{h.height}"/>'
             f'<DstRect xOff="{col}" yOff="{row}" xSize="{h.width}" ySize="{h.height}"/>'
             f"{extra}</ComplexSource>"
@@ -222,8 +232,9 @@ def vrt_xml(headers: list[TileHeader], grid: Placement) -> str:
     srs = f"<SRS>{escape(first.crs.to_wkt())}</SRS>" if first.crs else ""
     t = grid.transform
     gt = ", ".join(repr(float(v)) for v in (t.c, t.a, t.b, t.f, t.d, t.e))
+    gt = f"<GeoTransform>{gt}</GeoTransform>" if first.georeferenced else ""
     return (f'<VRTDataset rasterXSize="{grid.width}" rasterYSize="{grid.height}">{srs}'
-            f"<GeoTransform>{gt}</GeoTransform>{''.join(bands)}{mask}</VRTDataset>\n")
+            f"{gt}{''.join(bands)}{mask}</VRTDataset>\n")
 
 
 def _gdal_number(text: str) -> str:
@@ -238,6 +249,12 @@ def _gdal_number(text: str) -> str:
 
 def write_input_vrt(headers: list[TileHeader], vrt: Path, bands_given: bool) -> Placement:
     """Check that the files tile one grid and write the VRT that reads them as one scene."""
+    for h in headers if len(headers) > 1 else ():
+        if not h.georeferenced:
+            raise InputError(
+                "has no georeferencing, so its place in the mosaic is unknown", path=h.path,
+                hint="give each tile a CRS and geotransform, or segment the files "
+                "without --mosaic")
     ref = reference(headers)
     for h in headers:
         if h is not ref:

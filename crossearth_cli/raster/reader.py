@@ -159,39 +159,47 @@ def _quiet_c_stderr():
 
 
 def open_raster(path: str | Path) -> rasterio.DatasetReader:
-    """Open ``path`` for reading, turning every failure into one clear line."""
-    p = Path(path)
-    if not p.exists():
-        if p.is_symlink():
-            raise InputError(
-                "is a symbolic link that leads nowhere (a broken link or a loop of links)",
-                path=p, hint="fix or remove the link",
-            )
-        raise InputError("no such file", path=p, hint="check the path")
-    if p.is_dir():
-        raise InputError("is a folder, not a raster", path=p)
-    if p.stat().st_size == 0:
-        raise InputError("is an empty file (0 bytes), not a raster", path=p)
+    """Open ``path`` (a local file, or a URL: see ``raster.remote``) for reading, turning
+    every failure into one clear line."""
+    from crossearth_cli.raster.remote import explain, gdal_path, is_remote
+
+    if is_remote(path):
+        target, hint = gdal_path(path), None
+    else:
+        target = p = Path(path)
+        if not p.exists():
+            if p.is_symlink():
+                raise InputError(
+                    "is a symbolic link that leads nowhere (a broken link or a loop of links)",
+                    path=p, hint="fix or remove the link",
+                )
+            raise InputError("no such file", path=p, hint="check the path")
+        if p.is_dir():
+            raise InputError("is a folder, not a raster", path=p)
+        if p.stat().st_size == 0:
+            raise InputError("is an empty file (0 bytes), not a raster", path=p)
+        hint = "is it a GeoTIFF? convert it with gdal_translate"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # not georeferenced, odd TIFF tags: not errors
             with _quiet_c_stderr():
-                src = rasterio.open(p)
+                src = rasterio.open(target)
     except (RasterioError, CPLE_BaseError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else "unreadable"
-        raise InputError(
-            f"not a readable raster ({first})",
-            path=p,
-            hint="is it a GeoTIFF? convert it with gdal_translate",
-        ) from exc
+        what, fix = (f"not a readable raster ({_first_line(exc)})", hint) if hint else explain(
+            str(exc))
+        raise InputError(what, path=path, hint=fix) from exc
     except MemoryError as exc:
-        raise InputError("raster header asks for more memory than exists", path=p) from exc
+        raise InputError("raster header asks for more memory than exists", path=path) from exc
     try:
         _check_header(src)
     except BaseException:
         src.close()
         raise
     return src
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else "unreadable"
 
 
 def _check_header(src) -> None:

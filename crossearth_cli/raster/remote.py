@@ -1,0 +1,93 @@
+"""Rasters read over the network: ``https://``, ``s3://``, ``gs://``, ``az://`` and GDAL's
+``/vsicurl/``-style paths.
+
+Cloud-optimized GeoTIFFs are read window by window through GDAL's network file systems, so
+only the blocks a window needs cross the network and nothing is downloaded whole. A remote
+input is kept as the text the user gave (a ``Path`` would fold ``https://`` into
+``https:/``); :func:`gdal_path` is what GDAL opens.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from urllib.parse import unquote, urlsplit
+
+# URL schemes and the GDAL virtual file system that reads each
+SCHEMES = {"http": "/vsicurl/", "https": "/vsicurl/", "ftp": "/vsicurl/", "s3": "/vsis3/",
+           "gs": "/vsigs/", "az": "/vsiaz/"}
+# GDAL's network file systems, given as they are
+VSI_NETWORK = ("/vsicurl/", "/vsicurl?", "/vsis3/", "/vsigs/", "/vsiaz/", "/vsiadls/",
+               "/vsioss/", "/vsiswift/", "/vsiwebhdfs/")
+
+# GDAL settings for reading over the network, unless the user set them: no directory listing
+# on open (an S3 LIST or an HTML index per file, for sidecar files COGs do not have), and
+# retries with back-off on 429/502/503/504, so a night's run survives a busy server.
+NETWORK_DEFAULTS = {
+    "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
+    "GDAL_HTTP_MAX_RETRY": "5",
+    "GDAL_HTTP_RETRY_DELAY": "2",
+    "CPL_VSIL_CURL_CACHE_SIZE": str(128 * 1024 * 1024),  # bytes of blocks kept, all files
+}
+
+
+def is_remote(text: str | os.PathLike) -> bool:
+    """Whether ``text`` names a raster on a server rather than on a local disk."""
+    if not isinstance(text, str):
+        return False
+    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", text)
+    return (scheme is not None and scheme.group(1).lower() in SCHEMES) or text.startswith(
+        VSI_NETWORK)
+
+
+def gdal_path(text: str) -> str:
+    """The path GDAL opens for a remote input (``https://h/a.tif`` → ``/vsicurl/https://…``)."""
+    if text.startswith(VSI_NETWORK):
+        return text
+    scheme, rest = text.split("://", 1)
+    prefix = SCHEMES[scheme.lower()]
+    return prefix + (text if prefix == "/vsicurl/" else rest)
+
+
+def file_name(text: str) -> str:
+    """The file's name in a remote path, without a query string (signed URLs carry one)."""
+    if text.startswith("/vsicurl?"):  # /vsicurl?url=https%3A%2F%2F...&other=options
+        url = dict(p.split("=", 1) for p in text[len("/vsicurl?"):].split("&") if "=" in p)
+        text = unquote(url.get("url", ""))
+    path = urlsplit(text).path if "://" in text else text.split("?", 1)[0]
+    return unquote(path.rstrip("/").rsplit("/", 1)[-1]) or "remote"
+
+
+def file_stem(text: str) -> str:
+    """The name without its extension, for output names derived from a remote input."""
+    name = file_name(text)
+    return name.rsplit(".", 1)[0] if "." in name.strip(".") else name
+
+
+def use_network_defaults() -> None:
+    """Set :data:`NETWORK_DEFAULTS` in the environment (GDAL reads its settings there), each
+    one only where the user has not set it."""
+    for key, value in NETWORK_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+def explain(message: str) -> tuple[str, str]:
+    """GDAL's error for a remote file → (what went wrong, the fix)."""
+    code = re.search(r"HTTP (?:response )?(?:code|error)?:?\s*(\d{3})", message)
+    status = int(code.group(1)) if code else None
+    if status == 404:
+        return "not found on the server (HTTP 404)", "check the URL"
+    if status in (401, 403):
+        return (f"access denied (HTTP {status})",
+                "for a public bucket set AWS_NO_SIGN_REQUEST=YES; otherwise set the "
+                "credentials GDAL reads (AWS_ACCESS_KEY_ID..., GOOGLE_APPLICATION_CREDENTIALS, "
+                "AZURE_STORAGE_...), or give a signed URL")
+    if "Could not resolve" in message or "Could not connect" in message or "timed out" in (
+            message.lower()):
+        first = message.splitlines()[0]
+        return f"cannot reach the server ({first})", "check the URL and the network"
+    if status is not None:
+        return f"the server answered HTTP {status}", "try again later, or check the URL"
+    first = message.splitlines()[0] if message else "unreadable"
+    return (f"not a readable raster ({first})",
+            "is it a GeoTIFF? a server must answer HTTP range requests for windowed reads")

@@ -1,0 +1,81 @@
+"""A small HTTP server for the remote-input tests: files under ROOT, with byte ranges (what
+GDAL's /vsicurl/ asks for), one JSON line per request in LOG.
+
+    python range_server.py ROOT LOG   # prints the port, then serves until killed
+
+Paths under ``/status/CODE/`` answer CODE; under ``/flaky/`` the first request for each file
+answers 503 (a busy server), later ones serve the file. It runs in a process of its own, so
+that the tests' in-process CLI, holding the GIL in GDAL's reads, cannot starve it.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import re
+import sys
+import threading
+from pathlib import Path
+
+ROOT = Path(sys.argv[1])
+LOG = Path(sys.argv[2])
+_lock = threading.Lock()
+_seen: set[str] = set()
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+    def _log(self, status: int, sent: int) -> None:
+        with _lock, LOG.open("a") as f:
+            f.write(json.dumps({"method": self.command, "path": self.path, "status": status,
+                                "range": self.headers.get("Range"), "bytes": sent}) + "\n")
+
+    def _fail(self, status: int) -> None:
+        self.send_response(status)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+        self._log(status, 0)
+
+    def do_HEAD(self) -> None:
+        self.do_GET(body=False)
+
+    def do_GET(self, body: bool = True) -> None:
+        path = self.path.split("?", 1)[0]
+        code = re.match(r"/status/(\d{3})/", path)
+        if code:
+            return self._fail(int(code.group(1)))
+        if path.startswith("/flaky/"):
+            with _lock:
+                first = path not in _seen
+                _seen.add(path)
+            if first:
+                return self._fail(503)
+            path = path[len("/flaky"):]
+        file = ROOT / path.lstrip("/")
+        if not file.is_file():
+            return self._fail(404)
+        data = file.read_bytes()
+        start, end, status = 0, len(data) - 1, 200
+        ask = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range") or "")
+        if ask:
+            start = int(ask.group(1))
+            end = min(int(ask.group(2) or end), end)
+            status = 206
+        part = data[start:end + 1]
+        self.send_response(status)
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("Content-Length", str(len(part)))
+        if status == 206:
+            self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+        self.end_headers()
+        if body:
+            self.wfile.write(part)
+        self._log(status, len(part) if body else 0)
+
+
+if __name__ == "__main__":
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    print(server.server_address[1], flush=True)
+    server.serve_forever()

@@ -1,0 +1,204 @@
+"""Rasters on a server (``https://``, ``s3://``…): read window by window, same outputs as the
+local file. A local HTTP server with byte ranges (``range_server.py``) stands in for the
+network, which tests never touch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from helpers import random_scene, write_tif
+from rasterio.transform import from_origin
+from reliability_helpers import assert_nothing_written, assert_user_error, cli, snapshot
+
+from crossearth_cli.raster.remote import file_name, file_stem, gdal_path, is_remote
+
+ORIGIN = from_origin(500000, 5800000, 0.5, 0.5)
+OPTS = ["--tile", "48", "--stride", "32", "--batch-size", "1"]
+
+
+class Server:
+    def __init__(self, root: Path, log: Path):
+        self.root, self.log = root, log
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("range_server.py")), root, log],
+            stdout=subprocess.PIPE, text=True)
+        self.url = f"http://127.0.0.1:{int(self.proc.stdout.readline())}"
+
+    def requests(self) -> list[dict]:
+        if not self.log.exists():
+            return []
+        return [json.loads(line) for line in self.log.read_text().splitlines()]
+
+
+@pytest.fixture
+def server(tmp_path):
+    """Files under tmp_path/www served over HTTP; GDAL's settings restored afterwards."""
+    saved = dict(os.environ)
+    os.environ["GDAL_HTTP_RETRY_DELAY"] = "0.1"  # the flaky server's retry, quickly
+    (tmp_path / "www").mkdir()
+    s = Server(tmp_path / "www", tmp_path / "requests.jsonl")
+    yield s
+    s.proc.kill()
+    s.proc.wait()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def _read(path):
+    with rasterio.open(path) as ds:
+        return ds.read(), ds.transform, ds.crs, ds.nodata
+
+
+def _same(a: Path, b: Path) -> None:
+    got, want = _read(a), _read(b)
+    np.testing.assert_array_equal(got[0], want[0])
+    assert got[1:3] == want[1:3]
+    assert got[3] == want[3] or (np.isnan(got[3]) and np.isnan(want[3]))  # NaN: probabilities
+
+
+def test_remote_paths_are_told_apart_and_given_to_gdal():
+    assert is_remote("https://host/a.tif") and is_remote("S3://bucket/a.tif")
+    assert is_remote("/vsicurl/https://host/a.tif") and is_remote("/vsis3/bucket/a.tif")
+    assert not is_remote("scene.tif") and not is_remote("/data/https/a.tif")
+    assert not is_remote("file://x.tif") and not is_remote(Path("https://host/a.tif"))
+    assert gdal_path("https://host/a.tif?sig=1") == "/vsicurl/https://host/a.tif?sig=1"
+    assert gdal_path("s3://bucket/k/a.tif") == "/vsis3/bucket/k/a.tif"
+    assert gdal_path("gs://b/a.tif") == "/vsigs/b/a.tif"
+    assert gdal_path("az://c/a.tif") == "/vsiaz/c/a.tif"
+    assert gdal_path("/vsis3/bucket/a.tif") == "/vsis3/bucket/a.tif"
+    assert file_name("https://host/dir/my%20scene.tif?X-Amz-Signature=abc&b=c") == "my scene.tif"
+    assert file_name("/vsicurl?url=https%3A%2F%2Fh%2Fd%2Fa.tif&max_retry=3") == "a.tif"
+    assert file_stem("s3://bucket/tiles/S2_T31.tif") == "S2_T31"
+
+
+@pytest.mark.parametrize("outputs", [["--confidence", "auto"],
+                                     ["--probabilities", "auto", "--probabilities-dtype",
+                                      "float32"]])
+def test_a_remote_scene_gives_the_local_files_outputs(tmp_path, capfd, ckpt, server,
+                                                      monkeypatch, outputs):
+    """Bit for bit the local file's outputs on its grid; named after the URL's file (the
+    query string of a signed URL left out), in the current folder."""
+    write_tif(server.root / "scene.tif", random_scene(150, 230, seed=3), transform=ORIGIN)
+    code, _, err = cli(capfd, "segment", server.root / "scene.tif", "-o",
+                       tmp_path / "local_classes.tif", "-c", ckpt, *OPTS, *outputs)
+    assert code == 0, err
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    code, out, err = cli(capfd, "segment", f"{server.url}/scene.tif?token=ab%2Fc&d=1",
+                         "-c", ckpt, *OPTS, *outputs, "--summary", "s.json")
+    assert code == 0, err
+    assert "mosaic" not in out + err and "vrt" not in (out + err).lower()
+    extra = "_confidence" if "--confidence" in outputs else "_probabilities"
+    assert sorted(p.name for p in here.iterdir()) == sorted(
+        ["scene_classes.tif", f"scene{extra}.tif", "s.json"])
+    for name in ("_classes", extra):
+        _same(here / f"scene{name}.tif", tmp_path / f"local{name}.tif")
+    assert json.loads((here / "s.json").read_text())["inputs"][0].startswith(server.url)
+    # nothing was fetched whole: every GET asked for a byte range; and no folder listing or
+    # sidecar file (.aux.xml, .msk, .ovr) was asked for
+    gets = [r for r in server.requests() if r["method"] == "GET"]
+    assert gets and all(r["range"] for r in gets)
+    assert {r["path"].split("?")[0] for r in server.requests()} == {"/scene.tif"}
+
+
+def test_only_the_blocks_an_aoi_needs_cross_the_network(tmp_path, capfd, ckpt, server):
+    data = random_scene(1024, 1024, seed=4)
+    write_tif(server.root / "big.tif", data, transform=ORIGIN)
+    size = (server.root / "big.tif").stat().st_size
+    x0, y1 = ORIGIN.c, ORIGIN.f
+    box = f"{x0 + 10},{y1 - 60},{x0 + 60},{y1 - 10}"  # 100 px square in the top-left corner
+    code, _, err = cli(capfd, "segment", f"{server.url}/big.tif", "-o", tmp_path / "c.tif",
+                       "-c", ckpt, *OPTS, "--aoi", box)
+    assert code == 0, err
+    fetched = sum(r["bytes"] for r in server.requests())
+    assert fetched < 0.25 * size, (fetched, size)
+    with rasterio.open(tmp_path / "c.tif") as ds:
+        assert ds.width < 200 and ds.height < 200
+
+
+def test_remote_tiles_of_one_mosaic_give_the_uncut_scenes_outputs(tmp_path, capfd, ckpt,
+                                                                   server):
+    data = random_scene(96, 160, seed=8)
+    whole = write_tif(tmp_path / "whole.tif", data, transform=ORIGIN)
+    write_tif(server.root / "left.tif", data[:, :, :70], transform=ORIGIN)
+    write_tif(server.root / "right.tif", data[:, :, 70:],
+              transform=ORIGIN * ORIGIN.translation(70, 0))
+    code, _, err = cli(capfd, "segment", whole, "-o", tmp_path / "w.tif", "-c", ckpt, *OPTS)
+    assert code == 0, err
+    code, _, err = cli(capfd, "segment", f"{server.url}/left.tif", f"{server.url}/right.tif",
+                       "--mosaic", "-o", tmp_path / "m.tif", "-c", ckpt, *OPTS)
+    assert code == 0, err
+    _same(tmp_path / "m.tif", tmp_path / "w.tif")
+    # a local tile and a remote one, the same
+    code, _, err = cli(capfd, "segment", whole.parent / "whole.tif", f"{server.url}/right.tif",
+                       "--mosaic", "-o", tmp_path / "mixed.tif", "-c", ckpt, *OPTS)
+    assert code == 0, err
+    _same(tmp_path / "mixed.tif", tmp_path / "w.tif")
+
+
+def test_a_busy_server_is_asked_again(tmp_path, capfd, ckpt, server):
+    """The first request for the file answers 503; GDAL retries (our default: 5 times)."""
+    write_tif(server.root / "scene.tif", random_scene(64, 64, seed=1), transform=ORIGIN)
+    code, _, err = cli(capfd, "segment", f"{server.url}/flaky/scene.tif", "-o",
+                       tmp_path / "c.tif", "-c", ckpt, *OPTS)
+    assert code == 0, err
+    assert [r["status"] for r in server.requests()][0] == 503
+
+
+@pytest.mark.parametrize("where, needles", [
+    ("/missing.tif", ["missing.tif", "HTTP 404", "check the URL"]),
+    ("/status/403/scene.tif", ["scene.tif", "HTTP 403", "AWS_NO_SIGN_REQUEST"]),
+    ("/status/500/scene.tif", ["scene.tif", "HTTP 500"]),
+    ("/notes.txt", ["notes.txt", "not a readable raster"]),
+])
+def test_remote_errors_are_one_line_and_write_nothing(tmp_path, capfd, ckpt, server, where,
+                                                      needles, monkeypatch):
+    monkeypatch.setenv("GDAL_HTTP_MAX_RETRY", "0")  # a 500 is not asked again here
+    (server.root / "notes.txt").write_text("not a raster\n" * 100)
+    out = tmp_path / "out"
+    out.mkdir()
+    before = snapshot(out)
+    code, _, err = cli(capfd, "segment", f"{server.url}{where}", "-o", out / "c.tif", "-c",
+                       ckpt, *OPTS)
+    assert_user_error(code, err, server.url + where, *needles)
+    assert_nothing_written(out, before)
+
+
+def test_an_unreachable_server_and_several_urls_without_mosaic(tmp_path, capfd, ckpt, server):
+    server.proc.kill()
+    server.proc.wait()  # nothing listens on its port now
+    code, _, err = cli(capfd, "segment", f"{server.url}/a.tif", "-o", tmp_path / "c.tif",
+                       "-c", ckpt)
+    assert_user_error(code, err, f"{server.url}/a.tif", "cannot reach the server")
+    code, _, err = cli(capfd, "segment", f"{server.url}/a.tif", f"{server.url}/b.tif", "-o",
+                       tmp_path / "out", "-c", ckpt)
+    assert_user_error(code, err, "one URL, or add --mosaic")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "c.tif").exists()
+
+
+def test_an_s3_url_reads_through_gdals_s3_client(tmp_path, capfd, ckpt, server, monkeypatch):
+    """s3://bucket/key, with the endpoint pointed at the local server (a public bucket:
+    unsigned requests)."""
+    (server.root / "bucket").mkdir()
+    data = random_scene(64, 80, seed=2)
+    write_tif(server.root / "bucket" / "scene.tif", data, transform=ORIGIN)
+    for key, value in {"AWS_S3_ENDPOINT": server.url.removeprefix("http://"),
+                       "AWS_HTTPS": "NO", "AWS_VIRTUAL_HOSTING": "FALSE",
+                       "AWS_NO_SIGN_REQUEST": "YES"}.items():
+        monkeypatch.setenv(key, value)
+    code, _, err = cli(capfd, "segment", "s3://bucket/scene.tif", "-o", tmp_path / "s3.tif",
+                       "-c", ckpt, *OPTS)
+    assert code == 0, err
+    code, _, err = cli(capfd, "segment", server.root / "bucket" / "scene.tif", "-o",
+                       tmp_path / "local.tif", "-c", ckpt, *OPTS)
+    assert code == 0, err
+    _same(tmp_path / "s3.tif", tmp_path / "local.tif")
+    assert {r["path"] for r in server.requests()} == {"/bucket/scene.tif"}
