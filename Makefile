@@ -20,7 +20,7 @@ demo: $(VENV)/.installed
 	@echo "outputs in $(DEMO_OUT)/ (open them in QGIS)"
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist worksteal
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

@@ -23,6 +23,16 @@ ORIGIN = from_origin(500000, 5800000, 0.5, 0.5)
 OPTS = ["--tile", "48", "--stride", "32", "--batch-size", "1"]
 
 
+def _small_blocks(path: Path, data: np.ndarray) -> Path:
+    """A deflated GeoTIFF of 32² blocks: many block ranges for GDAL to fetch."""
+    with rasterio.open(path, "w", driver="GTiff", width=data.shape[2], height=data.shape[1],
+                       count=data.shape[0], dtype=data.dtype, crs="EPSG:32633",
+                       transform=ORIGIN, tiled=True, blockxsize=32, blockysize=32,
+                       compress="deflate") as ds:
+        ds.write(data)
+    return path
+
+
 class Server:
     def __init__(self, root: Path, log: Path):
         self.root, self.log = root, log
@@ -85,7 +95,7 @@ def test_a_remote_scene_gives_the_local_files_outputs(tmp_path, capfd, ckpt, ser
                                                       monkeypatch, outputs):
     """Bit for bit the local file's outputs on its grid; named after the URL's file (the
     query string of a signed URL left out), in the current folder."""
-    write_tif(server.root / "scene.tif", random_scene(150, 230, seed=3), transform=ORIGIN)
+    _small_blocks(server.root / "scene.tif", random_scene(150, 230, seed=3))
     code, _, err = cli(capfd, "segment", server.root / "scene.tif", "-o",
                        tmp_path / "local_classes.tif", "-c", ckpt, *OPTS, *outputs)
     assert code == 0, err
@@ -106,6 +116,8 @@ def test_a_remote_scene_gives_the_local_files_outputs(tmp_path, capfd, ckpt, ser
     # sidecar file (.aux.xml, .msk, .ovr) was asked for
     gets = [r for r in server.requests() if r["method"] == "GET"]
     assert gets and all(r["range"] for r in gets)
+    # and no block twice, though the file is opened several times (checks, then the run)
+    assert sum(r["bytes"] for r in gets) <= (server.root / "scene.tif").stat().st_size
     assert {r["path"].split("?")[0] for r in server.requests()} == {"/scene.tif"}
 
 
@@ -158,17 +170,21 @@ def test_a_busy_server_is_asked_again(tmp_path, capfd, ckpt, server):
     ("/status/403/scene.tif", ["scene.tif", "HTTP 403", "AWS_NO_SIGN_REQUEST"]),
     ("/status/500/scene.tif", ["scene.tif", "HTTP 500"]),
     ("/notes.txt", ["notes.txt", "not a readable raster"]),
+    ("/cut.tif", ["cut.tif", "cannot be read to the end"]),
 ])
 def test_remote_errors_are_one_line_and_write_nothing(tmp_path, capfd, ckpt, server, where,
                                                       needles, monkeypatch):
     monkeypatch.setenv("GDAL_HTTP_MAX_RETRY", "0")  # a 500 is not asked again here
     (server.root / "notes.txt").write_text("not a raster\n" * 100)
+    whole = _small_blocks(tmp_path / "whole.tif", random_scene(96, 96, seed=1))
+    (server.root / "cut.tif").write_bytes(whole.read_bytes()[:-2000])  # its last blocks gone
     out = tmp_path / "out"
     out.mkdir()
     before = snapshot(out)
     code, _, err = cli(capfd, "segment", f"{server.url}{where}", "-o", out / "c.tif", "-c",
                        ckpt, *OPTS)
-    assert_user_error(code, err, server.url + where, *needles)
+    line = assert_user_error(code, err, server.url + where, *needles)
+    assert "/vsicurl/" not in line  # the URL as given, not GDAL's path
     assert_nothing_written(out, before)
 
 
@@ -202,3 +218,30 @@ def test_an_s3_url_reads_through_gdals_s3_client(tmp_path, capfd, ckpt, server, 
     assert code == 0, err
     _same(tmp_path / "s3.tif", tmp_path / "local.tif")
     assert {r["path"] for r in server.requests()} == {"/bucket/scene.tif"}
+
+
+@pytest.mark.parametrize("key, env, needles", [
+    ("missing.tif", {}, ["not found", "check the URL"]),
+    ("status/403/scene.tif", {}, ["access denied", "AWS_NO_SIGN_REQUEST"]),
+    ("scene.tif", {"AWS_NO_SIGN_REQUEST": "NO", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+                   "AWS_CONFIG_FILE": "/nonexistent", "AWS_ACCESS_KEY_ID": None,
+                   "AWS_SECRET_ACCESS_KEY": None, "AWS_PROFILE": None, "HOME": "/nonexistent"},
+     ["no credentials", "AWS_NO_SIGN_REQUEST"]),
+])
+def test_s3_errors_say_what_to_set(tmp_path, capfd, ckpt, server, monkeypatch, key, env,
+                                   needles):
+    """GDAL's S3 client reports the service's words, not an HTTP code: they are read too."""
+    (server.root / "bucket").mkdir()
+    write_tif(server.root / "bucket" / "scene.tif", random_scene(64, 64, seed=2))
+    for name, value in {"AWS_S3_ENDPOINT": server.url.removeprefix("http://"),
+                        "AWS_HTTPS": "NO", "AWS_VIRTUAL_HOSTING": "FALSE",
+                        "AWS_NO_SIGN_REQUEST": "YES", "GDAL_HTTP_MAX_RETRY": "0",
+                        **env}.items():
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    url = f"s3://{'' if key.startswith('status') else 'bucket/'}{key}"
+    code, _, err = cli(capfd, "segment", url, "-o", tmp_path / "c.tif", "-c", ckpt)
+    line = assert_user_error(code, err, url, *needles)
+    assert "readable raster" not in line and not (tmp_path / "c.tif").exists()

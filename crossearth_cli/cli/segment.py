@@ -482,6 +482,7 @@ class _Job:
 
         from crossearth_cli.errors import UserError
         from crossearth_cli.raster.mosaic import write_input_vrt
+        from crossearth_cli.raster.remote import gdal_path, is_remote
 
         paths = [h.path for h in headers]
         with tempfile.TemporaryDirectory(prefix="crossearth-mosaic-") as tmp:
@@ -496,7 +497,10 @@ class _Job:
             try:
                 self.run_split_scene() if self.rank.world > 1 else self.run_single()
             except UserError as exc:  # name the inputs, not the temporary VRT
-                exc.args = (str(exc).replace(str(vrt), name),)
+                text = str(exc).replace(str(vrt), name)
+                for url in (p for p in paths if is_remote(p)):  # nor GDAL's paths for URLs
+                    text = text.replace(gdal_path(url), url)
+                exc.args = (text,)
                 if exc.path == str(vrt):
                     exc.path = name
                 raise

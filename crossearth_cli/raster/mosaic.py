@@ -91,7 +91,12 @@ def read_header(path: Path | str) -> TileHeader:
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
         with open_raster(path) as src:
             _check_real(src, path)
-            check_readable(src)  # a truncated file is named now, not as "the mosaic"
+            try:  # a truncated file is named now, not as "the mosaic"
+                check_readable(src)
+            except InputError as exc:  # as the user gave it, not as GDAL opened it (a URL)
+                exc.args = (str(exc).replace(src.name, str(path)),)
+                exc.path = str(path) if exc.path == src.name else exc.path
+                raise
             cmap = None
             if src.count and src.colorinterp[0] == rasterio.enums.ColorInterp.palette:
                 cmap = src.colormap(1)

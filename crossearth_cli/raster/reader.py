@@ -186,7 +186,7 @@ def open_raster(path: str | Path) -> rasterio.DatasetReader:
                 src = rasterio.open(target)
     except (RasterioError, CPLE_BaseError) as exc:
         what, fix = (f"not a readable raster ({_first_line(exc)})", hint) if hint else explain(
-            str(exc))
+            str(exc).replace(str(target), str(path)))  # the URL as given, not GDAL's path
         raise InputError(what, path=path, hint=fix) from exc
     except MemoryError as exc:
         raise InputError("raster header asks for more memory than exists", path=path) from exc
