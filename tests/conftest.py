@@ -9,6 +9,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 # Tests never touch the network or the real Hugging Face cache.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# `make test` runs two pytest-xdist workers on what may be a 2-core machine: idle OpenMP
+# threads then sleep instead of spinning on cores the other worker needs (set before torch
+# loads; the CLI runs the tests start inherit it). Same threads, same numbers: waits only.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 
 @pytest.fixture(autouse=True)
 def _isolated_hf_cache(tmp_path_factory, monkeypatch):
