@@ -91,12 +91,8 @@ def read_header(path: Path | str) -> TileHeader:
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
         with open_raster(path) as src:
             _check_real(src, path)
-            try:  # a truncated file is named now, not as "the mosaic"
-                check_readable(src)
-            except InputError as exc:  # as the user gave it, not as GDAL opened it (a URL)
-                exc.args = (str(exc).replace(src.name, str(path)),)
-                exc.path = str(path) if exc.path == src.name else exc.path
-                raise
+            # a truncated file is named now (as given, a URL too), not as "the mosaic"
+            check_readable(src, name=str(path))
             cmap = None
             if src.count and src.colorinterp[0] == rasterio.enums.ColorInterp.palette:
                 cmap = src.colormap(1)
@@ -254,12 +250,12 @@ def _gdal_number(text: str) -> str:
 
 def write_input_vrt(headers: list[TileHeader], vrt: Path, bands_given: bool) -> Placement:
     """Check that the files tile one grid and write the VRT that reads them as one scene."""
-    for h in headers if len(headers) > 1 else ():
-        if not h.georeferenced:
-            raise InputError(
-                "has no georeferencing, so its place in the mosaic is unknown", path=h.path,
-                hint="give each tile a CRS and geotransform, or segment the files "
-                "without --mosaic")
+    unplaced = [h for h in headers if not h.georeferenced]
+    if unplaced and len(headers) > 1:  # one file alone needs no place
+        raise InputError(
+            "has no georeferencing, so its place in the mosaic is unknown",
+            path=unplaced[0].path, hint="give each tile a CRS and geotransform, or segment "
+            "the files without --mosaic")
     ref = reference(headers)
     for h in headers:
         if h is not ref:

@@ -163,8 +163,9 @@ def open_raster(path: str | Path) -> rasterio.DatasetReader:
     every failure into one clear line."""
     from crossearth_cli.raster.remote import explain, gdal_path, is_remote
 
-    if is_remote(path):
-        target, hint = gdal_path(path), None
+    remote = is_remote(path)
+    if remote:
+        target = gdal_path(path)
     else:
         target = p = Path(path)
         if not p.exists():
@@ -178,15 +179,18 @@ def open_raster(path: str | Path) -> rasterio.DatasetReader:
             raise InputError("is a folder, not a raster", path=p)
         if p.stat().st_size == 0:
             raise InputError("is an empty file (0 bytes), not a raster", path=p)
-        hint = "is it a GeoTIFF? convert it with gdal_translate"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # not georeferenced, odd TIFF tags: not errors
             with _quiet_c_stderr():
                 src = rasterio.open(target)
     except (RasterioError, CPLE_BaseError) as exc:
-        what, fix = (f"not a readable raster ({_first_line(exc)})", hint) if hint else explain(
-            str(exc).replace(str(target), str(path)))  # the URL as given, not GDAL's path
+        if remote:  # named by the URL as given, not by GDAL's path
+            what, fix = explain(str(exc).replace(target, path))
+        else:
+            first = str(exc).splitlines()[0] if str(exc) else "unreadable"
+            what, fix = (f"not a readable raster ({first})",
+                         "is it a GeoTIFF? convert it with gdal_translate")
         raise InputError(what, path=path, hint=fix) from exc
     except MemoryError as exc:
         raise InputError("raster header asks for more memory than exists", path=path) from exc
@@ -196,10 +200,6 @@ def open_raster(path: str | Path) -> rasterio.DatasetReader:
         src.close()
         raise
     return src
-
-
-def _first_line(exc: BaseException) -> str:
-    return str(exc).splitlines()[0] if str(exc) else "unreadable"
 
 
 def _check_header(src) -> None:
@@ -265,12 +265,13 @@ def _open_failure(exc: BaseException) -> str | None:
     return None
 
 
-def check_readable(src, bands: list[int] | None = None) -> None:
-    """Read the last block so a truncated file fails now, before any output exists."""
+def check_readable(src, bands: list[int] | None = None, name: str | None = None) -> None:
+    """Read the last block so a truncated file fails now, before any output exists; the
+    error names ``name`` (the path as the user gave it) or else GDAL's."""
     h, w = src.block_shapes[0] if src.block_shapes else (1, src.width)
     window = Window(max(src.width - w, 0), max(src.height - h, 0), min(w, src.width),
                     min(h, src.height))
-    with corrupt_is_input_error(src.name, "cannot be read to the end"):
+    with corrupt_is_input_error(name or src.name, "cannot be read to the end"):
         src.read(bands or 1, window=window)
 
 
