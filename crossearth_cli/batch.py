@@ -36,8 +36,12 @@ OUTPUT_SUFFIXES = {
 
 @dataclass(frozen=True)
 class BatchInput:
-    path: Path  # as found
-    rel: Path  # relative to its root: mirrored under OUTDIR
+    path: Path | str  # as found; a URL stays the text given (see raster.remote)
+    rel: Path  # below its folder (a listed URL's: its remote folder's), mirrored under OUTDIR
+
+    @property
+    def remote(self) -> bool:
+        return isinstance(self.path, str)
 
     def outputs(self, outdir: Path, kinds: Iterable[str]) -> dict[str, Path]:
         base = outdir / self.rel.parent / self.rel.stem
@@ -70,7 +74,14 @@ def _walk_rasters(folder: Path) -> list[Path]:
 
 
 def expand_inputs(args: list[str], exclude: Path | None = None) -> list[BatchInput]:
-    """Files, folders and globs → unique inputs in a stable order, with mirrored paths."""
+    """Files, folders, globs and URLs → unique inputs in a stable order, with mirrored paths.
+
+    A URL is taken as it is (whether it answers is found when it runs, so one missing file
+    on a server fails alone), and named by its file name, as a file is; a remote folder (a URL
+    ending in ``/``) is listed, and its rasters mirror their paths below it, as a local
+    folder's do."""
+    from crossearth_cli.raster.remote import file_name, is_folder, is_remote, list_folder
+
     items: list[BatchInput] = []
     seen: set[str] = set()
     excl = exclude.resolve() if exclude is not None else None
@@ -92,9 +103,19 @@ def expand_inputs(args: list[str], exclude: Path | None = None) -> list[BatchInp
             rel = Path(path.name)
         items.append(BatchInput(path=path, rel=rel))
 
+    def add_url(url: str, rel: str) -> None:
+        if url not in seen:
+            seen.add(url)
+            items.append(BatchInput(path=url, rel=Path(rel)))
+
     for arg in args:
         p = Path(arg)
-        if _is_glob(arg):
+        if is_folder(arg):
+            for url, rel in list_folder(arg, RASTER_SUFFIXES):
+                add_url(url, rel)
+        elif is_remote(arg):  # a signed URL's query may hold glob characters: not a pattern
+            add_url(arg, file_name(arg))
+        elif _is_glob(arg):
             root = _glob_root(arg)
             matches = sorted(glob.glob(arg, recursive=True))
             files = [Path(m) for m in matches if Path(m).is_file()]
@@ -118,15 +139,17 @@ def expand_inputs(args: list[str], exclude: Path | None = None) -> list[BatchInp
 
 
 def check_output_names(items: list[BatchInput], outdir: Path) -> None:
-    seen: dict[Path, Path] = {}
+    seen: dict[Path, BatchInput] = {}
     for it in items:
         out = it.outputs(outdir, ["classes"])["classes"]
         if out in seen:
+            both_urls = it.remote and seen[out].remote
             raise ConfigError(
-                f"{seen[out]} and {it.path} would both write {out}",
-                hint="rename one of them or process them separately",
+                f"{seen[out].path} and {it.path} would both write {out}",
+                hint="give the folder they share, ending in / (its sub-folders are mirrored)"
+                if both_urls else "rename one of them or process them separately",
             )
-        seen[out] = it.path
+        seen[out] = it
 
 
 def settings_hash(values: dict) -> str:
@@ -142,6 +165,7 @@ class Record:
     settings: str
     size: int | None = None
     mtime_ns: int | None = None
+    fingerprint: str | None = None  # a URL's (raster.reader.remote_fingerprint), not a file's
     outputs: dict[str, dict] = field(default_factory=dict)  # kind -> {"path", "size"}
     reason: str | None = None
     pixels: int = 0
@@ -159,6 +183,7 @@ class Manifest:
         self.path = self.path_for(outdir, rank, world)
         self.rank = rank
         self.records: dict[str, Record] = {}
+        self._fingerprints: dict[str, str] = {}  # URL -> fingerprint, once per run
         self._load()
 
     @staticmethod
@@ -196,15 +221,54 @@ class Manifest:
     def key(self, item: BatchInput) -> str:
         return item.rel.as_posix()
 
+    def identity(self, item: BatchInput) -> dict:
+        """What tells a rerun that an input is the one its outputs came from: a file's size
+        and time, a URL's fingerprint (read over the network once per run, then kept)."""
+        if not item.remote:
+            st = item.path.stat()
+            return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "fingerprint": None}
+        found = self._fingerprints.get(item.path)
+        if found is None:
+            from crossearth_cli.raster.reader import remote_fingerprint
+
+            found = self._fingerprints[item.path] = remote_fingerprint(item.path)
+        return {"size": None, "mtime_ns": None, "fingerprint": found}
+
+    def finished_before(self, items: list[BatchInput], settings: str) -> list[BatchInput]:
+        """The inputs with a record of a finished run under these settings (worth checking)."""
+        def done(it: BatchInput) -> bool:
+            rec = self.records.get(self.key(it))
+            return rec is not None and rec.status == "done" and rec.settings == settings
+
+        return [it for it in items if done(it)]
+
+    def fetch_fingerprints(self, items: list[BatchInput], threads: int = 8) -> None:
+        """The fingerprints of the URLs among ``items``, several requests at a time (a rerun
+        over thousands of URLs waits for the server's latency, not for its bandwidth).
+        Failures are left for the run, which reports them."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def fetch(it: BatchInput) -> None:
+            try:
+                self.identity(it)
+            except Exception:  # noqa: BLE001 - such an input fails when it runs, named
+                pass
+
+        urls = [it for it in items if it.remote and it.path not in self._fingerprints]
+        if urls:
+            with ThreadPoolExecutor(min(threads, len(urls))) as pool:
+                list(pool.map(fetch, urls))
+
     def is_current(self, item: BatchInput, settings: str, outputs: dict[str, Path]) -> bool:
         rec = self.records.get(self.key(item))
         if rec is None or rec.status != "done" or rec.settings != settings:
             return False
         try:
-            st = item.path.stat()
-        except OSError:
+            now = self.identity(item)
+        except Exception:  # noqa: BLE001 - gone or unreadable: it runs, and fails named
             return False
-        if (st.st_size, st.st_mtime_ns) != (rec.size, rec.mtime_ns):
+        if (now["size"], now["mtime_ns"], now["fingerprint"]) != (
+                rec.size, rec.mtime_ns, rec.fingerprint):
             return False
         if set(rec.outputs) != set(outputs):
             return False
@@ -235,10 +299,9 @@ class Manifest:
 
     def done_record(self, item: BatchInput, settings: str, outputs: dict[str, Path],
                     pixels: int, seconds: float, window=None) -> Record:
-        st = item.path.stat()
         return Record(
-            input=self.key(item), status="done", settings=settings, size=st.st_size,
-            mtime_ns=st.st_mtime_ns, pixels=pixels, seconds=round(seconds, 3),
+            input=self.key(item), status="done", settings=settings, **self.identity(item),
+            pixels=pixels, seconds=round(seconds, 3),
             window=list(window) if window is not None else None,
             outputs={
                 k: {"path": str(p.relative_to(self.outdir)), "size": p.stat().st_size}
@@ -256,6 +319,8 @@ def split_for_rank(items: list[BatchInput], rank: int, world: int) -> list[Batch
         return list(items)
 
     def size(it: BatchInput) -> int:
+        if it.remote:  # no size without a request per URL: balanced by count
+            return 0
         try:
             return it.path.stat().st_size
         except OSError:
@@ -378,6 +443,8 @@ def run_batch(
 
     def prepare(i: int, prime: bool):
         it, outs = todo[i]
+        if it.remote:  # the URL's fingerprint as it is before its pixels are read
+            manifest.identity(it)
         scene = session.prepare(settings_for(it, outs), prime=False)
         try:
             if prime or session.group_key(scene) is not None:

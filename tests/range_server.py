@@ -4,7 +4,9 @@ GDAL's /vsicurl/ asks for), one JSON line per request in LOG.
     python range_server.py ROOT LOG   # prints the port, then serves until killed
 
 Paths under ``/status/CODE/`` answer CODE; under ``/flaky/`` the first request for each file
-answers 503 (a busy server), later ones serve the file. It runs in a process of its own, so
+answers 503 (a busy server), later ones serve the file. A folder answers with a web server's
+"Index of" page, or, asked with S3's ``prefix=`` query (``AWS_S3_ENDPOINT`` pointing here,
+the folders under ROOT its buckets), with S3's ListObjects XML. It runs in a process of its own, so
 that the tests' in-process CLI, holding the GIL in GDAL's reads, cannot starve it.
 """
 
@@ -16,6 +18,8 @@ import re
 import sys
 import threading
 from pathlib import Path
+from urllib.parse import parse_qs, unquote
+from xml.sax.saxutils import escape
 
 ROOT = Path(sys.argv[1])
 LOG = Path(sys.argv[2])
@@ -53,7 +57,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if first:
                 return self._fail(503)
             path = path[len("/flaky"):]
-        file = ROOT / path.lstrip("/")
+        file = ROOT / unquote(path).lstrip("/")
+        query = parse_qs(self.path.split("?", 1)[1]) if "?" in self.path else {}
+        if file.is_dir() and "prefix" in query:
+            return self._send(self._s3_listing(file, query), "application/xml", body)
+        if file.is_dir() and path.endswith("/"):
+            return self._send(self._index(file, path), "text/html", body)
         if not file.is_file():
             return self._fail(404)
         data = file.read_bytes()
@@ -73,6 +82,48 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if body:
             self.wfile.write(part)
         self._log(status, len(part) if body else 0)
+
+
+    def _send(self, text: str, kind: str, body: bool) -> None:
+        data = text.encode()
+        self.send_response(200)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if body:
+            self.wfile.write(data)
+        self._log(200, len(data) if body else 0)
+
+    @staticmethod
+    def _index(folder: Path, path: str) -> str:
+        links = "".join(f'<a href="{p.name}{"/" if p.is_dir() else ""}">{p.name}</a>\n'
+                        for p in sorted(folder.iterdir()))
+        return (f"<html><head><title>Index of {path}</title></head><body>"
+                f"<h1>Index of {path}</h1><pre>\n{links}</pre></body></html>\n")
+
+    @staticmethod
+    def _s3_listing(bucket: Path, query: dict) -> str:
+        prefix = query.get("prefix", [""])[0]
+        delimiter = query.get("delimiter", [""])[0]
+        keys = sorted(p.relative_to(bucket).as_posix() for p in bucket.rglob("*") if p.is_file())
+        contents, folders = [], []
+        for key in (k for k in keys if k.startswith(prefix)):
+            rest = key[len(prefix):]
+            if delimiter and delimiter in rest:
+                folder = prefix + rest.split(delimiter, 1)[0] + delimiter
+                if folder not in folders:
+                    folders.append(folder)
+            else:
+                size = (bucket / key).stat().st_size
+                contents.append(f"<Contents><Key>{escape(key)}</Key><LastModified>"
+                                f"2026-01-01T00:00:00.000Z</LastModified><Size>{size}</Size>"
+                                "</Contents>")
+        prefixes = "".join(f"<CommonPrefixes><Prefix>{escape(f)}</Prefix></CommonPrefixes>"
+                           for f in folders)
+        return ('<?xml version="1.0" encoding="UTF-8"?><ListBucketResult>'
+                f"<Name>{bucket.name}</Name><Prefix>{escape(prefix)}</Prefix>"
+                f"<IsTruncated>false</IsTruncated>{''.join(contents)}{prefixes}"
+                "</ListBucketResult>")
 
 
 if __name__ == "__main__":

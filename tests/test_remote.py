@@ -17,7 +17,13 @@ from helpers import random_scene, write_tif
 from rasterio.transform import from_origin
 from reliability_helpers import assert_nothing_written, assert_user_error, cli, snapshot
 
-from crossearth_cli.raster.remote import file_name, file_stem, gdal_path, is_remote
+from crossearth_cli.raster.remote import (
+    file_name,
+    file_stem,
+    gdal_path,
+    is_folder,
+    is_remote,
+)
 
 ORIGIN = from_origin(500000, 5800000, 0.5, 0.5)
 OPTS = ["--tile", "48", "--stride", "32", "--batch-size", "1"]
@@ -167,6 +173,7 @@ def test_a_busy_server_is_asked_again(tmp_path, capfd, ckpt, server):
 
 @pytest.mark.parametrize("where, needles", [
     ("/missing.tif", ["missing.tif", "HTTP 404", "check the URL"]),
+    ("/tiles", ["tiles", "HTTP 404", "a folder's URL ends with /"]),
     ("/status/403/scene.tif", ["scene.tif", "HTTP 403", "AWS_NO_SIGN_REQUEST"]),
     ("/status/500/scene.tif", ["scene.tif", "HTTP 500"]),
     ("/notes.txt", ["notes.txt", "not a readable raster"]),
@@ -188,16 +195,108 @@ def test_remote_errors_are_one_line_and_write_nothing(tmp_path, capfd, ckpt, ser
     assert_nothing_written(out, before)
 
 
-def test_an_unreachable_server_and_several_urls_without_mosaic(tmp_path, capfd, ckpt, server):
+def test_an_unreachable_server(tmp_path, capfd, ckpt, server):
     server.proc.kill()
     server.proc.wait()  # nothing listens on its port now
     code, _, err = cli(capfd, "segment", f"{server.url}/a.tif", "-o", tmp_path / "c.tif",
                        "-c", ckpt)
     assert_user_error(code, err, f"{server.url}/a.tif", "cannot reach the server")
-    code, _, err = cli(capfd, "segment", f"{server.url}/a.tif", f"{server.url}/b.tif", "-o",
-                       tmp_path / "out", "-c", ckpt)
-    assert_user_error(code, err, "one URL, or add --mosaic")
-    assert not (tmp_path / "out").exists() and not (tmp_path / "c.tif").exists()
+    assert not (tmp_path / "c.tif").exists()
+
+
+def _folder_run(capfd, ckpt, out: Path, *inputs) -> tuple[int, str, dict]:
+    summary = out.parent / f"{out.name}.json"
+    code, stdout, err = cli(capfd, "segment", *inputs, "-o", out, "-c", ckpt, *OPTS,
+                            "--confidence", "auto", "--summary", summary)
+    return code, stdout + err, json.loads(summary.read_text())
+
+
+def test_a_remote_folder_runs_as_a_folder_and_a_rerun_resumes(tmp_path, capfd, ckpt, server,
+                                                              monkeypatch):
+    """A URL ending in / is listed (a web server's "Index of" pages here) and run as a local
+    folder is: one model, outputs bit for bit a local folder run's, sub-folders mirrored. URLs
+    given one by one (and local files) join it, named by their file names. A rerun skips what
+    is done, fetching a few blocks per URL, not the scenes; a file replaced on the server is
+    redone, and only it; a missing one fails alone, named."""
+    # GDAL's block cache lives as long as the process: each CLI run is a process of its own,
+    # the in-process runs here are not, so nothing under the server is cached
+    monkeypatch.setenv("CPL_VSIL_CURL_NON_CACHED", f"/vsicurl/{server.url}/")
+    tiles = server.root / "tiles"
+    for year, seed in (("2024", 1), ("2025", 2)):
+        (tiles / year).mkdir(parents=True)
+        _small_blocks(tiles / year / "x.tif", random_scene(192, 256, seed=seed))
+    (tiles / "notes.txt").write_text("not a raster")  # not listed: no raster suffix
+    (server.root / "single").mkdir()
+    write_tif(server.root / "single" / "y.tif", random_scene(64, 64, seed=3), transform=ORIGIN)
+    own = write_tif(tmp_path / "own.tif", random_scene(64, 64, seed=4), transform=ORIGIN)
+    code, _, err = cli(capfd, "segment", tiles, "-o", tmp_path / "local", "-c", ckpt, *OPTS,
+                       "--confidence", "auto")
+    assert code == 0, err
+    # a signed URL's query, glob characters and all, is not a pattern
+    inputs = [f"{server.url}/tiles/", f"{server.url}/single/y.tif?sig=a*b[1]", own]
+
+    out = tmp_path / "out"
+    code, text, first = _folder_run(capfd, ckpt, out, *inputs)
+    assert code == 0, text
+    assert sorted(first["done"]) == ["2024/x.tif", "2025/x.tif", "own.tif", "y.tif"]
+    for rel in ("2024/x", "2025/x"):
+        for kind in ("classes", "confidence"):
+            _same(out / f"{rel}_{kind}.tif", tmp_path / "local" / f"{rel}_{kind}.tif")
+    assert (out / "y_classes.tif").exists() and (out / "own_classes.tif").exists()
+    served = sum((tiles / y / "x.tif").stat().st_size for y in ("2024", "2025"))
+
+    server.log.write_text("")
+    code, text, again = _folder_run(capfd, ckpt, out, *inputs)
+    assert code == 0, text
+    assert again["files_skipped"] == 4 and again["files_done"] == 0, again
+    fetched = sum(r["bytes"] for r in server.requests() if "/tiles/" in r["path"])
+    assert 0 < fetched < 0.3 * served, (fetched, served)
+
+    # the 2025 file replaced by another of the same size, grid and blocks: redone, alone
+    _small_blocks(tiles / "2025" / "x.tif", random_scene(192, 256, seed=5))
+    code, text, third = _folder_run(capfd, ckpt, out, *inputs)
+    assert code == 0, text
+    assert third["done"] == ["2025/x.tif"] and third["files_skipped"] == 3, third
+
+    # a missing file fails alone, named by its URL; the others stay done
+    code, text, fourth = _folder_run(capfd, ckpt, out, *inputs, f"{server.url}/gone.tif")
+    assert code == 1 and fourth["files_skipped"] == 4, text
+    [failed] = fourth["failed"]
+    assert failed["input"] == "gone.tif" and "HTTP 404" in failed["reason"], failed
+    assert f"{server.url}/gone.tif" in text
+    assert "/vsicurl/" not in text and "Traceback" not in text
+
+
+def test_output_names_that_would_collide_are_refused(tmp_path, capfd, ckpt, server):
+    """Before any work, naming both inputs; for two URLs, the hint is their folder."""
+    for name in ("a", "b"):
+        (server.root / name).mkdir()
+        write_tif(server.root / name / "x.tif", random_scene(32, 32, seed=1), transform=ORIGIN)
+    own = write_tif(tmp_path / "x.tif", random_scene(32, 32, seed=2), transform=ORIGIN)
+    code, _, err = cli(capfd, "segment", f"{server.url}/a/x.tif", own, "-o", tmp_path / "out",
+                       "-c", ckpt)
+    assert_user_error(code, err, "x.tif", "would both write", "rename one")
+    code, _, err = cli(capfd, "segment", f"{server.url}/a/x.tif", f"{server.url}/b/x.tif",
+                       "-o", tmp_path / "out", "-c", ckpt)
+    assert_user_error(code, err, f"{server.url}/b/x.tif", "would both write", "ending in /")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("folder", ["/empty/", "/nowhere/"])
+def test_a_remote_folder_without_rasters_is_refused(tmp_path, capfd, ckpt, server, folder):
+    (server.root / "empty").mkdir()
+    (server.root / "empty" / "notes.txt").write_text("no raster here")
+    code, _, err = cli(capfd, "segment", f"{server.url}{folder}", "-o", tmp_path / "out",
+                       "-c", ckpt)
+    assert_user_error(code, err, f"{server.url}{folder}", "lists no rasters", "Index of")
+    assert not (tmp_path / "out").exists()
+
+
+def test_remote_file_names_stay_inside_the_output_folder():
+    assert file_name("https://h/d/..%2F..%2Fetc%2Fp.tif?x=1") == ".._.._etc_p.tif"
+    assert file_name("https://h/") == "remote" and file_name("/vsis3/b/k/a.tif") == "a.tif"
+    assert is_folder("s3://b/tiles/") and is_folder("https://h/t/?sig=1")
+    assert not is_folder("s3://b/tiles/a.tif") and not is_folder("tiles/")
 
 
 def test_an_s3_url_reads_through_gdals_s3_client(tmp_path, capfd, ckpt, server, monkeypatch):
@@ -218,6 +317,30 @@ def test_an_s3_url_reads_through_gdals_s3_client(tmp_path, capfd, ckpt, server, 
     assert code == 0, err
     _same(tmp_path / "s3.tif", tmp_path / "local.tif")
     assert {r["path"] for r in server.requests()} == {"/bucket/scene.tif"}
+    # a prefix, listed with S3's ListObjects; its sub-folders mirrored
+    (server.root / "bucket" / "tiles" / "b").mkdir(parents=True)
+    for rel in ("a.tif", "b/c.TIF"):
+        write_tif(server.root / "bucket" / "tiles" / rel, data[:, :32], transform=ORIGIN)
+    code, _, err = cli(capfd, "segment", "s3://bucket/tiles/", "-o", tmp_path / "out", "-c",
+                       ckpt, *OPTS)
+    assert code == 0, err
+    _same(tmp_path / "out" / "a_classes.tif", tmp_path / "out" / "b" / "c_classes.tif")
+    assert any("prefix=tiles" in r["path"] for r in server.requests())
+
+
+def test_a_remote_folder_of_tiles_as_one_mosaic(tmp_path, capfd, ckpt, server):
+    data = random_scene(96, 160, seed=8)
+    whole = write_tif(tmp_path / "whole.tif", data, transform=ORIGIN)
+    (server.root / "parts").mkdir()
+    write_tif(server.root / "parts" / "left.tif", data[:, :, :70], transform=ORIGIN)
+    write_tif(server.root / "parts" / "right.tif", data[:, :, 70:],
+              transform=ORIGIN * ORIGIN.translation(70, 0))
+    code, _, err = cli(capfd, "segment", whole, "-o", tmp_path / "w.tif", "-c", ckpt, *OPTS)
+    assert code == 0, err
+    code, _, err = cli(capfd, "segment", f"{server.url}/parts/", "--mosaic", "-o",
+                       tmp_path / "m.tif", "-c", ckpt, *OPTS)
+    assert code == 0, err
+    _same(tmp_path / "m.tif", tmp_path / "w.tif")
 
 
 @pytest.mark.parametrize("key, env, needles", [

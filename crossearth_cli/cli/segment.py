@@ -21,7 +21,8 @@ AUTO = "auto"
 @app.command("segment")
 def segment_command(
     inputs: list[str] = typer.Argument(
-        ..., help="GeoTIFF(s), folders (searched recursively) or quoted globs ('tiles/**/*.tif')."
+        ..., help="GeoTIFF(s), folders (searched recursively), quoted globs ('tiles/**/*.tif') "
+        "or URLs (https://, s3://, gs://, az://; one ending in / is a folder)."
     ),
     output: Path | None = typer.Option(
         None, "-o", "--output", help="Class raster for one input (default: "
@@ -136,7 +137,7 @@ def segment_command(
     """Segment GeoTIFFs into class rasters (plus confidence, probabilities, vectors)."""
     from crossearth_cli.batch import RankInfo, _is_glob
     from crossearth_cli.errors import ConfigError
-    from crossearth_cli.raster.remote import is_remote, use_network_defaults
+    from crossearth_cli.raster.remote import is_folder, is_remote, use_network_defaults
 
     if stride is not None and overlap is not None:
         raise ConfigError("give --stride or --overlap, not both")
@@ -157,17 +158,14 @@ def segment_command(
     remote = [text for text in inputs if is_remote(text)]
     if remote:
         use_network_defaults()
-        if len(inputs) > 1 and not mosaic:
-            raise ConfigError(f"{remote[0]}: remote rasters are segmented one per run, or "
-                              "several as the tiles of one mosaic",
-                              hint="give one URL, or add --mosaic")
     if len(inputs) == 1 and not remote and _is_glob(inputs[0]):
         from crossearth_cli.batch import expand_inputs
 
         matches = expand_inputs(inputs)  # one that matches nothing fails here, by its pattern
         if len(matches) == 1 and output is not None and output.suffix.lower() in (".tif", ".tiff"):
             inputs = [str(matches[0].path)]  # one match and -o a .tif: run it as that file
-    single = len(inputs) == 1 and not _is_glob(inputs[0]) and not Path(inputs[0]).is_dir()
+    single = (len(inputs) == 1 and not _is_glob(inputs[0]) and not Path(inputs[0]).is_dir()
+              and not is_folder(inputs[0]))
     rank = RankInfo.from_env()
     job = _Job(
         inputs=inputs, output=output, model=model, checkpoint=checkpoint, backbone=backbone,
@@ -181,7 +179,7 @@ def segment_command(
     )
     if mosaic:
         job.run_mosaic()
-    elif remote:
+    elif remote and len(inputs) == 1 and not is_folder(inputs[0]):
         job.run_remote()
     elif single and rank.world == 1:
         job.run_single()
@@ -537,7 +535,8 @@ class _Job:
                 continue
             headers.append(header)
         # URLs after the local files, in the order given (the later wins where tiles overlap)
-        headers += [read_header(text) for text in self.inputs if is_remote(text)]
+        urls = [text for text in self.inputs if is_remote(text)]
+        headers += [read_header(it.path) for it in (expand_inputs(urls) if urls else ())]
         if ours and self.rank.rank == 0:
             note(f"--mosaic: left out {ours} raster(s) that crossearth wrote, found among the "
                  "inputs")
@@ -600,6 +599,8 @@ class _Job:
         # alike take the folder's own manifest lock (a job's ranks share it), ranks their own
         for path in dict.fromkeys((Manifest.path_for(outdir), manifest.path)):
             lock_output(path)
+        if not self.overwrite:  # URLs that ran before: their fingerprints, fetched side by side
+            manifest.fetch_fingerprints(manifest.finished_before(items, key))
         todo = [it for it in items
                 if self.overwrite or not manifest.is_current(it, key, it.outputs(outdir, kinds))]
         if not todo:  # every rank sees the same manifests: nothing to load, nothing to run

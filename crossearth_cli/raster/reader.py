@@ -161,7 +161,7 @@ def _quiet_c_stderr():
 def open_raster(path: str | Path) -> rasterio.DatasetReader:
     """Open ``path`` (a local file, or a URL: see ``raster.remote``) for reading, turning
     every failure into one clear line."""
-    from crossearth_cli.raster.remote import explain, gdal_path, is_remote
+    from crossearth_cli.raster.remote import explain, file_name, gdal_path, is_remote
 
     remote = is_remote(path)
     if remote:
@@ -187,6 +187,8 @@ def open_raster(path: str | Path) -> rasterio.DatasetReader:
     except (RasterioError, CPLE_BaseError) as exc:
         if remote:  # named by the URL as given, not by GDAL's path
             what, fix = explain(str(exc).replace(target, path))
+            if what.startswith("not found") and "." not in file_name(path):
+                fix += "; a folder's URL ends with /"
         else:
             first = str(exc).splitlines()[0] if str(exc) else "unreadable"
             what, fix = (f"not a readable raster ({first})",
@@ -273,6 +275,32 @@ def check_readable(src, bands: list[int] | None = None, name: str | None = None)
                     min(h, src.height))
     with corrupt_is_input_error(name or src.name, "cannot be read to the end"):
         src.read(bands or 1, window=window)
+
+
+def remote_fingerprint(url: str) -> str:
+    """What a rerun compares to tell whether a raster on a server changed since its outputs
+    were made (a server gives no file size or time that GDAL passes on): its header, where its
+    first and last blocks lie in the file and how many bytes they take, and the last block's
+    pixels (band 1). Any re-encoding moves the blocks; a replacement equal in all of these is
+    taken for the same file."""
+    import hashlib
+    import json
+
+    with open_raster(url) as src:
+        h, w = src.block_shapes[0]
+        last = ((src.width - 1) // w, (src.height - 1) // h)
+        blocks = [src.get_tag_item(f"BLOCK_{what}_{x}_{y}", "TIFF", bidx=1)
+                  for x, y in ((0, 0), last) for what in ("OFFSET", "SIZE")]
+        window = Window(last[0] * w, last[1] * h, src.width - last[0] * w,
+                        src.height - last[1] * h)
+        with corrupt_is_input_error(url, "cannot be read to the end"):
+            pixels = src.read(1, window=window)
+        header = [src.driver, src.width, src.height, src.count, src.dtypes, src.block_shapes,
+                  src.crs.to_wkt() if src.crs else None, list(src.transform),
+                  [str(v) for v in src.nodatavals], blocks]
+    digest = hashlib.sha256(json.dumps(header, default=str).encode())
+    digest.update(pixels.tobytes())
+    return digest.hexdigest()[:24]
 
 
 def probe_input(path: str | Path, bands: list[int] | None = None) -> None:
@@ -425,7 +453,11 @@ class SceneReader:
     ):
         """``aoi``: :attr:`aoi` says where it falls (:mod:`crossearth_cli.raster.aoi`); the
         scene stays the whole file."""
-        self.path = Path(path)
+        from crossearth_cli.raster.remote import gdal_path, is_remote
+
+        # a URL stays the text given (errors name it); its read threads open GDAL's path
+        self.path = path if is_remote(path) else Path(path)
+        self._target = gdal_path(path) if is_remote(path) else self.path
         src = open_raster(self.path)
         self._handles: list = [src]
         # the handle opened to inspect the file goes to the first thread that reads (a read
@@ -572,7 +604,7 @@ class SceneReader:
             if src is None:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", NotGeoreferencedWarning)
-                    src = rasterio.open(self.path)
+                    src = rasterio.open(self._target)
                 with self._lock:
                     self._handles.append(src)
             self._local.src = src

@@ -60,13 +60,77 @@ def gdal_path(text: str) -> str:
     return prefix + (text if prefix == "/vsicurl/" else rest)
 
 
-def file_name(text: str) -> str:
-    """The file's name in a remote path, without a query string (signed URLs carry one)."""
+def _plain(text: str) -> str:
+    """The URL inside GDAL's ``/vsicurl?url=…&options`` form; other texts as they are."""
     if text.startswith("/vsicurl?"):  # /vsicurl?url=https%3A%2F%2F...&other=options
         url = dict(p.split("=", 1) for p in text[len("/vsicurl?"):].split("&") if "=" in p)
-        text = unquote(url.get("url", ""))
-    path = urlsplit(text).path if "://" in text else text.split("?", 1)[0]
-    return unquote(path.rstrip("/").rsplit("/", 1)[-1]) or "remote"
+        return unquote(url.get("url", ""))
+    return text
+
+
+def _segments(text: str) -> list[str]:
+    """Where a remote raster is, as names: ``https://h/a/b.tif?sig`` → ``["https", "h", "a",
+    "b.tif"]``; ``/vsis3/bucket/b.tif`` → ``["vsis3", "bucket", "b.tif"]``. No query string,
+    and no name that could leave a folder (``..``, or a slash decoded from ``%2F``)."""
+    text = _plain(text)
+    if "://" in text:
+        url = urlsplit(text)
+        names = [url.scheme.lower(), url.netloc, *url.path.split("/")]
+    else:
+        names = text.split("?", 1)[0].split("/")
+    names = [unquote(n).replace("/", "_").replace("\\", "_") for n in names]
+    return [n for n in names if n not in ("", ".", "..")]
+
+
+def _has_path(names: list[str], text: str) -> bool:
+    """Whether ``names`` go on past the server (scheme and host) or the GDAL file system."""
+    return len(names) > (2 if "://" in _plain(text) else 1)
+
+
+def file_name(text: str) -> str:
+    """The file's name in a remote path, without a query string (signed URLs carry one)."""
+    names = _segments(text)
+    return names[-1] if _has_path(names, text) else "remote"
+
+
+def is_folder(text: str) -> bool:
+    """Whether a remote path names a folder (a bucket's prefix): it ends with ``/``."""
+    return is_remote(text) and _plain(text).split("?", 1)[0].endswith("/")
+
+
+def list_folder(text: str, suffixes: tuple[str, ...]) -> list[tuple[str, str]]:
+    """(URL, path below the folder) of every file under the remote folder ``text`` whose
+    name ends with one of ``suffixes``, sorted. S3, GCS and Azure list through their APIs; a
+    web server through its "Index of" pages. Raises ``InputError`` when nothing is listed."""
+    import pyogrio  # GDAL's folder listing; rasterio offers none
+
+    from crossearth_cli.errors import InputError
+
+    folder = gdal_path(text.split("?", 1)[0])
+    query = "?" + text.split("?", 1)[1] if "?" in text else ""
+    try:
+        listed = pyogrio.vsi_listtree(folder)
+    except FileNotFoundError:
+        listed = []
+    except Exception as exc:  # noqa: BLE001 - GDAL's words, explained
+        what, fix = explain(str(exc).replace(folder, text))
+        raise InputError(what, path=text, hint=fix) from None
+    found = []
+    for path in sorted(listed):
+        rel = path[len(folder):] if path.startswith(folder) else path.rsplit("/", 1)[-1]
+        names = [unquote(n) for n in rel.split("/")]
+        if not names[-1].lower().endswith(suffixes) or names[-1].startswith("."):
+            continue
+        if any(n in ("", ".", "..") or "\\" in n for n in names):
+            continue  # a key that would write outside the output folder
+        found.append((text.split("?", 1)[0] + rel + query, "/".join(names)))
+    if not found:
+        web = folder.startswith("/vsicurl")
+        raise InputError(f"lists no rasters ({', '.join(suffixes)}) on the server", path=text,
+                         hint="check the URL" + ("; the server must give an 'Index of' page "
+                                                 "for the folder" if web else
+                                                 f"; {CREDENTIALS}"))
+    return found
 
 
 def file_stem(text: str) -> str:
