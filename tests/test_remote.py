@@ -368,3 +368,33 @@ def test_s3_errors_say_what_to_set(tmp_path, capfd, ckpt, server, monkeypatch, k
     code, _, err = cli(capfd, "segment", url, "-o", tmp_path / "c.tif", "-c", ckpt)
     line = assert_user_error(code, err, url, *needles)
     assert "readable raster" not in line and not (tmp_path / "c.tif").exists()
+
+
+def test_a_shared_stretch_over_a_remote_folder_follows_every_file(tmp_path, capfd, ckpt,
+                                                                  server, monkeypatch):
+    """--range shared takes one stretch from all inputs: the local folder's, printed alike; a
+    rerun skips all; a file replaced on the server changes the stretch, so all are redone."""
+    monkeypatch.setenv("CPL_VSIL_CURL_NON_CACHED", f"/vsicurl/{server.url}/")
+    (server.root / "u16").mkdir()
+    for name, seed in (("a", 1), ("b", 2)):
+        write_tif(server.root / "u16" / f"{name}.tif",
+                  random_scene(48, 64, seed=seed).astype(np.uint16) * 40, transform=ORIGIN)
+
+    def run(*inputs, out):
+        code, text, summary = _folder_run(capfd, ckpt, tmp_path / out, *inputs, "--range",
+                                          "shared")
+        assert code == 0, text
+        stretch = text[text.find("--range shared"):].split("\n")[0]  # only when it ran
+        return stretch, summary
+
+    local, _ = run(server.root / "u16", out="local")
+    remote, first = run(f"{server.url}/u16/", out="out")
+    assert remote == local and "one stretch" in remote and first["files_done"] == 2
+    for name in ("a", "b"):
+        _same(tmp_path / "out" / f"{name}_classes.tif", tmp_path / "local" / f"{name}_classes.tif")
+    _, again = run(f"{server.url}/u16/", out="out")
+    assert again["files_skipped"] == 2, again
+    write_tif(server.root / "u16" / "b.tif",
+              random_scene(48, 64, seed=2).astype(np.uint16) * 60, transform=ORIGIN)
+    _, third = run(f"{server.url}/u16/", out="out")
+    assert third["files_done"] == 2, third

@@ -589,7 +589,9 @@ class _Job:
         taken = [manifest.path] + [it.path for it in items]
         taken += [p for it in items for p in it.outputs(outdir, kinds).values()]
         self.check_reports(taken, single=False)
-        key = settings_hash(self.request_key(kinds, items))
+        if self._shared_range():  # every stretch depends on every input, URLs' included
+            manifest.fetch_fingerprints(items)
+        key = settings_hash(self.request_key(kinds, items, manifest))
         from crossearth_cli.engine import validate_settings
         from crossearth_cli.raster.writer import ensure_writable_folder, lock_output
 
@@ -690,12 +692,16 @@ class _Job:
                     note(n)
         return 1 if total.failed else 0
 
-    def request_key(self, kinds: list[str], items=()) -> dict:
+    def _shared_range(self) -> bool:
+        return (self.value_range or "").strip().lower() == "shared"
+
+    def request_key(self, kinds: list[str], items=(), manifest=None) -> dict:
         """Every request setting that changes the numbers in the outputs (resume decisions).
 
-        Computed from the command line and the inputs' sizes and times alone, so a rerun with
-        nothing to do loads no model. With --range shared every input's stretch depends on
-        all the inputs, so any change among them redoes every file.
+        Computed from the command line and the inputs' sizes and times alone (URLs'
+        fingerprints, from ``manifest``), so a rerun with nothing to do loads no model. With
+        --range shared every input's stretch depends on all the inputs, so any change among
+        them redoes every file.
         """
         def identity(path: Path | None):
             if path is None:
@@ -705,6 +711,14 @@ class _Job:
                 return [str(Path(path).resolve()), st.st_size, st.st_mtime_ns]
             except OSError:
                 return str(path)
+
+        def input_identity(it):
+            if not it.remote or manifest is None:
+                return identity(it.path)
+            try:  # by its name in the run, not its URL: a signed URL's query changes
+                return [manifest.key(it), manifest.identity(it)["fingerprint"]]
+            except Exception:  # noqa: BLE001 - it fails when it runs, named
+                return manifest.key(it)
 
         from crossearth_cli.batch import settings_hash
         from crossearth_cli.loading import DEFAULT_MODEL
@@ -719,8 +733,8 @@ class _Job:
             "device": self.device, "precision": self.precision, "outputs": kinds,
             "probabilities_dtype": self.probabilities_dtype.lower(), "cog": self.cog,
             "compress": self.compress.lower(), "random_allowed": self.allow_random,
-            **({"shared_range_inputs": settings_hash([identity(it.path) for it in items])}
-               if (self.value_range or "").strip().lower() == "shared" else {}),
+            **({"shared_range_inputs": settings_hash([input_identity(it) for it in items])}
+               if self._shared_range() else {}),
         }
 
 
