@@ -398,3 +398,31 @@ def test_a_shared_stretch_over_a_remote_folder_follows_every_file(tmp_path, capf
               random_scene(48, 64, seed=2).astype(np.uint16) * 60, transform=ORIGIN)
     _, third = run(f"{server.url}/u16/", out="out")
     assert third["files_done"] == 2, third
+
+
+def test_an_aoi_file_on_a_server(tmp_path, capfd, ckpt, server):
+    """--aoi URL reads the vector file over the network: the local file's outputs; a missing
+    one is one line naming the URL."""
+    import shapely
+
+    scene = write_tif(tmp_path / "scene.tif", random_scene(96, 96, seed=1), crs="EPSG:32633",
+                      transform=ORIGIN)
+    x0, y1 = ORIGIN.c, ORIGIN.f
+    area = shapely.Polygon([(x0 + 5, y1 - 5), (x0 + 40, y1 - 8), (x0 + 20, y1 - 40)])
+    feature = {"type": "Feature", "properties": {}, "geometry": shapely.geometry.mapping(area)}
+    text = json.dumps({"type": "FeatureCollection", "features": [feature],
+                       "crs": {"type": "name", "properties": {"name": "EPSG:32633"}}})
+    (server.root / "area.geojson").write_text(text)
+    (tmp_path / "area.geojson").write_text(text)
+    for aoi, out in ((tmp_path / "area.geojson", "local.tif"),
+                     (f"{server.url}/area.geojson", "remote.tif")):
+        code, _, err = cli(capfd, "segment", scene, "-o", tmp_path / out, "-c", ckpt, *OPTS,
+                           "--aoi", aoi)
+        assert code == 0, err
+    _same(tmp_path / "remote.tif", tmp_path / "local.tif")
+    (server.root / "notes.txt").write_text("no polygons here\n" * 50)
+    for name, needle in (("gone.geojson", "not found"), ("notes.txt", "as a vector file")):
+        code, _, err = cli(capfd, "segment", scene, "-o", tmp_path / "gone.tif", "-c", ckpt,
+                           "--aoi", f"{server.url}/{name}")
+        line = assert_user_error(code, err, f"--aoi {server.url}/{name}", needle)
+        assert "/vsicurl/" not in line and not (tmp_path / "gone.tif").exists()

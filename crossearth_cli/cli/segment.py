@@ -51,8 +51,9 @@ def segment_command(
     ),
     aoi: str | None = typer.Option(
         None, "--aoi", help="Segment only this area: a box W,S,E,N (in the raster's CRS, or "
-        "--aoi-crs) or a vector file (its polygons, every layer). The outputs cover the area's "
-        "bounding box on the input's own pixel grid; pixels outside its polygons are nodata. "
+        "--aoi-crs) or a vector file or URL (its polygons, every layer). The outputs cover "
+        "the area's bounding box on the input's own pixel grid; pixels outside its polygons "
+        "are nodata. "
         "Inputs it does not reach are left out of a folder run."
     ),
     aoi_crs: str | None = typer.Option(
@@ -150,14 +151,14 @@ def segment_command(
         raise ConfigError("--vector-min-area applies to the GeoPackage: add --vector auto")
     if aoi_crs is not None and aoi is None:
         raise ConfigError("--aoi-crs is the CRS of --aoi: add --aoi")
+    remote = [text for text in inputs if is_remote(text)]
+    if remote or (aoi is not None and is_remote(aoi)):
+        use_network_defaults()
     area = None
     if aoi is not None:
         from crossearth_cli.raster.aoi import parse_aoi
 
         area = parse_aoi(aoi, aoi_crs)
-    remote = [text for text in inputs if is_remote(text)]
-    if remote:
-        use_network_defaults()
     if len(inputs) == 1 and not remote and _is_glob(inputs[0]):
         from crossearth_cli.batch import expand_inputs
 

@@ -81,6 +81,10 @@ def parse_aoi(text: str, crs_text: str | None = None) -> AreaOfInterest:
         if not all(math.isfinite(v) for v in (w, s, e, n)) or not (w < e and s < n):
             raise ConfigError(f"--aoi {text}: a box is W,S,E,N with W < E and S < N")
         return AreaOfInterest(((crs, shapely.box(w, s, e, n)),), text.strip())
+    from crossearth_cli.raster.remote import file_name, gdal_path, is_remote
+
+    if is_remote(text):  # a URL: errors and the label name it, GDAL opens its /vsi path
+        return read_aoi_file(gdal_path(text), crs, name=text, label=file_name(text))
     if text.startswith("/vsi"):  # GDAL's virtual files, as given (Path would fold "//")
         return read_aoi_file(text, crs)
     path = Path(text)
@@ -91,32 +95,42 @@ def parse_aoi(text: str, crs_text: str | None = None) -> AreaOfInterest:
     return read_aoi_file(path, crs)
 
 
-def read_aoi_file(path: Path | str, crs: CRS | None = None) -> AreaOfInterest:
-    """The polygons of every layer of ``path`` (points and lines are not areas: left out)."""
+def read_aoi_file(path: Path | str, crs: CRS | None = None, name: str | None = None,
+                  label: str | None = None) -> AreaOfInterest:
+    """The polygons of every layer of ``path`` (points and lines are not areas: left out);
+    errors say ``name`` (the path as the user gave it), progress ``label``."""
     import pyogrio
 
+    name = name or str(path)
     try:
         layers = [str(name) for name, _ in pyogrio.list_layers(path)]
         parts: dict[str, tuple[CRS | None, list]] = {}
         for layer in layers:
             meta, _, wkb, _ = pyogrio.raw.read(path, layer=layer, columns=[])
-            layer_crs = _layer_crs(path, layer, meta.get("crs"), crs)
+            layer_crs = _layer_crs(name, layer, meta.get("crs"), crs)
             key = layer_crs.to_wkt() if layer_crs else ""
             parts.setdefault(key, (layer_crs, []))[1].extend(
                 g for g in wkb if g is not None)
     except (pyogrio.errors.DataSourceError, pyogrio.errors.DataLayerError) as exc:
-        raise InputError(f"{path}: cannot read it as a vector file ({_first_line(exc)})",
-                         hint="give a GeoPackage, GeoJSON or Shapefile, or a box W,S,E,N"
-                         ) from None
+        why = _first_line(exc).replace(str(path), name)
+        what, fix = (f"cannot read it as a vector file ({why})",
+                     "give a GeoPackage, GeoJSON or Shapefile, or a box W,S,E,N")
+        if name != str(path):  # a URL: the server's answer (404, 403...) where it gave one
+            from crossearth_cli.raster.remote import explain
+
+            told, how = explain(why)
+            if not told.startswith("not a readable raster"):
+                what, fix = told, how
+        raise InputError(f"--aoi {name}: {what}", hint=fix) from None
     groups = []
     for layer_crs, blobs in parts.values():
         area = _polygons(shapely.from_wkb(np.asarray(blobs, dtype=object)))
         if not area.is_empty:
             groups.append((layer_crs, area))
     if not groups:
-        raise InputError("holds no polygon to use as an area of interest", path=path,
+        raise InputError("holds no polygon to use as an area of interest", path=name,
                          hint="draw the area as a polygon")
-    return AreaOfInterest(tuple(groups), Path(path).name)
+    return AreaOfInterest(tuple(groups), label or Path(path).name)
 
 
 def _layer_crs(path: Path, layer: str, found: str | None, given: CRS | None) -> CRS | None:
