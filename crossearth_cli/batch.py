@@ -26,6 +26,7 @@ from crossearth_cli.errors import ConfigError, InputError
 
 RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".img")
 MANIFEST_PREFIX = "crossearth-manifest"
+REMOTE_READ_AHEAD = 8  # files on a server opened side by side (round trips, not bandwidth)
 OUTPUT_SUFFIXES = {
     "classes": "_classes.tif",
     "confidence": "_confidence.tif",
@@ -417,7 +418,9 @@ def run_batch(
     small to fill a batch on their own (a folder of 512² crops: one tile each) share forward
     passes with the scenes after them (``Session.run_group``), up to the batch size; then
     the next files are read ahead, up to a batch of them (only small scenes' pixels are read
-    ahead, so a big scene waiting its turn costs an open file, not a strip of rows)."""
+    ahead, so a big scene waiting its turn costs an open file, not a strip of rows). Files on a
+    server are opened :data:`REMOTE_READ_AHEAD` at a time, so that their round trips (a
+    header, a fingerprint, the first rows: each a request) overlap instead of adding up."""
     import dataclasses
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
@@ -475,11 +478,12 @@ def run_batch(
     taken: list = []  # (index, scene) taken from the queue, not yet in a group or run
     group: list = []  # (index, scene) to run together
 
-    with ThreadPoolExecutor(1, thread_name_prefix="crossearth-next") as ahead:
+    depth = REMOTE_READ_AHEAD if any(it.remote for it, _ in todo) else 1
+    with ThreadPoolExecutor(depth, thread_name_prefix="crossearth-next") as ahead:
 
         def read_ahead(n: int) -> None:
             nonlocal submitted
-            while len(pending) < n and submitted < len(todo):
+            while len(pending) < max(n, depth) and submitted < len(todo):
                 # the very next scene is read at once; later ones only if they are small
                 pending.append((submitted, ahead.submit(prepare, submitted, not pending)))
                 submitted += 1

@@ -36,6 +36,7 @@ from crossearth_cli.raster.accumulator import (
 )
 from crossearth_cli.raster.aoi import AreaOfInterest
 from crossearth_cli.raster.reader import (
+    NETWORK_IO_THREADS,
     BandScaling,
     Scaling,
     SceneReader,
@@ -607,7 +608,10 @@ class Session:
 
     def __init__(self, spec: ModelSpec, device: str = "auto", precision: str = "auto",
                  batch_size: int | str = "auto", io_threads: int | None = None,
-                 compile: bool = False, tta: str = "none"):
+                 compile: bool = False, tta: str = "none", network: bool = False):
+        """``network``: scenes are read from a server; the reader threads are
+        :data:`NETWORK_IO_THREADS` (latency to hide, not cores to share) unless ``io_threads``
+        says otherwise, and torch keeps the cores it has for local reads."""
         self.spec = spec
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
@@ -622,7 +626,7 @@ class Session:
         module, eager = runtime_module(spec.module, self.device, self.precision, compile)
         self.predictor = Predictor(spec, self.device, self.precision, batch_size, module,
                                    probe_module=eager, tta=tta)
-        self.io_threads = io_threads or cpu_io_threads()
+        self.io_threads = io_threads or (NETWORK_IO_THREADS if network else cpu_io_threads())
         self.compress_threads = compression_threads(self.device.type == "cpu")
         self.pool = ThreadPoolExecutor(self.io_threads, thread_name_prefix="crossearth-read")
 
@@ -709,8 +713,11 @@ def segment(
     part: RowPart | None = None,
 ) -> SegmentResult:
     """Segment one scene. Raises :class:`UserError` for anything the user can fix."""
+    from crossearth_cli.raster.remote import is_remote
+
     with Session(spec, settings.device, settings.precision, settings.batch_size,
-                 settings.io_threads, settings.compile, tta=settings.tta) as session:
+                 settings.io_threads, settings.compile, tta=settings.tta,
+                 network=is_remote(settings.input)) as session:
         return session.run(session.prepare(settings, part, reader), events)
 
 

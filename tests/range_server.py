@@ -1,7 +1,11 @@
 """A small HTTP server for the remote-input tests: files under ROOT, with byte ranges (what
 GDAL's /vsicurl/ asks for), one JSON line per request in LOG.
 
-    python range_server.py ROOT LOG   # prints the port, then serves until killed
+    python range_server.py ROOT LOG [LATENCY_MS [MB_PER_S]]   # prints the port, serves
+
+LATENCY_MS delays every answer, as a distant server's round trip does, and MB_PER_S caps each
+answer's rate, as one connection to an object store is capped (requests in flight together
+wait together: the server answers each in a thread of its own).
 
 Paths under ``/status/CODE/`` answer CODE; under ``/flaky/`` the first request for each file
 answers 503 (a busy server), later ones serve the file. A folder answers with a web server's
@@ -17,12 +21,15 @@ import json
 import re
 import sys
 import threading
+import time
 from pathlib import Path
 from urllib.parse import parse_qs, unquote
 from xml.sax.saxutils import escape
 
 ROOT = Path(sys.argv[1])
 LOG = Path(sys.argv[2])
+LATENCY_S = float(sys.argv[3]) / 1000 if len(sys.argv) > 3 else 0.0
+BYTES_PER_S = float(sys.argv[4]) * 1e6 if len(sys.argv) > 4 else 0.0
 _lock = threading.Lock()
 _seen: set[str] = set()
 
@@ -33,7 +40,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def _log(self, status: int, sent: int) -> None:
         with _lock, LOG.open("a") as f:
-            f.write(json.dumps({"method": self.command, "path": self.path, "status": status,
+            f.write(json.dumps({"t": round(time.time(), 4), "method": self.command,
+                                "path": self.path, "status": status,
                                 "range": self.headers.get("Range"), "bytes": sent}) + "\n")
 
     def _fail(self, status: int) -> None:
@@ -46,6 +54,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.do_GET(body=False)
 
     def do_GET(self, body: bool = True) -> None:
+        if LATENCY_S:
+            time.sleep(LATENCY_S)
         path = self.path.split("?", 1)[0]
         code = re.match(r"/status/(\d{3})/", path)
         if code:
@@ -65,24 +75,27 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return self._send(self._index(file, path), "text/html", body)
         if not file.is_file():
             return self._fail(404)
-        data = file.read_bytes()
-        start, end, status = 0, len(data) - 1, 200
+        size = file.stat().st_size
+        start, end, status = 0, size - 1, 200
         ask = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range") or "")
         if ask:
             start = int(ask.group(1))
             end = min(int(ask.group(2) or end), end)
             status = 206
-        part = data[start:end + 1]
+        with file.open("rb") as f:  # the range only: scenes in benchmarks are large
+            f.seek(start)
+            part = f.read(max(end + 1 - start, 0)) if body else b""
         self.send_response(status)
         self.send_header("Accept-Ranges", "bytes")
-        self.send_header("Content-Length", str(len(part)))
+        self.send_header("Content-Length", str(max(end + 1 - start, 0)))
         if status == 206:
-            self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+            self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
         self.end_headers()
+        if BYTES_PER_S:
+            time.sleep(len(part) / BYTES_PER_S)
         if body:
             self.wfile.write(part)
-        self._log(status, len(part) if body else 0)
-
+        self._log(status, len(part))
 
     def _send(self, text: str, kind: str, body: bool) -> None:
         data = text.encode()

@@ -426,3 +426,29 @@ def test_an_aoi_file_on_a_server(tmp_path, capfd, ckpt, server):
                            "--aoi", f"{server.url}/{name}")
         line = assert_user_error(code, err, f"--aoi {server.url}/{name}", needle)
         assert "/vsicurl/" not in line and not (tmp_path / "gone.tif").exists()
+
+
+def test_files_on_a_slow_server_are_opened_side_by_side(tmp_path, capfd, ckpt):
+    """A folder on a server 0.2 s away: the files' first requests are in flight together
+    (they would come 0.2 s apart, one file after another, if each waited for the last)."""
+    (tmp_path / "www" / "tiles").mkdir(parents=True)
+    for i in range(6):
+        write_tif(tmp_path / "www" / "tiles" / f"t{i}.tif", random_scene(32, 32, seed=i),
+                  transform=ORIGIN)
+    log = tmp_path / "requests.jsonl"
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("range_server.py")),
+                             tmp_path / "www", log, "200"], stdout=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{int(proc.stdout.readline())}"
+        code, _, err = cli(capfd, "segment", f"{url}/tiles/", "-o", tmp_path / "out", "-c",
+                           ckpt, *OPTS)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert code == 0, err
+    first: dict[str, float] = {}  # each file's first ranged GET (its header), when answered
+    for r in map(json.loads, log.read_text().splitlines()):
+        if r["method"] == "GET" and r["range"] and r["path"].endswith(".tif"):
+            first.setdefault(r["path"], r["t"])
+    assert len(first) == 6
+    assert max(first.values()) - min(first.values()) < 0.5, first  # not 5 × 0.2 s

@@ -345,7 +345,8 @@ class _Job:
         spec = self.load_model(self.device)
         self.finish_settings(settings, spec)
         with Session(spec, settings.device, settings.precision, settings.batch_size,
-                     compile=settings.compile, tta=settings.tta) as session:
+                     compile=settings.compile, tta=settings.tta,
+                     network=self.network) as session:
             scene = session.prepare(settings)
             with progress_events(self.label(src)) as events:
                 result = session.run(scene, events=events)
@@ -415,7 +416,7 @@ class _Job:
         try:
             with Session(spec, part_settings.device, settings.precision,
                          settings.batch_size, compile=settings.compile,
-                         tta=settings.tta) as session:
+                         tta=settings.tta, network=self.network) as session:
                 scene = session.prepare(part_settings, part=RowPart(rank.rank, rank.world))
                 if scene.rows.y1 > scene.rows.y0:
                     with progress_events(f"{self.label(src)} [rank {rank.rank}]") as events:
@@ -503,6 +504,14 @@ class _Job:
                 if exc.path == str(vrt):
                     exc.path = name
                 raise
+
+    @property
+    def network(self) -> bool:
+        """Whether the scene is read from a server (a URL, or a mosaic with URLs among its
+        tiles): more reader threads, each a request in flight."""
+        from crossearth_cli.raster.remote import is_remote
+
+        return any(is_remote(p) for p in self.mosaic_inputs)
 
     def local_inputs(self) -> list[Path]:
         """The inputs on this machine's disk (an output must not replace one)."""
@@ -635,7 +644,8 @@ class _Job:
                 self.vectorize(spec, outs["classes"], outs["vector"], outs.get("confidence"))
 
         with Session(spec, device, template.precision, template.batch_size,
-                     compile=template.compile, tta=template.tta) as session:
+                     compile=template.compile, tta=template.tta,
+                     network=any(it.remote for it in mine)) as session:
             with _BatchProgress(len(todo), rank, manifest) as events:
                 result = run_batch(mine, outdir, template, session, kinds, key, manifest,
                                    after_scene=after_scene, events=events)

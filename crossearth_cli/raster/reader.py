@@ -772,6 +772,11 @@ def cpu_io_threads() -> int:
     return max(1, min(4, (os.cpu_count() or 2) // 2))
 
 
+# Reader threads for rasters on a server: they mostly wait for round trips, not for a core,
+# so there are more of them (each a range request of its own in flight)
+NETWORK_IO_THREADS = 8
+
+
 class StripFeed:
     """Feeds a scene's tiles row by row from full-width strips of rows, each pixel read once.
 
