@@ -319,12 +319,17 @@ def test_an_s3_url_reads_through_gdals_s3_client(tmp_path, capfd, ckpt, server, 
     assert {r["path"] for r in server.requests()} == {"/bucket/scene.tif"}
     # a prefix, listed with S3's ListObjects; its sub-folders mirrored
     (server.root / "bucket" / "tiles" / "b").mkdir(parents=True)
-    for rel in ("a.tif", "b/c.TIF"):
+    (server.root / "bucket" / "tiles" / "..%2F..%2F..").mkdir()
+    for rel in ("a.tif", "b/c.TIF", "..%2F..%2F../evil.tif"):  # a key decoding to ../../..
         write_tif(server.root / "bucket" / "tiles" / rel, data[:, :32], transform=ORIGIN)
-    code, _, err = cli(capfd, "segment", "s3://bucket/tiles/", "-o", tmp_path / "out", "-c",
-                       ckpt, *OPTS)
+    (tmp_path / "deep" / "er").mkdir(parents=True)
+    code, _, err = cli(capfd, "segment", "s3://bucket/tiles/", "-o", tmp_path / "deep" / "er"
+                       / "out", "-c", ckpt, *OPTS)
     assert code == 0, err
-    _same(tmp_path / "out" / "a_classes.tif", tmp_path / "out" / "b" / "c_classes.tif")
+    out = tmp_path / "deep" / "er" / "out"
+    _same(out / "a_classes.tif", out / "b" / "c_classes.tif")
+    assert (out / ".._.._.." / "evil_classes.tif").exists()  # inside the output folder
+    assert sorted(p.name for p in (tmp_path / "deep").iterdir()) == ["er"]
     assert any("prefix=tiles" in r["path"] for r in server.requests())
 
 

@@ -78,8 +78,12 @@ def _segments(text: str) -> list[str]:
         names = [url.scheme.lower(), url.netloc, *url.path.split("/")]
     else:
         names = text.split("?", 1)[0].split("/")
-    names = [unquote(n).replace("/", "_").replace("\\", "_") for n in names]
-    return [n for n in names if n not in ("", ".", "..")]
+    return [n for n in _decoded(names) if n not in ("", ".", "..")]
+
+
+def _decoded(names: list[str]) -> list[str]:
+    """Percent-decoded names with no slash in them (``%2F`` would make a folder of a name)."""
+    return [unquote(n).replace("/", "_").replace("\\", "_") for n in names]
 
 
 def _has_path(names: list[str], text: str) -> bool:
@@ -118,10 +122,10 @@ def list_folder(text: str, suffixes: tuple[str, ...]) -> list[tuple[str, str]]:
     found = []
     for path in sorted(listed):
         rel = path[len(folder):] if path.startswith(folder) else path.rsplit("/", 1)[-1]
-        names = [unquote(n) for n in rel.split("/")]
+        names = _decoded(rel.split("/"))
         if not names[-1].lower().endswith(suffixes) or names[-1].startswith("."):
             continue
-        if any(n in ("", ".", "..") or "\\" in n for n in names):
+        if any(n in ("", ".", "..") for n in names):
             continue  # a key that would write outside the output folder
         found.append((text.split("?", 1)[0] + rel + query, "/".join(names)))
     if not found:
