@@ -103,7 +103,7 @@ def read_aoi_file(path: Path | str, crs: CRS | None = None, name: str | None = N
 
     name = name or str(path)
     try:
-        layers = [str(name) for name, _ in pyogrio.list_layers(path)]
+        layers = [str(layer) for layer, _ in pyogrio.list_layers(path)]
         parts: dict[str, tuple[CRS | None, list]] = {}
         for layer in layers:
             meta, _, wkb, _ = pyogrio.raw.read(path, layer=layer, columns=[])
