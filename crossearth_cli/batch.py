@@ -105,8 +105,9 @@ def expand_inputs(args: list[str], exclude: Path | None = None) -> list[BatchInp
         items.append(BatchInput(path=path, rel=rel))
 
     def add_url(url: str, rel: str) -> None:
-        if url not in seen:
-            seen.add(url)
+        key = url.split("?", 1)[0]  # one object, however often (re-)signed: once
+        if key not in seen:
+            seen.add(key)
             items.append(BatchInput(path=url, rel=Path(rel)))
 
     for arg in args:
@@ -144,13 +145,23 @@ def check_output_names(items: list[BatchInput], outdir: Path) -> None:
     for it in items:
         out = it.outputs(outdir, ["classes"])["classes"]
         if out in seen:
-            both_urls = it.remote and seen[out].remote
-            raise ConfigError(
-                f"{seen[out].path} and {it.path} would both write {out}",
-                hint="give the folder they share, ending in / (its sub-folders are mirrored)"
-                if both_urls else "rename one of them or process them separately",
-            )
+            hint = "rename one of them or process them separately"
+            folder = shared_folder(seen[out].path, it.path) if it.remote else None
+            if folder and seen[out].remote:
+                hint = f"give the folder they share, {folder} (its sub-folders are mirrored)"
+            raise ConfigError(f"{seen[out].path} and {it.path} would both write {out}",
+                              hint=hint)
         seen[out] = it
+
+
+def shared_folder(a: str, b: str) -> str | None:
+    """The deepest folder URL holding both URLs (``…/t/2024/x.tif``, ``…/t/2025/x.tif`` →
+    ``…/t/``); None when they share no server (``https://host``, ``/vsis3/bucket``)."""
+    a_parts, b_parts = a.split("?", 1)[0].split("/")[:-1], b.split("?", 1)[0].split("/")[:-1]
+    n = 0
+    while n < min(len(a_parts), len(b_parts)) and a_parts[n] == b_parts[n]:
+        n += 1
+    return "/".join(a_parts[:n]) + "/" if n >= 3 else None
 
 
 def settings_hash(values: dict) -> str:

@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from urllib.parse import parse_qs, unquote
+from urllib.parse import parse_qs, quote, unquote
 from xml.sax.saxutils import escape
 
 ROOT = Path(sys.argv[1])
@@ -109,8 +109,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     @staticmethod
     def _index(folder: Path, path: str) -> str:
-        links = "".join(f'<a href="{p.name}{"/" if p.is_dir() else ""}">{p.name}</a>\n'
-                        for p in sorted(folder.iterdir()))
+        links = "".join(f'<a href="{quote(p.name)}{"/" if p.is_dir() else ""}">{p.name}</a>\n'
+                        for p in sorted(folder.iterdir()))  # encoded, as Apache and nginx do
         return (f"<html><head><title>Index of {path}</title></head><body>"
                 f"<h1>Index of {path}</h1><pre>\n{links}</pre></body></html>\n")
 

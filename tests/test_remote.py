@@ -228,17 +228,22 @@ def test_a_remote_folder_runs_as_a_folder_and_a_rerun_resumes(tmp_path, capfd, c
     (tiles / "notes.txt").write_text("not a raster")  # not listed: no raster suffix
     (server.root / "single").mkdir()
     write_tif(server.root / "single" / "y.tif", random_scene(64, 64, seed=3), transform=ORIGIN)
+    write_tif(server.root / "single" / "my tile.tif", random_scene(32, 32, seed=6),
+              transform=ORIGIN)
     own = write_tif(tmp_path / "own.tif", random_scene(64, 64, seed=4), transform=ORIGIN)
     code, _, err = cli(capfd, "segment", tiles, "-o", tmp_path / "local", "-c", ckpt, *OPTS,
                        "--confidence", "auto")
     assert code == 0, err
-    # a signed URL's query, glob characters and all, is not a pattern
-    inputs = [f"{server.url}/tiles/", f"{server.url}/single/y.tif?sig=a*b[1]", own]
+    # a signed URL's query, glob characters and all, is not a pattern; one object signed
+    # twice runs once; a space typed as it is, is sent encoded
+    inputs = [f"{server.url}/tiles/", f"{server.url}/single/y.tif?sig=a*b[1]",
+              f"{server.url}/single/y.tif?sig=other", f"{server.url}/single/my tile.tif", own]
 
     out = tmp_path / "out"
     code, text, first = _folder_run(capfd, ckpt, out, *inputs)
     assert code == 0, text
-    assert sorted(first["done"]) == ["2024/x.tif", "2025/x.tif", "own.tif", "y.tif"]
+    assert sorted(first["done"]) == ["2024/x.tif", "2025/x.tif", "my tile.tif", "own.tif",
+                                     "y.tif"]
     for rel in ("2024/x", "2025/x"):
         for kind in ("classes", "confidence"):
             _same(out / f"{rel}_{kind}.tif", tmp_path / "local" / f"{rel}_{kind}.tif")
@@ -248,7 +253,7 @@ def test_a_remote_folder_runs_as_a_folder_and_a_rerun_resumes(tmp_path, capfd, c
     server.log.write_text("")
     code, text, again = _folder_run(capfd, ckpt, out, *inputs)
     assert code == 0, text
-    assert again["files_skipped"] == 4 and again["files_done"] == 0, again
+    assert again["files_skipped"] == 5 and again["files_done"] == 0, again
     fetched = sum(r["bytes"] for r in server.requests() if "/tiles/" in r["path"])
     assert 0 < fetched < 0.3 * served, (fetched, served)
 
@@ -256,11 +261,11 @@ def test_a_remote_folder_runs_as_a_folder_and_a_rerun_resumes(tmp_path, capfd, c
     _small_blocks(tiles / "2025" / "x.tif", random_scene(192, 256, seed=5))
     code, text, third = _folder_run(capfd, ckpt, out, *inputs)
     assert code == 0, text
-    assert third["done"] == ["2025/x.tif"] and third["files_skipped"] == 3, third
+    assert third["done"] == ["2025/x.tif"] and third["files_skipped"] == 4, third
 
     # a missing file fails alone, named by its URL; the others stay done
     code, text, fourth = _folder_run(capfd, ckpt, out, *inputs, f"{server.url}/gone.tif")
-    assert code == 1 and fourth["files_skipped"] == 4, text
+    assert code == 1 and fourth["files_skipped"] == 5, text
     [failed] = fourth["failed"]
     assert failed["input"] == "gone.tif" and "HTTP 404" in failed["reason"], failed
     assert f"{server.url}/gone.tif" in text
@@ -278,18 +283,49 @@ def test_output_names_that_would_collide_are_refused(tmp_path, capfd, ckpt, serv
     assert_user_error(code, err, "x.tif", "would both write", "rename one")
     code, _, err = cli(capfd, "segment", f"{server.url}/a/x.tif", f"{server.url}/b/x.tif",
                        "-o", tmp_path / "out", "-c", ckpt)
-    assert_user_error(code, err, f"{server.url}/b/x.tif", "would both write", "ending in /")
+    assert_user_error(code, err, f"{server.url}/b/x.tif", "would both write",
+                      f"give the folder they share, {server.url}/ ")
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("folder", ["/empty/", "/nowhere/"])
-def test_a_remote_folder_without_rasters_is_refused(tmp_path, capfd, ckpt, server, folder):
-    (server.root / "empty").mkdir()
+@pytest.mark.parametrize("folder, needles", [
+    ("/empty/", ["lists no rasters", "Index of"]),
+    ("/nowhere/", ["not found on the server"]),
+])
+def test_a_remote_folder_without_rasters_is_refused(tmp_path, capfd, ckpt, server, folder,
+                                                    needles):
+    (server.root / "empty" / ".hidden").mkdir(parents=True)
     (server.root / "empty" / "notes.txt").write_text("no raster here")
+    write_tif(server.root / "empty" / ".hidden" / "a.tif", random_scene(32, 32),
+              transform=ORIGIN)  # hidden folders are left out, as local ones are
     code, _, err = cli(capfd, "segment", f"{server.url}{folder}", "-o", tmp_path / "out",
                        "-c", ckpt)
-    assert_user_error(code, err, f"{server.url}{folder}", "lists no rasters", "Index of")
+    assert_user_error(code, err, f"{server.url}{folder}", *needles)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_listing_keeps_every_output_inside_the_output_folder(monkeypatch):
+    """What GDAL lists, as a hostile or odd server could make it: web links are decoded
+    without slashes, hidden names and ``..`` are left out, a bucket's keys stay as written."""
+    import pyogrio
+
+    from crossearth_cli.batch import RASTER_SUFFIXES
+    from crossearth_cli.raster.remote import list_folder
+
+    listed = {
+        "/vsicurl/http://h/t/": ["a%2F..%2F..%2Fx/e.tif", "%2E%2E/f.tif", "..%2Fy/g.tif",
+                                 ".git/a.tif", ".b.tif", "a%20b.tif", "sub/c.TIF",
+                                 "notes.txt"],
+        "/vsis3/bkt/t/": ["pct%41.tif", "../g.tif", "d/./h.tif", "k.tif"],
+    }
+    monkeypatch.setattr(pyogrio, "vsi_listtree",
+                        lambda folder: [folder + rel for rel in listed[folder]])
+    assert list_folder("http://h/t/", RASTER_SUFFIXES) == [
+        ("http://h/t/a%20b.tif", "a b.tif"),
+        ("http://h/t/a%2F..%2F..%2Fx/e.tif", "a_.._.._x/e.tif"),
+        ("http://h/t/sub/c.TIF", "sub/c.TIF")]
+    assert list_folder("s3://bkt/t/", RASTER_SUFFIXES) == [
+        ("s3://bkt/t/k.tif", "k.tif"), ("s3://bkt/t/pct%41.tif", "pct%41.tif")]
 
 
 def test_remote_file_names_stay_inside_the_output_folder():
@@ -319,17 +355,15 @@ def test_an_s3_url_reads_through_gdals_s3_client(tmp_path, capfd, ckpt, server, 
     assert {r["path"] for r in server.requests()} == {"/bucket/scene.tif"}
     # a prefix, listed with S3's ListObjects; its sub-folders mirrored
     (server.root / "bucket" / "tiles" / "b").mkdir(parents=True)
-    (server.root / "bucket" / "tiles" / "..%2F..%2F..").mkdir()
-    for rel in ("a.tif", "b/c.TIF", "..%2F..%2F../evil.tif"):  # a key decoding to ../../..
+    for rel in ("a.tif", "b/c.TIF", "pct%41.tif"):
         write_tif(server.root / "bucket" / "tiles" / rel, data[:, :32], transform=ORIGIN)
-    (tmp_path / "deep" / "er").mkdir(parents=True)
-    code, _, err = cli(capfd, "segment", "s3://bucket/tiles/", "-o", tmp_path / "deep" / "er"
-                       / "out", "-c", ckpt, *OPTS)
+    code, _, err = cli(capfd, "segment", "s3://bucket/tiles/", "-o", tmp_path / "out", "-c",
+                       ckpt, *OPTS)
     assert code == 0, err
-    out = tmp_path / "deep" / "er" / "out"
+    out = tmp_path / "out"
     _same(out / "a_classes.tif", out / "b" / "c_classes.tif")
-    assert (out / ".._.._.." / "evil_classes.tif").exists()  # inside the output folder
-    assert sorted(p.name for p in (tmp_path / "deep").iterdir()) == ["er"]
+    # a bucket's keys are the names themselves, not percent-encoded ones: as written
+    assert (out / "pct%41_classes.tif").exists()
     assert any("prefix=tiles" in r["path"] for r in server.requests())
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import re
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 # URL schemes and the GDAL virtual file system that reads each
 SCHEMES = {"http": "/vsicurl/", "https": "/vsicurl/", "ftp": "/vsicurl/", "s3": "/vsis3/",
@@ -57,7 +57,16 @@ def gdal_path(text: str) -> str:
         return text
     scheme, rest = text.split("://", 1)
     prefix = SCHEMES[scheme.lower()]
-    return prefix + (text if prefix == "/vsicurl/" else rest)
+    return prefix + (_escaped(text) if prefix == "/vsicurl/" else rest)
+
+
+def _escaped(url: str) -> str:
+    """A web URL with the spaces and non-ASCII letters of its path percent-encoded, as a
+    browser sends them (curl refuses them raw); what is encoded already stays as it is."""
+    parts = urlsplit(url)
+    if not re.search(r"[\s\x80-\U0010ffff]", parts.path):
+        return url
+    return urlunsplit(parts._replace(path=quote(parts.path, safe="/%:@!$&'()*+,;=~")))
 
 
 def _plain(text: str) -> str:
@@ -114,22 +123,26 @@ def list_folder(text: str, suffixes: tuple[str, ...]) -> list[tuple[str, str]]:
     query = "?" + text.split("?", 1)[1] if "?" in text else ""
     try:
         listed = pyogrio.vsi_listtree(folder)
-    except FileNotFoundError:
-        listed = []
+    except FileNotFoundError:  # GDAL says no more (a 404, a 403 or no server at all)
+        raise InputError("not found on the server, or it cannot be listed", path=text,
+                         hint="check the URL" + ("" if folder.startswith("/vsicurl") else
+                                                 f"; {CREDENTIALS}")) from None
     except Exception as exc:  # noqa: BLE001 - GDAL's words, explained
         what, fix = explain(str(exc).replace(folder, text))
         raise InputError(what, path=text, hint=fix) from None
+    web = folder.startswith("/vsicurl")
     found = []
     for path in sorted(listed):
         rel = path[len(folder):] if path.startswith(folder) else path.rsplit("/", 1)[-1]
-        names = _decoded(rel.split("/"))
-        if not names[-1].lower().endswith(suffixes) or names[-1].startswith("."):
+        # a web page's links are percent-encoded; a bucket's keys are the names themselves
+        names = _decoded(rel.split("/")) if web else [
+            n.replace("\\", "_") for n in rel.split("/")]
+        if not names[-1].lower().endswith(suffixes):
             continue
-        if any(n in ("", ".", "..") for n in names):
-            continue  # a key that would write outside the output folder
+        if any(n in ("", ".", "..") or n.startswith(".") for n in names):
+            continue  # hidden, as in a local folder, or a key that would leave -o
         found.append((text.split("?", 1)[0] + rel + query, "/".join(names)))
     if not found:
-        web = folder.startswith("/vsicurl")
         raise InputError(f"lists no rasters ({', '.join(suffixes)}) on the server", path=text,
                          hint="check the URL" + ("; the server must give an 'Index of' page "
                                                  "for the folder" if web else
