@@ -491,3 +491,30 @@ def test_files_on_a_slow_server_are_opened_side_by_side(tmp_path, capfd, ckpt):
             first.setdefault(r["path"], r["t"])
     assert len(first) == 6
     assert max(first.values()) - min(first.values()) < 0.5, first  # not 5 × 0.2 s
+
+
+def test_torchrun_over_a_remote_folder_and_a_remote_scene(tmp_path, capfd, ckpt, server):
+    """Two ranks share a remote folder's files (each file once, in one rank's manifest) and
+    split a remote scene into row bands: the outputs of one process on the local files."""
+    from test_batch import _torchrun
+
+    tiles = server.root / "tiles"
+    (tiles / "sub").mkdir(parents=True)
+    for i, rel in enumerate(("a.tif", "b.tif", "sub/c.tif", "sub/d.tif")):
+        write_tif(tiles / rel, random_scene(64 + 16 * i, 80, seed=i), transform=ORIGIN)
+    _small_blocks(server.root / "scene.tif", random_scene(150, 120, seed=9))
+    for source, one, two in ((tiles, "one", f"{server.url}/tiles/"),
+                             (server.root / "scene.tif", "one.tif", f"{server.url}/scene.tif")):
+        code, _, err = cli(capfd, "segment", source, "-o", tmp_path / one, "-c", ckpt, *OPTS)
+        assert code == 0, err
+        proc = _torchrun("segment", two, "-o", tmp_path / f"two{Path(one).suffix}", "-c", ckpt,
+                         *OPTS)
+        assert proc.returncode == 0, proc.stderr + proc.stdout
+    for rel in ("a", "b", "sub/c", "sub/d"):
+        _same(tmp_path / "two" / f"{rel}_classes.tif", tmp_path / "one" / f"{rel}_classes.tif")
+    manifests = sorted((tmp_path / "two").glob("crossearth-*.jsonl"))
+    records = [[json.loads(line)["input"] for line in m.read_text().splitlines()]
+               for m in manifests]
+    assert len(manifests) == 2 and all(len(r) == 2 for r in records), records
+    assert sorted(sum(records, [])) == ["a.tif", "b.tif", "sub/c.tif", "sub/d.tif"]
+    _same(tmp_path / "two.tif", tmp_path / "one.tif")
