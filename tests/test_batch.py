@@ -513,3 +513,27 @@ def test_a_south_up_output_is_left_out_of_the_mosaic(tmp_path, tiny_ckpt):
     assert "s_classes.tif: left out of the mosaic" in proc.stdout + proc.stderr
     with rasterio.open(tmp_path / "m.vrt") as ds:
         assert ds.read(1).shape == (64, 192)  # the three north-up files side by side
+
+
+def test_outputs_of_inputs_not_given_are_told_and_left(tmp_path, capfd, ckpt):
+    """An input deleted since an earlier run: its outputs stay, and the run says so (and
+    lists it in --summary), so a folder kept in step with its inputs can be tidied."""
+    from reliability_helpers import cli
+
+    tiles = tmp_path / "tiles"
+    (tiles / "sub").mkdir(parents=True)
+    for name, seed in (("a", 1), ("b", 2)):
+        write_tif(tiles / "sub" / f"{name}.tif", random_scene(48, 48, seed=seed))
+    args = ("segment", tiles, "-o", tmp_path / "out", "-c", ckpt, "--tile", "48",
+            "--summary", tmp_path / "s.json")
+    code, out, err = cli(capfd, *args)
+    assert code == 0, err
+    assert "not given" not in out + err
+    (tiles / "sub" / "b.tif").unlink()
+    code, out, err = cli(capfd, *args)
+    assert code == 0, err
+    assert "outputs of 1 input(s) an earlier run finished that this run was not given " \
+           "(sub/b.tif)" in " ".join((out + err).split())
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["not_given"] == ["sub/b.tif"] and summary["files_skipped"] == 1
+    assert (tmp_path / "out" / "sub" / "b_classes.tif").exists()

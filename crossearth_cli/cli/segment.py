@@ -596,6 +596,7 @@ class _Job:
         items = self.inside_aoi(items, outdir, kinds)
         check_output_names(items, outdir)
         manifest = Manifest(outdir, rank.rank, rank.world)
+        self.not_given = self.done_before_not_given(manifest, items, outdir)
         taken = [manifest.path] + [it.path for it in items]
         taken += [p for it in items for p in it.outputs(outdir, kinds).values()]
         self.check_reports(taken, single=False)
@@ -660,6 +661,15 @@ class _Job:
         dist.shutdown(rank)
         return max(codes)
 
+    def done_before_not_given(self, manifest, items, outdir: Path) -> list[str]:
+        """Inputs an earlier run into ``outdir`` finished whose outputs are still there, though
+        this run was not given them (deleted, moved, or a narrower glob): left as they are,
+        and told, so that a folder kept in step with its inputs can be tidied."""
+        given = {manifest.key(it) for it in items} | set(getattr(self, "outside_aoi", ()))
+        return sorted(key for key, rec in manifest.records.items()
+                      if rec.status == "done" and key not in given
+                      and any((outdir / o["path"]).exists() for o in rec.outputs.values()))
+
     def shared_range(self, items, bands, band_order):
         """--range shared: one stretch from all inputs (every rank samples them alike)."""
         from crossearth_cli.raster.shared_range import shared_scaling
@@ -687,11 +697,18 @@ class _Job:
         if self.rank.rank != 0:
             return 0
         _print_batch(total, self.rank.world)
+        if self.not_given:
+            note(f"{outdir} holds the outputs of {len(self.not_given)} input(s) an earlier run "
+                 f"finished that this run was not given ({', '.join(self.not_given[:3])}"
+                 f"{', ...' if len(self.not_given) > 3 else ''}); left as they are "
+                 "(--summary lists them under not_given)")
         if self.summary:
             limits = getattr(self, "shared_limits", None)  # set when --range shared ran
             extra = {"shared_range": limits} if limits is not None else {}
             if self.aoi is not None:
                 extra["outside_aoi"] = self.outside_aoi
+            if self.not_given:
+                extra["not_given"] = self.not_given
             dist.summary_json(self.summary, {**total.as_dict(), "ranks": self.rank.world,
                                              "outdir": str(outdir), **extra})
         if self.vrt:
