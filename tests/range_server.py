@@ -109,8 +109,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     @staticmethod
     def _index(folder: Path, path: str) -> str:
-        links = "".join(f'<a href="{quote(p.name)}{"/" if p.is_dir() else ""}">{p.name}</a>\n'
-                        for p in sorted(folder.iterdir()))  # encoded, as Apache and nginx do
+        def row(p: Path) -> str:  # as Apache's and nginx's pages: encoded, date and size
+            when = time.strftime("%d-%b-%Y %H:%M", time.gmtime(p.stat().st_mtime))
+            slash, size = ("/", "-") if p.is_dir() else ("", str(p.stat().st_size))
+            return f'<a href="{quote(p.name)}{slash}">{p.name}{slash}</a>    {when}  {size}\n'
+
+        links = "".join(row(p) for p in sorted(folder.iterdir()))
         return (f"<html><head><title>Index of {path}</title></head><body>"
                 f"<h1>Index of {path}</h1><pre>\n{links}</pre></body></html>\n")
 
