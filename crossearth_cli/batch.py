@@ -422,6 +422,7 @@ def run_batch(
     manifest: Manifest,
     after_scene=None,
     events=None,
+    result: BatchResult | None = None,
 ) -> BatchResult:
     """Segment ``items`` with one loaded model. Failures are recorded and the run goes on.
 
@@ -431,13 +432,16 @@ def run_batch(
     the next files are read ahead, up to a batch of them (only small scenes' pixels are read
     ahead, so a big scene waiting its turn costs an open file, not a strip of rows). Files on a
     server are opened :data:`REMOTE_READ_AHEAD` at a time, so that their round trips (a
-    header, a fingerprint, the first rows: each a request) overlap instead of adding up."""
+    header, a fingerprint, the first rows: each a request) overlap instead of adding up.
+
+    ``result`` (filled as files finish, and returned) lets a caller that is interrupted
+    report what was done by then."""
     import dataclasses
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
     emit = events or (lambda kind, data: None)
-    result = BatchResult()
+    result = result if result is not None else BatchResult()
     t0 = time.perf_counter()
     todo: list[tuple[BatchInput, dict[str, Path]]] = []
     for it in items:
@@ -556,6 +560,7 @@ def run_batch(
             for _, fut in pending:
                 fut.cancel()
                 _close_quietly(fut)
+            result.seconds = time.perf_counter() - t0
             raise
     result.seconds = time.perf_counter() - t0
     return result

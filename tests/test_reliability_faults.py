@@ -125,7 +125,8 @@ def test_sigterm_in_a_batch_keeps_what_is_done_and_a_rerun_finishes(tmp_path, ca
     for i in range(3):
         write_tif(tiles / f"s{i}.tif", random_scene(900, 900, seed=i))
     out = tmp_path / "out"
-    args = ["segment", tiles, "-o", out, "-c", ckpt, "--tile", "128"]
+    summary = tmp_path / "s.json"
+    args = ["segment", tiles, "-o", out, "-c", ckpt, "--tile", "128", "--summary", summary]
     proc = _start(args, tmp_path)
     try:
         _wait_for_temporaries(proc, out, ".s1_classes.tif.*.crossearth-tmp")
@@ -139,11 +140,18 @@ def test_sigterm_in_a_batch_keeps_what_is_done_and_a_rerun_finishes(tmp_path, ca
                                                      "s0_classes.tif"]
     with rasterio.open(out / "s0_classes.tif") as ds:
         ds.read()
-    summary = tmp_path / "s.json"
-    code, _, err = cli(capfd, *args, "--summary", summary)
+    # how far it got, in the log and in --summary (for the scheduler that sent the signal)
+    assert "stopped (SIGTERM) after 1 of 3 file(s): their outputs are kept; the same command " \
+           "again does the rest" in " ".join(err.split()), err
+    data = json.loads(summary.read_text())
+    assert data["interrupted"] == "SIGTERM" and data["files_done"] == 1, data
+    assert data["done"] == ["s0.tif"] and data["not_run"] == ["s1.tif", "s2.tif"], data
+    assert data["skipped"] == [] and data["failed"] == [], data
+    code, _, err = cli(capfd, *args)  # the interrupted run's summary is ours: replaced
     assert code == 0, err
     data = json.loads(summary.read_text())
     assert data["done"] == ["s1.tif", "s2.tif"] and data["skipped"] == ["s0.tif"]
+    assert "interrupted" not in data and "not_run" not in data
     assert not hidden_leftovers(tmp_path)
 
 

@@ -15,7 +15,13 @@ import pytest
 import rasterio
 from helpers import random_scene, write_tif
 from rasterio.transform import from_origin
-from reliability_helpers import assert_nothing_written, assert_user_error, cli, snapshot
+from reliability_helpers import (
+    assert_nothing_written,
+    assert_user_error,
+    cli,
+    real_env,
+    snapshot,
+)
 
 from crossearth_cli.raster.remote import (
     file_name,
@@ -163,12 +169,44 @@ def test_remote_tiles_of_one_mosaic_give_the_uncut_scenes_outputs(tmp_path, capf
 
 
 def test_a_busy_server_is_asked_again(tmp_path, capfd, ckpt, server):
-    """The first request for the file answers 503; GDAL retries (our default: 5 times)."""
+    """The first request for the file answers 503; GDAL asks again (our default: up to 4
+    times), and a note says so while the run waits, naming the URL without its signature."""
     write_tif(server.root / "scene.tif", random_scene(64, 64, seed=1), transform=ORIGIN)
-    code, _, err = cli(capfd, "segment", f"{server.url}/flaky/scene.tif", "-o",
-                       tmp_path / "c.tif", "-c", ckpt, *OPTS)
+    # a real process: its stderr is hidden from libtiff while a file opens, GDAL's wait included
+    run = subprocess.run([sys.executable, "-m", "crossearth_cli", "segment",
+                          f"{server.url}/flaky/scene.tif?X-Amz-Signature=SECRET",
+                          "-o", tmp_path / "c.tif", "-c", ckpt, *OPTS],
+                         capture_output=True, text=True, env=real_env(), timeout=300)
+    code, err = run.returncode, run.stderr
     assert code == 0, err
     assert [r["status"] for r in server.requests()][0] == 503
+    notes = [line for line in err.splitlines() if "asking again" in line]
+    assert notes == [f"note: {server.url}/flaky/scene.tif: the server answered HTTP 503; asking "
+                     "again in 0.1 s (GDAL_HTTP_MAX_RETRY and GDAL_HTTP_RETRY_DELAY set how "
+                     "often and how soon)"], err
+    assert "SECRET" not in err
+
+
+def test_retry_notes_one_per_url_and_a_limit():
+    import logging
+
+    from crossearth_cli.raster.remote import RetryNotes, retry_note
+
+    assert retry_note("CPLE_AppDefined in HTTP error code: 502 - https://b.s3.amazonaws.com/"
+                      "k/a.tif?X-Amz-Signature=x. Retrying again in 2.5 secs")[0] == \
+        "https://b.s3.amazonaws.com/k/a.tif"
+    assert retry_note("CPLE_AppDefined in HTTP error code: 404 - https://h/a.tif") is None
+    shown = []
+    with RetryNotes(shown.append):
+        log = logging.getLogger(RetryNotes.LOGGER)
+        for n in [1, 1, 2, 3, 4, 5, 6, 7, 1]:
+            log.warning(f"HTTP error code: 503 - http://h/{n}.tif. Retrying again in 1.0 secs")
+        log.warning("some other GDAL warning")
+    assert len(shown) == 6 and shown[0].startswith("http://h/1.tif: the server answered"), shown
+    assert shown[-1].startswith("more files are being asked again"), shown
+    logging.getLogger(RetryNotes.LOGGER).warning(
+        "HTTP error code: 503 - http://h/9.tif. Retrying again in 1.0 secs")
+    assert len(shown) == 6  # removed on exit
 
 
 @pytest.mark.parametrize("where, needles", [

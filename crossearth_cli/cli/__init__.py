@@ -182,6 +182,21 @@ def _environment_error(exc: BaseException) -> UserError | None:
     return None
 
 
+def _retry_notes():
+    """GDAL's retries of a busy server's answers, shown as notes while the run waits (also
+    while a file is being opened, when fd 2 is hidden from libtiff's own writes)."""
+    from crossearth_cli.cli.console import note
+    from crossearth_cli.raster.remote import RetryNotes
+
+    def show(text: str) -> None:
+        from crossearth_cli.raster.reader import write_past_quiet_stderr
+
+        if not write_past_quiet_stderr(f"note: {text}"):
+            note(text)
+
+    return RetryNotes(show)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI and exit: 0 done, 1 some files of a batch failed, 2 usage or input error,
     130 Ctrl-C, 143 SIGTERM."""
@@ -195,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     signals.install()
     code = EXIT_USAGE
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _retry_notes():
             if not debug:  # library warnings are for developers; users get notes and errors
                 warnings.simplefilter("ignore")
             try:

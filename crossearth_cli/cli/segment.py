@@ -624,32 +624,38 @@ class _Job:
 
     def run_folder_work(self, items, todo, outdir, kinds, key, manifest, mine) -> int:
         from crossearth_cli import distributed as dist
-        from crossearth_cli.batch import run_batch
+        from crossearth_cli.batch import BatchResult, run_batch
         from crossearth_cli.engine import Session, validate_settings
 
         rank = self.rank
         dist.init(rank)
         device = dist.device_for(rank, self.device)
-        spec = self.load_model(device)
-        if spec.random_weights:  # never "current": a rerun with real weights must redo it
-            key = key + "-random-weights"
-        template = self.template(outdir / "placeholder.tif")
-        template.device = device
-        self.finish_settings(template, spec)
-        validate_settings(template)
-        if template.value_range == "shared":
-            template.value_range = self.shared_range(items, template.bands, spec.band_order)
+        result = BatchResult()
+        try:
+            spec = self.load_model(device)
+            if spec.random_weights:  # never "current": a rerun with real weights must redo it
+                key = key + "-random-weights"
+            template = self.template(outdir / "placeholder.tif")
+            template.device = device
+            self.finish_settings(template, spec)
+            validate_settings(template)
+            if template.value_range == "shared":
+                template.value_range = self.shared_range(items, template.bands, spec.band_order)
 
-        def after_scene(result, outs):
-            if "vector" in outs:
-                self.vectorize(spec, outs["classes"], outs["vector"], outs.get("confidence"))
+            def after_scene(res, outs):
+                if "vector" in outs:
+                    self.vectorize(spec, outs["classes"], outs["vector"], outs.get("confidence"))
 
-        with Session(spec, device, template.precision, template.batch_size,
-                     compile=template.compile, tta=template.tta,
-                     network=any(it.remote for it in mine)) as session:
-            with _BatchProgress(len(todo), rank, manifest) as events:
-                result = run_batch(mine, outdir, template, session, kinds, key, manifest,
-                                   after_scene=after_scene, events=events)
+            with Session(spec, device, template.precision, template.batch_size,
+                         compile=template.compile, tta=template.tta,
+                         network=any(it.remote for it in mine)) as session:
+                with _BatchProgress(len(todo), rank, manifest) as events:
+                    run_batch(mine, outdir, template, session, kinds, key, manifest,
+                              after_scene=after_scene, events=events, result=result)
+        except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM: say where it stopped, then stop
+            if rank.world == 1:
+                self.report_interrupted(exc, result, items, todo, outdir, manifest)
+            raise
         gathered = dist.all_gather(result, rank)
         code = 0
         if rank.rank == 0:
@@ -703,14 +709,8 @@ class _Job:
                  f"{', ...' if len(self.not_given) > 3 else ''}); left as they are "
                  "(--summary lists them under not_given)")
         if self.summary:
-            limits = getattr(self, "shared_limits", None)  # set when --range shared ran
-            extra = {"shared_range": limits} if limits is not None else {}
-            if self.aoi is not None:
-                extra["outside_aoi"] = self.outside_aoi
-            if self.not_given:
-                extra["not_given"] = self.not_given
             dist.summary_json(self.summary, {**total.as_dict(), "ranks": self.rank.world,
-                                             "outdir": str(outdir), **extra})
+                                             "outdir": str(outdir), **self.summary_extra()})
         if self.vrt:
             done = [it.outputs(outdir, ["classes"])["classes"] for it in items]
             done = [p for p in done if p.exists()]
@@ -719,6 +719,42 @@ class _Job:
                 for n in notes:
                     note(n)
         return 1 if total.failed else 0
+
+    def summary_extra(self) -> dict:
+        """--summary's keys for the options that were given (folder runs)."""
+        limits = getattr(self, "shared_limits", None)  # set when --range shared ran
+        extra = {"shared_range": limits} if limits is not None else {}
+        if self.aoi is not None:
+            extra["outside_aoi"] = self.outside_aoi
+        if self.not_given:
+            extra["not_given"] = self.not_given
+        return extra
+
+    def report_interrupted(self, exc, result, items, todo, outdir: Path, manifest) -> None:
+        """A folder run stopped by Ctrl-C or SIGTERM (one process): the files finished by then
+        keep their outputs and manifest records; this says how far it got, and --summary is
+        written, marked ``interrupted``, for the script or scheduler that started it."""
+        from crossearth_cli import distributed as dist
+
+        keys = [manifest.key(it) for it in todo]
+        ended = {r.input for r in result.done + result.failed}
+        not_run = [k for k in keys if k not in ended]
+        if not result.skipped:  # stopped before the run listed them
+            todo_keys = set(keys)
+            result.skipped = [k for k in map(manifest.key, items) if k not in todo_keys]
+        name = getattr(exc, "signal_name", "SIGINT")
+        failed = f", {len(result.failed)} failed" if result.failed else ""
+        note(f"stopped ({name}) after {len(result.done)} of {len(todo)} file(s){failed}: "
+             "their outputs are kept; the same command again does the rest"
+             + (f" (--summary {self.summary} lists the files not run under not_run)"
+                if self.summary else ""))
+        if self.summary:
+            try:
+                dist.summary_json(self.summary, {**result.as_dict(), "ranks": 1,
+                                                 "outdir": str(outdir), "interrupted": name,
+                                                 "not_run": not_run, **self.summary_extra()})
+            except OSError as err:  # the stop is still what is reported
+                note(f"--summary {self.summary}: not written ({err.strerror or err})")
 
     def _shared_range(self) -> bool:
         return (self.value_range or "").strip().lower() == "shared"

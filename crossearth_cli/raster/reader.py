@@ -129,6 +129,22 @@ def parse_bands(text: str | None) -> list[int] | None:
     return bands
 
 
+# while the main thread hides fd 2 (below): the real stderr, for lines that must still show
+_real_stderr: int | None = None
+_stderr_lock = threading.Lock()
+
+
+def write_past_quiet_stderr(line: str) -> bool:
+    """Write ``line`` to the real stderr if fd 2 is hidden at this moment (a file being
+    opened: GDAL may wait on a busy server there, and that wait is worth a note). False when
+    stderr is not hidden: print as usual."""
+    with _stderr_lock:
+        if _real_stderr is None:
+            return False
+        os.write(_real_stderr, (line + "\n").encode("utf-8", "backslashreplace"))
+        return True
+
+
 @contextmanager
 def _quiet_c_stderr():
     """Drop what C code writes straight to file descriptor 2 meanwhile, when the CLI runs
@@ -149,13 +165,18 @@ def _quiet_c_stderr():
     except (OSError, ValueError):
         yield
         return
+    global _real_stderr
     try:
         with open(os.devnull, "wb") as null:
             os.dup2(null.fileno(), 2)
+        with _stderr_lock:
+            _real_stderr = saved
         yield
     finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+        with _stderr_lock:
+            _real_stderr = None
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def open_raster(path: str | Path) -> rasterio.DatasetReader:

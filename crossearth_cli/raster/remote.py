@@ -9,8 +9,10 @@ input is kept as the text the user gave (a ``Path`` would fold ``https://`` into
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import threading
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 # URL schemes and the GDAL virtual file system that reads each
@@ -161,6 +163,64 @@ def use_network_defaults() -> None:
     one only where the user has not set it."""
     for key, value in NETWORK_DEFAULTS.items():
         os.environ.setdefault(key, value)
+
+
+# GDAL's warning each time it asks a request again (one wording for /vsicurl/ and the clouds)
+_RETRY = re.compile(r"HTTP error code: (\d{3}) - (\S+)\. Retrying again in ([\d.]+) secs")
+
+
+def retry_note(message: str) -> tuple[str, str] | None:
+    """GDAL's warning that it asks a request again → (the URL, our note), or None for any
+    other message. The URL loses its query string: a signed URL's signature stays out of
+    logs."""
+    found = _RETRY.search(message)
+    if found is None:
+        return None
+    code, url, delay = found.groups()
+    url = url.split("?", 1)[0]
+    return url, (f"{url}: the server answered HTTP {code}; asking again in {float(delay):g} s "
+                 "(GDAL_HTTP_MAX_RETRY and GDAL_HTTP_RETRY_DELAY set how often and how soon)")
+
+
+class RetryNotes(logging.Handler):
+    """Shows GDAL's retries of network requests as notes (rasterio logs them at WARNING, and
+    nothing showed them: a run waiting on a busy server looked hung). One note per URL, and
+    after :attr:`LIMIT` URLs one line saying that more are not shown."""
+
+    LIMIT = 5
+    LOGGER = "rasterio._env"  # where rasterio logs GDAL's warnings
+
+    def __init__(self, show) -> None:
+        super().__init__(logging.WARNING)
+        self.show = show
+        self.urls: set[str] = set()
+        self._lock = threading.Lock()  # GDAL's reader threads log too
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            found = retry_note(record.getMessage())
+        except Exception:  # noqa: BLE001 - a log record we cannot read is not our business
+            return
+        if found is None:
+            return
+        url, text = found
+        with self._lock:
+            if url in self.urls:
+                return
+            self.urls.add(url)
+            count = len(self.urls)
+        if count <= self.LIMIT:
+            self.show(text)
+        elif count == self.LIMIT + 1:
+            self.show(f"more files are being asked again after server errors; not shown "
+                      f"after the first {self.LIMIT}")
+
+    def __enter__(self) -> RetryNotes:
+        logging.getLogger(self.LOGGER).addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logging.getLogger(self.LOGGER).removeHandler(self)
 
 
 def explain(message: str) -> tuple[str, str]:
