@@ -556,3 +556,41 @@ def test_torchrun_over_a_remote_folder_and_a_remote_scene(tmp_path, capfd, ckpt,
     assert len(manifests) == 2 and all(len(r) == 2 for r in records), records
     assert sorted(sum(records, [])) == ["a.tif", "b.tif", "sub/c.tif", "sub/d.tif"]
     _same(tmp_path / "two.tif", tmp_path / "one.tif")
+
+
+def test_vectorize_reads_a_class_raster_on_a_server(tmp_path, capfd, server):
+    """`crossearth vectorize URL` (and --confidence URL), in worker processes and windows:
+    the local file's layers, feature for feature; a missing URL is one line naming it."""
+    import pyogrio
+    import shapely
+
+    from crossearth_cli.vector.synthetic import blobs, write_class_raster
+
+    names = ["background", "building", "road", "tree"]
+    labels = blobs(300, 260, 4, 1.5, seed=5)
+    for folder in (tmp_path, server.root):
+        write_class_raster(folder / "classes.tif", labels, names=names)
+        write_tif(folder / "conf.tif", random_scene(300, 260, seed=6)[:1], nodata=None)
+    opts = ["--window", "128", "--workers", "2", "--simplify", "0.5", "--centerlines"]
+    code, _, err = cli(capfd, "vectorize", tmp_path / "classes.tif", "-o", tmp_path / "l.gpkg",
+                       "--confidence", tmp_path / "conf.tif", *opts)
+    assert code == 0, err
+    code, out, err = cli(capfd, "vectorize", f"{server.url}/classes.tif?sig=1",
+                         "-o", tmp_path / "r.gpkg", "--confidence", f"{server.url}/conf.tif",
+                         *opts)
+    assert code == 0, err
+    layers = pyogrio.list_layers(tmp_path / "l.gpkg").tolist()
+    assert layers == pyogrio.list_layers(tmp_path / "r.gpkg").tolist() and len(layers) > 3
+    for name, _ in layers:
+        want = pyogrio.raw.read(tmp_path / "l.gpkg", layer=name)
+        got = pyogrio.raw.read(tmp_path / "r.gpkg", layer=name)
+        assert len(got[2]) == len(want[2]) > 0, name
+        assert shapely.equals_exact(shapely.from_wkb(got[2]), shapely.from_wkb(want[2]),
+                                    0).all(), name
+        for a, b in zip(got[3], want[3]):
+            np.testing.assert_array_equal(a, b)
+    gets = [r for r in server.requests() if r["method"] == "GET"]
+    assert gets and all(r["range"] for r in gets)
+    code, _, err = cli(capfd, "vectorize", f"{server.url}/gone.tif", "-o", tmp_path / "g.gpkg")
+    line = assert_user_error(code, err, f"{server.url}/gone.tif", "HTTP 404")
+    assert "/vsicurl/" not in line and not (tmp_path / "g.gpkg").exists()

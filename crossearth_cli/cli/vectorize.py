@@ -11,8 +11,9 @@ from crossearth_cli.cli.app import app
 
 @app.command("vectorize")
 def vectorize_command(
-    classes_path: Path = typer.Argument(
-        ..., metavar="CLASSES.tif", help="Class raster (e.g. from `crossearth segment`), any size."
+    classes_path: str = typer.Argument(
+        ..., metavar="CLASSES.tif", help="Class raster (e.g. from `crossearth segment`), any "
+        "size; a file, or a URL (https://, s3://, gs://, az://) read window by window."
     ),
     output: Path = typer.Option(..., "-o", "--output", help="GeoPackage to write (.gpkg)."),
     classes: list[str] | None = typer.Option(
@@ -47,8 +48,9 @@ def vectorize_command(
         True, "--layer-per-class/--single-layer", help="One layer per class, or one 'polygons' "
         "layer with class_id/class_name attributes."
     ),
-    confidence: Path | None = typer.Option(
-        None, "--confidence", help="Confidence raster on the same grid: adds mean_confidence."
+    confidence: str | None = typer.Option(
+        None, "--confidence", help="Confidence raster on the same grid (a file or a URL): adds "
+        "mean_confidence."
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
     window: int = typer.Option(
@@ -63,6 +65,7 @@ def vectorize_command(
 
     if connectivity not in (4, 8):
         raise ConfigError(f"--connectivity must be 4 or 8, not {connectivity}")
+    inputs = [_input(classes_path), None if confidence is None else _input(confidence)]
     options = VectorizeOptions(
         classes=classes or None,
         min_area=min_area,
@@ -78,7 +81,7 @@ def vectorize_command(
     )
     with _progress(err_console()) as progress:
         summary = vectorize_raster(
-            classes_path, output, options, confidence_path=confidence, progress=progress
+            inputs[0], output, options, confidence_path=inputs[1], progress=progress
         )
     for w in summary.warnings:
         note(w)
@@ -88,6 +91,17 @@ def vectorize_command(
         f"window{'s' if summary.windows != 1 else ''}, areas {summary.area_mode})",
         markup=False,
     )
+
+
+def _input(text: str) -> Path | str:
+    """A local path, or a URL kept as typed (a ``Path`` folds ``https://`` into ``https:/``);
+    a URL also sets GDAL's network defaults (see ``raster.remote``)."""
+    from crossearth_cli.raster.remote import is_remote, use_network_defaults
+
+    if not is_remote(text):
+        return Path(text)
+    use_network_defaults()
+    return text
 
 
 class _progress:

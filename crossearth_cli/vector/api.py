@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from crossearth_cli.errors import InputError, OutputError
+from crossearth_cli.raster.remote import is_remote
 from crossearth_cli.raster.writer import same_path
 from crossearth_cli.vector.areas import MetricFrame
 from crossearth_cli.vector.centerlines import LineJoiner
@@ -104,7 +105,7 @@ def _check_layer_count(src: ClassRaster) -> None:
             if len(seen) > MAX_LAYERS:
                 raise InputError(
                     f"holds more than {MAX_LAYERS} distinct class ids, one layer each",
-                    path=src.path,
+                    path=src.label,
                     hint="pass --single-layer (one layer with a class_id field) or --classes",
                 )
 
@@ -116,13 +117,14 @@ def build_job(
     frame = MetricFrame.build(src.crs_wkt, src.transform, src.width, src.height)
     if src.sensor_model:
         warnings.append(
-            f"{src.path} is georeferenced by {src.sensor_model} only: the vectors are in pixel "
+            f"{src.label} is georeferenced by {src.sensor_model} only: the vectors are in pixel "
             "coordinates (column, row; rows grow downwards) without a CRS, areas and lengths "
             "in pixels; orthorectify the raster first (e.g. gdalwarp) for map coordinates"
         )
     elif frame.mode == "unknown":
         warnings.append(
-            f"{src.path} has no usable CRS: areas and lengths are in its own units, taken as metres"
+            f"{src.label} has no usable CRS: areas and lengths are in its own units, taken as "
+            "metres"
         )
     selected = resolve_classes(src, options.classes)
     if selected is None and options.layer_per_class and np.dtype(src.dtype).itemsize > 1:
@@ -307,7 +309,7 @@ def vectorize_raster(
     options = options or VectorizeOptions()
     check_output(out_path, options.overwrite)
     for inp in (class_path, confidence_path):
-        if inp is not None and same_path(Path(out_path), Path(inp)):
+        if inp is not None and not is_remote(inp) and same_path(Path(out_path), Path(inp)):
             raise OutputError(
                 "the vector output is an input raster", path=out_path,
                 hint="choose another -o path",
@@ -333,7 +335,7 @@ def vectorize_raster(
         layers.declare_known(job.selected, job.centerline_ids)
         row: list[WindowResult] = []
         done = 0
-        for res in _read_guard(_results(job, workers), src.path):
+        for res in _read_guard(_results(job, workers), src.label):
             summary.classes.update({c: src.name_of(c) for c in res.classes_seen})
             layers.write_polygons(res.polygons)
             layers.write_lines(res.lines)

@@ -33,6 +33,11 @@ class ClassRaster:
     # "ground control points" or "RPCs" when they are its only georeferencing: the vectors
     # are then in pixel coordinates, without a CRS
     sensor_model: str | None = None
+    name: str = ""  # as the user gave it (a URL, where ``path`` is GDAL's /vsicurl/... path)
+
+    @property
+    def label(self) -> str:
+        return self.name or self.path
 
     def name_of(self, class_id: int) -> str:
         return self.names.get(int(class_id), f"class_{int(class_id)}")
@@ -64,12 +69,18 @@ def _class_names(tags: dict[str, str]) -> dict[int, str]:
 
 
 def open_class_raster(path: str | os.PathLike) -> ClassRaster:
-    """Check that ``path`` is a single-band integer raster and read its class names."""
+    """Check that ``path`` (a file, or a URL: see ``raster.remote``) is a single-band integer
+    raster and read its class names."""
     import rasterio
     from rasterio.errors import RasterioIOError
 
-    from crossearth_cli.raster.reader import check_readable
+    from crossearth_cli.raster.remote import gdal_path, is_remote
 
+    if is_remote(path):  # the workers open GDAL's path; messages name the URL as given
+        from crossearth_cli.raster.reader import open_raster
+
+        with open_raster(str(path)) as ds:
+            return _class_raster(ds, gdal_path(str(path)), str(path))
     p = Path(path)
     if not p.exists():
         raise InputError("class raster not found", path=p, hint="check the path")
@@ -79,50 +90,53 @@ def open_class_raster(path: str | os.PathLike) -> ClassRaster:
         raise InputError("is empty (0 bytes)", path=p, hint="write or copy it again")
     try:
         with rasterio.open(p) as ds:
-            check_readable(ds)  # a truncated file fails now, before the output is started
-            if ds.count != 1:
-                raise InputError(
-                    f"has {ds.count} bands, but a class raster has one band of class ids",
-                    path=p,
-                    hint="pass the class raster written by `crossearth segment`",
-                )
-            dtype = ds.dtypes[0]
-            if not np.issubdtype(np.dtype(dtype), np.integer):
-                raise InputError(
-                    f"holds {dtype} values, not integer class ids",
-                    path=p,
-                    hint="pass the class raster, not a probability or confidence raster",
-                )
-            tags = dict(ds.tags())
-            tags.update({k: v for k, v in ds.tags(1).items() if k not in tags})
-            nodata = ds.nodata
-            if nodata is not None:
-                if not float(nodata).is_integer():
-                    nodata = None
-                else:
-                    nodata = int(nodata)
-            blocks = ds.block_shapes[0] if ds.block_shapes else (256, 256)
-            sensor_model = None
-            if ds.transform.is_identity:  # no geotransform
-                sensor_model = ("ground control points" if ds.gcps[0]
-                                else "RPCs" if ds.rpcs else None)
-            crs = ds.crs if sensor_model is None else None  # an RPC file's CRS is not its grid's
-            return ClassRaster(
-                path=str(p),
-                width=ds.width,
-                height=ds.height,
-                dtype=dtype,
-                nodata=nodata,
-                crs_wkt=crs.to_wkt() if crs else None,
-                transform=ds.transform,
-                names=_class_names(tags),
-                block_shape=(int(blocks[0]), int(blocks[1])),
-                sensor_model=sensor_model,
-            )
+            return _class_raster(ds, str(p), str(p))
     except RasterioIOError as exc:
         raise InputError(
             f"cannot be read as a raster ({exc})", path=p, hint="pass a GeoTIFF class raster"
         ) from None
+
+
+def _class_raster(ds, path: str, name: str) -> ClassRaster:
+    from crossearth_cli.raster.reader import check_readable
+
+    check_readable(ds, name=name)  # a truncated file fails now, before the output is started
+    if ds.count != 1:
+        raise InputError(
+            f"has {ds.count} bands, but a class raster has one band of class ids",
+            path=name,
+            hint="pass the class raster written by `crossearth segment`",
+        )
+    dtype = ds.dtypes[0]
+    if not np.issubdtype(np.dtype(dtype), np.integer):
+        raise InputError(
+            f"holds {dtype} values, not integer class ids",
+            path=name,
+            hint="pass the class raster, not a probability or confidence raster",
+        )
+    tags = dict(ds.tags())
+    tags.update({k: v for k, v in ds.tags(1).items() if k not in tags})
+    nodata = ds.nodata
+    if nodata is not None:
+        nodata = int(nodata) if float(nodata).is_integer() else None
+    blocks = ds.block_shapes[0] if ds.block_shapes else (256, 256)
+    sensor_model = None
+    if ds.transform.is_identity:  # no geotransform
+        sensor_model = "ground control points" if ds.gcps[0] else "RPCs" if ds.rpcs else None
+    crs = ds.crs if sensor_model is None else None  # an RPC file's CRS is not its grid's
+    return ClassRaster(
+        path=path,
+        width=ds.width,
+        height=ds.height,
+        dtype=dtype,
+        nodata=nodata,
+        crs_wkt=crs.to_wkt() if crs else None,
+        transform=ds.transform,
+        names=_class_names(tags),
+        block_shape=(int(blocks[0]), int(blocks[1])),
+        sensor_model=sensor_model,
+        name=name,
+    )
 
 
 def check_confidence(path: str | os.PathLike, src: ClassRaster) -> str:
@@ -130,23 +144,35 @@ def check_confidence(path: str | os.PathLike, src: ClassRaster) -> str:
     import rasterio
     from rasterio.errors import RasterioIOError
 
+    from crossearth_cli.raster.remote import gdal_path, is_remote
+
+    if is_remote(path):
+        from crossearth_cli.raster.reader import open_raster
+
+        with open_raster(str(path)) as ds:
+            _check_same_grid(ds, src, str(path))
+        return gdal_path(str(path))
     p = Path(path)
     if not p.exists():
         raise InputError("confidence raster not found", path=p, hint="check --confidence")
     try:
         with rasterio.open(p) as ds:
-            if (ds.width, ds.height) != (src.width, src.height) or not ds.transform.almost_equals(
-                src.transform
-            ):
-                raise InputError(
-                    f"is {ds.width}x{ds.height} on another grid than the class raster "
-                    f"({src.width}x{src.height})",
-                    path=p,
-                    hint="pass the confidence raster written with this class raster",
-                )
+            _check_same_grid(ds, src, str(p))
     except RasterioIOError as exc:
         raise InputError(f"cannot be read as a raster ({exc})", path=p) from None
     return str(p)
+
+
+def _check_same_grid(ds, src: ClassRaster, name: str) -> None:
+    if (ds.width, ds.height) != (src.width, src.height) or not ds.transform.almost_equals(
+        src.transform
+    ):
+        raise InputError(
+            f"is {ds.width}x{ds.height} on another grid than the class raster "
+            f"({src.width}x{src.height})",
+            path=name,
+            hint="pass the confidence raster written with this class raster",
+        )
 
 
 def _dtype_range(dtype: str) -> tuple[int, int]:
