@@ -185,6 +185,9 @@ class Record:
     rank: int = 0
     finished: float = 0.0
     window: list[int] | None = None  # with --aoi: col_off, row_off, width, height
+    # the settings of its rasters alone, when it also has a GeoPackage (made from them): a
+    # rerun that changes or adds only the vector output makes only that
+    raster_settings: str | None = None
 
 
 class Manifest:
@@ -246,11 +249,16 @@ class Manifest:
             found = self._fingerprints[item.path] = remote_fingerprint(item.path)
         return {"size": None, "mtime_ns": None, "fingerprint": found}
 
-    def finished_before(self, items: list[BatchInput], settings: str) -> list[BatchInput]:
-        """The inputs with a record of a finished run under these settings (worth checking)."""
+    def finished_before(self, items: list[BatchInput], settings: str,
+                        raster_settings: str | None = None) -> list[BatchInput]:
+        """The inputs with a record of a finished run under these settings, or whose rasters
+        were made under ``raster_settings`` (worth checking)."""
+        wanted = {settings, raster_settings} - {None}
+
         def done(it: BatchInput) -> bool:
             rec = self.records.get(self.key(it))
-            return rec is not None and rec.status == "done" and rec.settings == settings
+            return rec is not None and rec.status == "done" and bool(
+                {rec.settings, rec.raster_settings} & wanted)
 
         return [it for it in items if done(it)]
 
@@ -275,14 +283,28 @@ class Manifest:
         rec = self.records.get(self.key(item))
         if rec is None or rec.status != "done" or rec.settings != settings:
             return False
+        return set(rec.outputs) == set(outputs) and self._unchanged(rec, item, outputs)
+
+    def rasters_current(self, item: BatchInput, raster_settings: str,
+                        outputs: dict[str, Path]) -> bool:
+        """Its rasters (``outputs``, the GeoPackage left out) are current under
+        ``raster_settings``, though the whole record is not: only the GeoPackage is to be made,
+        from them."""
+        rec = self.records.get(self.key(item))
+        if rec is None or rec.status != "done" or raster_settings not in (
+                rec.settings, rec.raster_settings):
+            return False
+        rasters = {kind for kind in rec.outputs if kind != "vector"}
+        return rasters == set(outputs) and self._unchanged(rec, item, outputs)
+
+    def _unchanged(self, rec: Record, item: BatchInput, outputs: dict[str, Path]) -> bool:
+        """The input is the one ``rec`` was made from, and ``outputs`` are as it left them."""
         try:
             now = self.identity(item)
         except Exception:  # noqa: BLE001 - gone or unreadable: it runs, and fails named
             return False
         if (now["size"], now["mtime_ns"], now["fingerprint"]) != (
                 rec.size, rec.mtime_ns, rec.fingerprint):
-            return False
-        if set(rec.outputs) != set(outputs):
             return False
         for kind, path in outputs.items():
             try:
@@ -310,11 +332,13 @@ class Manifest:
         self.records[rec.input] = rec
 
     def done_record(self, item: BatchInput, settings: str, outputs: dict[str, Path],
-                    pixels: int, seconds: float, window=None) -> Record:
+                    pixels: int, seconds: float, window=None,
+                    raster_settings: str | None = None) -> Record:
         return Record(
             input=self.key(item), status="done", settings=settings, **self.identity(item),
             pixels=pixels, seconds=round(seconds, 3),
             window=list(window) if window is not None else None,
+            raster_settings=raster_settings,
             outputs={
                 k: {"path": str(p.relative_to(self.outdir)), "size": p.stat().st_size}
                 for k, p in outputs.items()
@@ -423,6 +447,7 @@ def run_batch(
     after_scene=None,
     events=None,
     result: BatchResult | None = None,
+    raster_key: str | None = None,
 ) -> BatchResult:
     """Segment ``items`` with one loaded model. Failures are recorded and the run goes on.
 
@@ -435,7 +460,9 @@ def run_batch(
     header, a fingerprint, the first rows: each a request) overlap instead of adding up.
 
     ``result`` (filled as files finish, and returned) lets a caller that is interrupted
-    report what was done by then."""
+    report what was done by then. With ``raster_key`` (the settings of the rasters alone), a
+    scene's rasters are recorded under it before its GeoPackage is made, so that a stop while
+    vectorizing costs a rerun only the GeoPackage."""
     import dataclasses
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
@@ -476,10 +503,15 @@ def run_batch(
         """A finished scene: the after-scene step (vectors), then its manifest record."""
         it, outs = todo[i]
         try:
+            if raster_key is not None and "vector" in outs:
+                rasters = {kind: p for kind, p in outs.items() if kind != "vector"}
+                manifest.append(manifest.done_record(it, raster_key, rasters, res.pixels,
+                                                     seconds, window=res.window,
+                                                     raster_settings=raster_key))
             if after_scene is not None:
                 after_scene(res, outs)
             rec = manifest.done_record(it, result_key, outs, res.pixels, seconds,
-                                       window=res.window)
+                                       window=res.window, raster_settings=raster_key)
         except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
             _fail(manifest, result, it, result_key, exc, emit)
             return
@@ -560,9 +592,9 @@ def run_batch(
             for _, fut in pending:
                 fut.cancel()
                 _close_quietly(fut)
-            result.seconds = time.perf_counter() - t0
+            result.seconds += time.perf_counter() - t0
             raise
-    result.seconds = time.perf_counter() - t0
+    result.seconds += time.perf_counter() - t0
     return result
 
 

@@ -537,3 +537,76 @@ def test_outputs_of_inputs_not_given_are_told_and_left(tmp_path, capfd, ckpt):
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["not_given"] == ["sub/b.tif"] and summary["files_skipped"] == 1
     assert (tmp_path / "out" / "sub" / "b_classes.tif").exists()
+
+
+def _layers(gpkg: Path) -> dict:
+    import pyogrio
+
+    return {name: [np.asarray(f).tolist() for f in pyogrio.raw.read(gpkg, layer=name)[2:]]
+            for name, _ in pyogrio.list_layers(gpkg)}
+
+
+def test_vectors_added_or_changed_later_are_made_from_the_rasters(tmp_path, capfd, ckpt,
+                                                                  monkeypatch):
+    """--vector added on a rerun (or its --vector-min-area changed, or a run stopped while
+    vectorizing): the GeoPackages are made from the current rasters, with no model loaded,
+    equal to those of a run that had --vector from the start."""
+    from reliability_helpers import cli
+
+    from crossearth_cli.cli.segment import _Job
+
+    tiles = tmp_path / "tiles"
+    tiles.mkdir()
+    for name, seed in (("a", 1), ("b", 2)):
+        write_tif(tiles / f"{name}.tif", random_scene(96, 80, seed=seed))
+    base = ("segment", tiles, "-c", ckpt, "--tile", "48", "--confidence", "auto")
+    code, _, err = cli(capfd, *base, "-o", tmp_path / "fresh", "--vector", "auto")
+    assert code == 0, err
+    out = tmp_path / "out"
+    code, _, err = cli(capfd, *base, "-o", out)
+    assert code == 0, err
+    rasters = class_outputs(out)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(_Job, "load_model", no_model)
+    summary = tmp_path / "s.json"
+    code, _, err = cli(capfd, *base, "-o", out, "--vector", "auto", "--summary", summary)
+    assert code == 0, err
+    assert "--vector: 2 file(s) keep their rasters from an earlier run with these settings; " \
+           "only their GeoPackages are made" in " ".join(err.split()), err
+    assert class_outputs(out) == rasters  # untouched
+    for name in ("a", "b"):
+        assert _layers(out / f"{name}.gpkg") == _layers(tmp_path / "fresh" / f"{name}.gpkg")
+    assert json.loads(summary.read_text())["done"] == ["a.tif", "b.tif"]
+    code, _, err = cli(capfd, *base, "-o", out, "--vector", "auto", "--summary", summary)
+    assert code == 0 and json.loads(summary.read_text())["files_skipped"] == 2, err
+    # another --vector-min-area remakes the GeoPackages (it was taken as current before)
+    before = _layers(out / "a.gpkg")
+    code, _, err = cli(capfd, *base, "-o", out, "--vector", "auto", "--vector-min-area", "20")
+    assert code == 0 and "2 file(s) keep their rasters" in " ".join(err.split()), err
+    after = _layers(out / "a.gpkg")
+    assert sum(len(v[0]) for v in after.values()) < sum(len(v[0]) for v in before.values())
+    assert class_outputs(out) == rasters
+    # a run stopped while vectorizing b: a rerun makes only b's GeoPackage
+    monkeypatch.undo()
+    out2 = tmp_path / "out2"
+    real = _Job.vectorize
+
+    def stop_at_b(self, spec, class_path, vec, conf):
+        if class_path.name.startswith("b"):
+            raise KeyboardInterrupt
+        return real(self, spec, class_path, vec, conf)
+
+    monkeypatch.setattr(_Job, "vectorize", stop_at_b)
+    code, _, err = cli(capfd, *base, "-o", out2, "--vector", "auto")
+    assert code == 130, err
+    assert (out2 / "b_classes.tif").exists() and not (out2 / "b.gpkg").exists()
+    monkeypatch.setattr(_Job, "vectorize", real)
+    monkeypatch.setattr(_Job, "load_model", no_model)
+    code, _, err = cli(capfd, *base, "-o", out2, "--vector", "auto", "--summary", summary)
+    assert code == 0 and "1 file(s) keep their rasters" in " ".join(err.split()), err
+    data = json.loads(summary.read_text())
+    assert data["done"] == ["b.tif"] and data["skipped"] == ["a.tif"], data
+    assert _layers(out2 / "b.gpkg") == _layers(tmp_path / "fresh" / "b.gpkg")

@@ -603,6 +603,9 @@ class _Job:
         if self._shared_range():  # every stretch depends on every input, URLs' included
             manifest.fetch_fingerprints(items)
         key = settings_hash(self.request_key(kinds, items, manifest))
+        rasters = [kind for kind in kinds if kind != "vector"]
+        raster_key = (settings_hash(self.request_key(rasters, items, manifest))
+                      if "vector" in kinds else None)
         from crossearth_cli.engine import validate_settings
         from crossearth_cli.raster.writer import ensure_writable_folder, lock_output
 
@@ -613,28 +616,47 @@ class _Job:
         for path in dict.fromkeys((Manifest.path_for(outdir), manifest.path)):
             lock_output(path)
         if not self.overwrite:  # URLs that ran before: their fingerprints, fetched side by side
-            manifest.fetch_fingerprints(manifest.finished_before(items, key))
+            manifest.fetch_fingerprints(manifest.finished_before(items, key, raster_key))
         todo = [it for it in items
                 if self.overwrite or not manifest.is_current(it, key, it.outputs(outdir, kinds))]
         if not todo:  # every rank sees the same manifests: nothing to load, nothing to run
             total = BatchResult(skipped=[manifest.key(it) for it in items])
             return self.report_folder(total, items, outdir)
-        return self.run_folder_work(items, todo, outdir, kinds, key, manifest,
-                                    split_for_rank(items, rank.rank, rank.world))
+        # rasters current, the GeoPackage missing or made with other options: only that
+        vectors_only = [] if raster_key is None or self.overwrite else [
+            manifest.key(it) for it in todo
+            if manifest.rasters_current(it, raster_key, it.outputs(outdir, rasters))]
+        return self.run_folder_work(items, todo, outdir, kinds, (key, raster_key), manifest,
+                                    split_for_rank(items, rank.rank, rank.world),
+                                    set(vectors_only))
 
-    def run_folder_work(self, items, todo, outdir, kinds, key, manifest, mine) -> int:
+    def run_folder_work(self, items, todo, outdir, kinds, keys, manifest, mine,
+                        vectors_only: set[str]) -> int:
         from crossearth_cli import distributed as dist
         from crossearth_cli.batch import BatchResult, run_batch
         from crossearth_cli.engine import Session, validate_settings
 
         rank = self.rank
+        key, raster_key = keys
         dist.init(rank)
         device = dist.device_for(rank, self.device)
         result = BatchResult()
         try:
+            if vectors_only and rank.rank == 0:
+                note(f"--vector: {len(vectors_only)} file(s) keep their rasters from an earlier "
+                     "run with these settings; only their GeoPackages are made (--overwrite "
+                     "redoes everything)")
+            mine_derived = [it for it in mine if manifest.key(it) in vectors_only]
+            if mine_derived:
+                self.vectors_from_rasters(mine_derived, outdir, kinds, keys, manifest, result)
+            if len(vectors_only) == len(todo):  # no file needs the model: none is loaded
+                todo_keys = {manifest.key(it) for it in todo}
+                result.skipped += [k for k in map(manifest.key, mine) if k not in todo_keys]
+                return self.finish_folder(result, items, outdir)
+            mine = [it for it in mine if manifest.key(it) not in vectors_only]
             spec = self.load_model(device)
             if spec.random_weights:  # never "current": a rerun with real weights must redo it
-                key = key + "-random-weights"
+                key, raster_key = (k and k + "-random-weights" for k in keys)
             template = self.template(outdir / "placeholder.tif")
             template.device = device
             self.finish_settings(template, spec)
@@ -651,11 +673,55 @@ class _Job:
                          network=any(it.remote for it in mine)) as session:
                 with _BatchProgress(len(todo), rank, manifest) as events:
                     run_batch(mine, outdir, template, session, kinds, key, manifest,
-                              after_scene=after_scene, events=events, result=result)
+                              after_scene=after_scene, events=events, result=result,
+                              raster_key=raster_key)
         except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM: say where it stopped, then stop
             if rank.world == 1:
                 self.report_interrupted(exc, result, items, todo, outdir, manifest)
             raise
+        return self.finish_folder(result, items, outdir)
+
+    def vectors_from_rasters(self, items, outdir: Path, kinds, keys, manifest, result) -> None:
+        """The GeoPackages of files whose rasters are current (made by an earlier run with
+        these settings, without --vector or with other vector options, or stopped while
+        vectorizing): made from those rasters, with no model. Recorded as done."""
+        import time
+
+        from crossearth_cli.batch import _fail
+        from crossearth_cli.vector import vectorize_raster
+        from crossearth_cli.vector.options import VectorizeOptions
+        from crossearth_cli.vector.source import open_class_raster
+
+        key, raster_key = keys
+        t0 = time.perf_counter()
+        for it in items:
+            outs = it.outputs(outdir, kinds)
+            old = manifest.records[manifest.key(it)]
+            t1 = time.perf_counter()
+            try:
+                names = open_class_raster(outs["classes"]).names
+                opts = VectorizeOptions.preset(list(names.values()), overwrite=True,
+                                               min_area=self.vector_min_area)
+                summary = vectorize_raster(outs["classes"], outs["vector"], opts,
+                                           confidence_path=outs.get("confidence"))
+                for w in summary.warnings:
+                    note(w)
+                rec = manifest.done_record(it, key, outs, old.pixels,
+                                           time.perf_counter() - t1, window=old.window,
+                                           raster_settings=raster_key)
+            except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
+                _fail(manifest, result, it, key, exc, lambda kind, data: None)
+                note(_failure(manifest.key(it), result.failed[-1].reason), style="red")
+                continue
+            manifest.append(rec)
+            result.done.append(rec)
+        result.seconds += time.perf_counter() - t0
+
+    def finish_folder(self, result, items, outdir: Path) -> int:
+        """Every rank's results gathered; rank 0 reports. The exit code, the same on all."""
+        from crossearth_cli import distributed as dist
+
+        rank = self.rank
         gathered = dist.all_gather(result, rank)
         code = 0
         if rank.rank == 0:
@@ -795,6 +861,8 @@ class _Job:
             **({"tta": self.tta.lower()} if self.tta.lower() != "none" else {}),
             **({"aoi": self.aoi.fingerprint} if self.aoi is not None else {}),
             "device": self.device, "precision": self.precision, "outputs": kinds,
+            **({"vector_min_area": self.vector_min_area}
+               if "vector" in kinds and self.vector_min_area > 0 else {}),
             "probabilities_dtype": self.probabilities_dtype.lower(), "cog": self.cog,
             "compress": self.compress.lower(), "random_allowed": self.allow_random,
             **({"shared_range_inputs": settings_hash([input_identity(it) for it in items])}
