@@ -610,3 +610,32 @@ def test_vectors_added_or_changed_later_are_made_from_the_rasters(tmp_path, capf
     data = json.loads(summary.read_text())
     assert data["done"] == ["b.tif"] and data["skipped"] == ["a.tif"], data
     assert _layers(out2 / "b.gpkg") == _layers(tmp_path / "fresh" / "b.gpkg")
+
+
+def test_a_scene_whose_rasters_exist_is_told_how_to_add_its_geopackage(tmp_path, capfd):
+    """One scene: --vector added on a rerun is refused as any existing output is, and the
+    line gives the `crossearth vectorize` command that makes the GeoPackage --vector makes."""
+    import shlex
+
+    from reliability_helpers import assert_user_error, cli, tiny_checkpoint
+
+    ckpt = tiny_checkpoint(tmp_path / "named.pth",
+                           classes=["background", "building", "road", "tree"])
+    scene = write_tif(tmp_path / "scene.tif", random_scene(120, 100, seed=4))
+    opts = ("-c", ckpt, "--tile", "48", "--confidence", "auto")
+    vec = ("--vector", "auto", "--vector-min-area", "0.5")
+    code, _, err = cli(capfd, "segment", scene, "-o", tmp_path / "fresh" / "s_classes.tif",
+                       *opts, *vec)
+    assert code == 0, err
+    code, _, err = cli(capfd, "segment", scene, "-o", tmp_path / "s_classes.tif", *opts)
+    assert code == 0, err
+    code, _, err = cli(capfd, "segment", scene, "-o", tmp_path / "s_classes.tif", *opts, *vec)
+    line = assert_user_error(code, err, "s_classes.tif", "exists", "--overwrite")
+    command = line.split("make only the GeoPackage from it: ", 1)[1].removesuffix(")")
+    words = shlex.split(command)
+    assert words[:2] == ["crossearth", "vectorize"] and "--regularize" in words
+    assert "--centerlines" in words and "--confidence" in words, words
+    code, _, err = cli(capfd, *words[1:])
+    assert code == 0, err
+    assert _layers(tmp_path / "s.gpkg") == _layers(tmp_path / "fresh" / "s.gpkg")
+    assert sum(len(v[0]) for v in _layers(tmp_path / "s.gpkg").values()) > 0

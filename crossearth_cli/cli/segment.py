@@ -324,8 +324,49 @@ class _Job:
                 derived(self.probabilities, "_probabilities.tif"),
                 derived(self.vector, ".gpkg"))
 
+    def check_scene_outputs(self, settings, out: Path, conf, vec, job=None) -> None:
+        """The outputs can be written (see ``engine.check_outputs``). A rerun that adds
+        --vector to a scene whose rasters exist is refused as any existing output is, and told
+        the ``crossearth vectorize`` command that makes the same GeoPackage from them."""
+        from crossearth_cli.engine import check_outputs
+        from crossearth_cli.errors import OutputError
+
+        try:
+            check_outputs(settings, job=job)
+        except OutputError as exc:
+            command = self.vectorize_command(out, conf, vec) if exc.path == str(out) else None
+            if command is None:
+                raise
+            raise OutputError(str(exc), path=exc.path, hint="pass --overwrite to redo it, or "
+                              f"make only the GeoPackage from it: {command}") from None
+
+    def vectorize_command(self, out: Path, conf, vec) -> str | None:
+        """``crossearth vectorize`` with the options --vector uses for the classes of ``out``
+        (a class raster crossearth wrote), or None."""
+        import shlex
+
+        from crossearth_cli.errors import UserError
+        from crossearth_cli.vector.source import open_class_raster
+
+        if vec is None or vec.exists() or not out.is_file():
+            return None
+        try:
+            names = [n.lower() for n in open_class_raster(out).names.values()]
+        except UserError:
+            return None
+        if not names:  # not ours: its classes, and so the preset's options, are unknown
+            return None
+        words = ["crossearth", "vectorize", str(out), "-o", str(vec)]
+        words += ["--regularize"] if any("building" in n for n in names) else []
+        words += ["--centerlines"] if any("road" in n for n in names) else []
+        if conf is not None and conf.is_file():
+            words += ["--confidence", str(conf)]
+        if self.vector_min_area > 0:
+            words += ["--min-area", repr(self.vector_min_area)]
+        return shlex.join(words)
+
     def run_single(self) -> None:
-        from crossearth_cli.engine import Session, check_outputs, validate_settings
+        from crossearth_cli.engine import Session, validate_settings
         from crossearth_cli.raster.reader import probe_input
         from crossearth_cli.raster.writer import check_output_path
         from crossearth_cli.vector.writer import check_suffix
@@ -336,7 +377,7 @@ class _Job:
         validate_settings(settings)
         probe_input(src, settings.bands)  # fail fast, before a model is loaded
         self.check_aoi(src)
-        check_outputs(settings)
+        self.check_scene_outputs(settings, out, conf, vec)
         if vec is not None:
             check_suffix(vec)
             check_output_path(vec, self.overwrite, inputs=[src, *self.local_inputs()],
@@ -362,7 +403,7 @@ class _Job:
 
     def run_split_scene(self) -> None:
         from crossearth_cli import distributed as dist
-        from crossearth_cli.engine import check_outputs, validate_settings
+        from crossearth_cli.engine import validate_settings
         from crossearth_cli.raster.reader import probe_input
         from crossearth_cli.raster.writer import check_output_path
         from crossearth_cli.vector.writer import check_suffix
@@ -374,7 +415,7 @@ class _Job:
         validate_settings(settings)
         probe_input(src, settings.bands)
         self.check_aoi(src)
-        check_outputs(settings, job=(rank.rank, rank.world))
+        self.check_scene_outputs(settings, out, conf, vec, job=(rank.rank, rank.world))
         if vec is not None:  # before the ranks segment, not when rank 0 vectorizes at the end
             check_suffix(vec)
             check_output_path(vec, self.overwrite, inputs=[src, *self.local_inputs()],
