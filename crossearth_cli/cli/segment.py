@@ -712,7 +712,7 @@ class _Job:
             with Session(spec, device, template.precision, template.batch_size,
                          compile=template.compile, tta=template.tta,
                          network=any(it.remote for it in mine)) as session:
-                with _BatchProgress(len(todo), rank, manifest) as events:
+                with _BatchProgress(len(todo) - len(vectors_only), rank, manifest) as events:
                     run_batch(mine, outdir, template, session, kinds, key, manifest,
                               after_scene=after_scene, events=events, result=result,
                               raster_key=raster_key)
