@@ -199,8 +199,10 @@ def test_retry_notes_one_per_url_and_a_limit():
     shown = []
     with RetryNotes(shown.append):
         log = logging.getLogger(RetryNotes.LOGGER)
+        reads = logging.getLogger("rasterio._err")  # where retries during reads arrive
         for n in [1, 1, 2, 3, 4, 5, 6, 7, 1]:
-            log.warning(f"HTTP error code: 503 - http://h/{n}.tif. Retrying again in 1.0 secs")
+            (reads if n % 2 else log).warning(
+                f"HTTP error code: 503 - http://h/{n}.tif. Retrying again in 1.0 secs")
         log.warning("some other GDAL warning")
     assert len(shown) == 6 and shown[0].startswith("http://h/1.tif: the server answered"), shown
     assert shown[-1].startswith("more files are being asked again"), shown

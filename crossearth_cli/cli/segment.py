@@ -728,13 +728,21 @@ class _Job:
         vectorizing): made from those rasters, with no model. Recorded as done."""
         import time
 
+        t0 = time.perf_counter()
+        try:
+            self._vectors_each(items, outdir, kinds, keys, manifest, result)
+        finally:  # a stop too: the summary's seconds are those spent
+            result.seconds += time.perf_counter() - t0
+
+    def _vectors_each(self, items, outdir: Path, kinds, keys, manifest, result) -> None:
+        import time
+
         from crossearth_cli.batch import _fail
         from crossearth_cli.vector import vectorize_raster
         from crossearth_cli.vector.options import VectorizeOptions
         from crossearth_cli.vector.source import open_class_raster
 
         key, raster_key = keys
-        t0 = time.perf_counter()
         for it in items:
             outs = it.outputs(outdir, kinds)
             old = manifest.records[manifest.key(it)]
@@ -756,7 +764,6 @@ class _Job:
                 continue
             manifest.append(rec)
             result.done.append(rec)
-        result.seconds += time.perf_counter() - t0
 
     def finish_folder(self, result, items, outdir: Path) -> int:
         """Every rank's results gathered; rank 0 reports. The exit code, the same on all."""

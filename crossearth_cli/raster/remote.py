@@ -188,7 +188,9 @@ class RetryNotes(logging.Handler):
     after :attr:`LIMIT` URLs one line saying that more are not shown."""
 
     LIMIT = 5
-    LOGGER = "rasterio._env"  # where rasterio logs GDAL's warnings
+    # where rasterio logs GDAL's warnings: on open (_env), and during reads (_err)
+    LOGGERS = ("rasterio._env", "rasterio._err")
+    LOGGER = LOGGERS[0]
 
     def __init__(self, show) -> None:
         super().__init__(logging.WARNING)
@@ -216,11 +218,13 @@ class RetryNotes(logging.Handler):
                       f"after the first {self.LIMIT}")
 
     def __enter__(self) -> RetryNotes:
-        logging.getLogger(self.LOGGER).addHandler(self)
+        for name in self.LOGGERS:
+            logging.getLogger(name).addHandler(self)
         return self
 
     def __exit__(self, *exc) -> None:
-        logging.getLogger(self.LOGGER).removeHandler(self)
+        for name in self.LOGGERS:
+            logging.getLogger(name).removeHandler(self)
 
 
 def explain(message: str) -> tuple[str, str]:
