@@ -681,7 +681,8 @@ with torch.inference_mode():
     got = torch.compile(net, backend=counted)(x)
 breaks = torch._dynamo.utils.counters["graph_break"]
 print(json.dumps({"breaks": [str(b)[:300] for b in breaks], "graphs": len(graphs),
-                  "traced": any(calls), "max_abs_diff": float((got - want).abs().max())}))
+                  "traced": any(calls), "max_abs_diff": float((got - want).abs().max()),
+                  "scale": float(want.abs().max())}))
 """
 
 
@@ -698,7 +699,9 @@ def test_torch_compile_keeps_the_fused_deformable_attention_in_one_graph():
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["traced"] and report["graphs"] == 1 and not report["breaks"], report
-    assert report["max_abs_diff"] < 1e-5, report
+    # float32 rounding, relative to the scores' size (~5): 5.5e-6 idle, 1.7e-5 once in a busy
+    # CI run (two xdist workers); a wrong kernel differs by whole units
+    assert report["max_abs_diff"] < 1e-5 * max(1.0, report["scale"]), report
 
 
 def test_fused_pixel_decoder_candidate_matches_eager_autocast():
