@@ -198,7 +198,7 @@ def test_retry_notes_one_per_url_and_a_limit():
     assert retry_note("CPLE_AppDefined in HTTP error code: 404 - https://h/a.tif") is None
     shown = []
     with RetryNotes(shown.append):
-        log = logging.getLogger(RetryNotes.LOGGER)
+        log = logging.getLogger(RetryNotes.LOGGERS[0])
         reads = logging.getLogger("rasterio._err")  # where retries during reads arrive
         for n in [1, 1, 2, 3, 4, 5, 6, 7, 1]:
             (reads if n % 2 else log).warning(
@@ -206,7 +206,7 @@ def test_retry_notes_one_per_url_and_a_limit():
         log.warning("some other GDAL warning")
     assert len(shown) == 6 and shown[0].startswith("http://h/1.tif: the server answered"), shown
     assert shown[-1].startswith("more files are being asked again"), shown
-    logging.getLogger(RetryNotes.LOGGER).warning(
+    logging.getLogger(RetryNotes.LOGGERS[0]).warning(
         "HTTP error code: 503 - http://h/9.tif. Retrying again in 1.0 secs")
     assert len(shown) == 6  # removed on exit
 

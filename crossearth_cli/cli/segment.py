@@ -288,16 +288,17 @@ class _Job:
                     "they are" if old else ""))
         return kept
 
-    def vector_options(self, spec):
+    def vector_options(self, class_names):
+        """What --vector makes of these classes (the preset's options, --vector-min-area)."""
         from crossearth_cli.vector.options import VectorizeOptions
 
-        return VectorizeOptions.preset(spec.class_names, overwrite=True,
+        return VectorizeOptions.preset(class_names, overwrite=True,
                                        min_area=self.vector_min_area)
 
     def vectorize(self, spec, class_path: Path, out: Path, conf: Path | None) -> None:
         from crossearth_cli.vector import vectorize_raster
 
-        opts = self.vector_options(spec)
+        opts = self.vector_options(spec.class_names)
         summary = vectorize_raster(class_path, out, opts, confidence_path=conf)
         for w in summary.warnings:
             note(w)
@@ -351,18 +352,19 @@ class _Job:
         if vec is None or vec.exists() or not out.is_file():
             return None
         try:
-            names = [n.lower() for n in open_class_raster(out).names.values()]
+            names = list(open_class_raster(out).names.values())
         except UserError:
             return None
         if not names:  # not ours: its classes, and so the preset's options, are unknown
             return None
+        opts = self.vector_options(names)  # `vectorize` picks the same classes by name
         words = ["crossearth", "vectorize", str(out), "-o", str(vec)]
-        words += ["--regularize"] if any("building" in n for n in names) else []
-        words += ["--centerlines"] if any("road" in n for n in names) else []
+        words += ["--regularize"] if opts.regularize else []
+        words += ["--centerlines"] if opts.centerlines else []
         if conf is not None and conf.is_file():
             words += ["--confidence", str(conf)]
-        if self.vector_min_area > 0:
-            words += ["--min-area", repr(self.vector_min_area)]
+        if opts.min_area > 0:
+            words += ["--min-area", repr(opts.min_area)]
         return shlex.join(words)
 
     def run_single(self) -> None:
@@ -739,7 +741,6 @@ class _Job:
 
         from crossearth_cli.batch import _fail
         from crossearth_cli.vector import vectorize_raster
-        from crossearth_cli.vector.options import VectorizeOptions
         from crossearth_cli.vector.source import open_class_raster
 
         key, raster_key = keys
@@ -748,9 +749,8 @@ class _Job:
             old = manifest.records[manifest.key(it)]
             t1 = time.perf_counter()
             try:
-                names = open_class_raster(outs["classes"]).names
-                opts = VectorizeOptions.preset(list(names.values()), overwrite=True,
-                                               min_area=self.vector_min_area)
+                names = open_class_raster(outs["classes"]).names  # as the model's, in its tags
+                opts = self.vector_options(list(names.values()))
                 summary = vectorize_raster(outs["classes"], outs["vector"], opts,
                                            confidence_path=outs.get("confidence"))
                 for w in summary.warnings:

@@ -190,7 +190,6 @@ class RetryNotes(logging.Handler):
     LIMIT = 5
     # where rasterio logs GDAL's warnings: on open (_env), and during reads (_err)
     LOGGERS = ("rasterio._env", "rasterio._err")
-    LOGGER = LOGGERS[0]
 
     def __init__(self, show) -> None:
         super().__init__(logging.WARNING)
