@@ -49,18 +49,28 @@ class BatchInput:
         return {k: base.with_name(base.name + OUTPUT_SUFFIXES[k]) for k in kinds}
 
 
+def _has_magic(text: str) -> bool:
+    return any(c in text for c in "*?[")
+
+
 def _is_glob(arg: str) -> bool:
-    return any(c in arg for c in "*?[")
+    """A pattern, unless a file or folder of that very name exists ("scene[1].tif" is a name)."""
+    return _has_magic(arg) and not os.path.lexists(arg)
 
 
-def _glob_root(pattern: str) -> Path:
+def _split_glob(pattern: str) -> tuple[Path, str]:
+    """(the folder a pattern starts from, the pattern to match there, its leading names
+    escaped). A leading name that exists as typed ("data[2024]") is a folder, not a pattern."""
     parts = Path(pattern).parts
     root: list[str] = []
-    for p in parts:
-        if _is_glob(p):
+    for part in parts:
+        if _has_magic(part) and not os.path.lexists(os.path.join(*root, part)):
             break
-        root.append(p)
-    return Path(*root) if root else Path(".")
+        root.append(part)
+    rest = os.path.join(*parts[len(root):])  # never empty: the whole name does not exist
+    if not root:
+        return Path("."), rest
+    return Path(*root), os.path.join(glob.escape(os.path.join(*root)), rest)
 
 
 def _walk_rasters(folder: Path) -> list[Path]:
@@ -118,8 +128,8 @@ def expand_inputs(args: list[str], exclude: Path | None = None) -> list[BatchInp
         elif is_remote(arg):  # a signed URL's query may hold glob characters: not a pattern
             add_url(arg, file_name(arg))
         elif _is_glob(arg):
-            root = _glob_root(arg)
-            matches = sorted(glob.glob(arg, recursive=True))
+            root, pattern = _split_glob(arg)
+            matches = sorted(glob.glob(pattern, recursive=True))
             files = [Path(m) for m in matches if Path(m).is_file()]
             if not files:
                 raise InputError("matches no files", path=arg, hint="check the pattern")

@@ -68,6 +68,37 @@ def test_spaces_and_non_ascii_names(tmp_path, capfd, ckpt):
     assert not hidden_leftovers(tmp_path)
 
 
+def test_brackets_in_names_are_names_not_patterns_or_styles(tmp_path, capfd, ckpt,
+                                                           monkeypatch):
+    """"town[red].tif" names a file: not a glob character class (which matched nothing), and
+    not console markup (which printed "town.tif", and crashed on "[/...]")."""
+    folder = tmp_path / "data[2024]"
+    folder.mkdir()
+    write_tif(folder / "town[red].tif", random_scene(64, 64))
+    write_tif(folder / "a[1].tif", random_scene(64, 64, seed=1))
+    (folder / "d[").mkdir()
+    (folder / "d[" / "bad].tif").write_bytes(b"II*\x00 not a raster")
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli(capfd, "segment", "data[2024]/town[red].tif", "-c", ckpt, "-o",
+                         "o/town[red].tif", "--tile", "64", "--confidence", "auto")
+    assert code == 0, err
+    assert out.startswith("o/town[red].tif + o/town[red]_confidence.tif: 64x64 px"), out
+    assert valid_raster(tmp_path / "o" / "town[red].tif").shape == (1, 64, 64)
+    # a pattern below a folder whose name has brackets; the broken file is named in full
+    code, out, err = cli(capfd, "segment", "data[2024]/**/*.tif", "-c", ckpt, "-o", "b",
+                         "--tile", "64")
+    assert code == 1, err
+    assert sorted(p.relative_to(tmp_path / "b").as_posix()
+                  for p in (tmp_path / "b").rglob("*.tif")) == [
+        "a[1]_classes.tif", "town[red]_classes.tif"]
+    assert "failed: data[2024]/d[/bad].tif: not a readable raster" in out, out
+    # a folder of them, and a pattern that matches nothing is still a pattern
+    code, out, err = cli(capfd, "segment", "data[2024]", "-c", ckpt, "-o", "f", "--tile", "64")
+    assert code == 1 and "d[/bad].tif" in out + err, err
+    code, _, err = cli(capfd, "segment", "data[2024]/x[12].tif", "-c", ckpt, "-o", "n")
+    assert_user_error(code, err, "data[2024]/x[12].tif", "matches no files")
+
+
 # -- links --------------------------------------------------------------------------------------
 
 

@@ -11,8 +11,9 @@ from contextlib import contextmanager
 
 from rich.console import Console
 
-_err = Console(stderr=True, highlight=False, soft_wrap=True)
-_out = Console(highlight=False, soft_wrap=True)
+# no markup: file names are printed as they are ("scene[red].tif" is a name, not a style)
+_err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
+_out = Console(highlight=False, soft_wrap=True, markup=False)
 
 
 def err_console() -> Console:
@@ -25,7 +26,9 @@ def out_console() -> Console:
 
 def note(message: str, style: str = "yellow") -> None:
     """One line on stderr: a warning or a choice the tool made for the user."""
-    _err.print(f"[{style}]note:[/] {message}", markup=True) if style else _err.print(message)
+    from rich.text import Text
+
+    _err.print(Text.assemble(("note:", style), " ", message) if style else message)
 
 
 @contextmanager
