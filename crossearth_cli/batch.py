@@ -438,11 +438,14 @@ class BatchResult:
 
 
 def _reason(exc: BaseException) -> str:
+    """Why a file failed, for the console, the manifest and ``--summary``: URLs without their
+    query strings (a signed URL's signature would be kept in files and logs)."""
     from crossearth_cli.errors import UserError
+    from crossearth_cli.raster.remote import hide_queries
 
     if isinstance(exc, UserError):
-        return exc.one_line()
-    text = " ".join(str(exc).split()) or type(exc).__name__
+        return hide_queries(exc.one_line())
+    text = hide_queries(" ".join(str(exc).split()) or type(exc).__name__)
     return f"internal error ({type(exc).__name__}: {text}); please report it with --debug"
 
 

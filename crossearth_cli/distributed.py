@@ -203,11 +203,25 @@ SUMMARY_MARK = "crossearth_summary"
 
 
 def summary_json(path: Path, data: dict) -> None:
+    """``--summary``: ``data`` as JSON, every URL in it without its query string (a signed
+    URL's signature would stay in the file)."""
     from crossearth_cli import __version__
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = {SUMMARY_MARK: __version__, **data}
+    data = _without_queries({SUMMARY_MARK: __version__, **data})
     write_text_atomically(path, json.dumps(data, indent=2, default=_json_default) + "\n")
+
+
+def _without_queries(value):
+    from crossearth_cli.raster.remote import hide_queries
+
+    if isinstance(value, str):
+        return hide_queries(value)
+    if isinstance(value, dict):
+        return {_without_queries(k): _without_queries(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_without_queries(v) for v in value]
+    return value
 
 
 def _is_our_summary(path: Path) -> bool:

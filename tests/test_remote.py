@@ -100,6 +100,20 @@ def test_remote_paths_are_told_apart_and_given_to_gdal():
     assert file_stem("s3://bucket/tiles/S2_T31.tif") == "S2_T31"
 
 
+def test_query_strings_are_hidden_in_text():
+    from crossearth_cli.raster.remote import hide_queries
+
+    assert hide_queries("https://h/a.tif?X-Amz-Signature=S: not found (check the URL)") == \
+        "https://h/a.tif?…: not found (check the URL)"
+    assert hide_queries("(/vsicurl/https://h/a%20b.tif?se=1&sig=S%3D: TIFFRead) 'gs://b/"
+                        "k.tif?x=S', https://h/c.tif?S.") == \
+        "(/vsicurl/https://h/a%20b.tif?…: TIFFRead) 'gs://b/k.tif?…', https://h/c.tif?…."
+    assert hide_queries("/vsicurl?url=https%3A%2F%2Fh%2Fa.tif%3Fsig%3DS&max_retry=3: gone") == \
+        "/vsicurl?url=https://h/a.tif&…: gone"
+    for plain in ("https://h/a.tif: x", "s3://b/k.tif", "dir/what?.tif: x", "a ? b"):
+        assert hide_queries(plain) == plain
+
+
 @pytest.mark.parametrize("outputs", [["--confidence", "auto"],
                                      ["--probabilities", "auto", "--probabilities-dtype",
                                       "float32"]])
@@ -310,6 +324,50 @@ def test_a_remote_folder_runs_as_a_folder_and_a_rerun_resumes(tmp_path, capfd, c
     assert failed["input"] == "gone.tif" and "HTTP 404" in failed["reason"], failed
     assert f"{server.url}/gone.tif" in text
     assert "/vsicurl/" not in text and "Traceback" not in text
+
+
+def test_signed_urls_keep_their_signatures_out_of_messages_and_files(tmp_path, capfd, ckpt,
+                                                                    server, monkeypatch):
+    """A signed URL's query string is a password for a while: error lines, notes, failed
+    reasons, the manifest and --summary show it as ``?…``."""
+    monkeypatch.setenv("GDAL_HTTP_MAX_RETRY", "0")
+    monkeypatch.chdir(tmp_path)
+    whole = _small_blocks(tmp_path / "whole.tif", random_scene(96, 96, seed=1))
+    (server.root / "tiles").mkdir()
+    write_tif(server.root / "tiles" / "good.tif", random_scene(64, 64, seed=2), transform=ORIGIN)
+    (server.root / "tiles" / "cut.tif").write_bytes(whole.read_bytes()[:-2000])
+    shown = []
+    for where, needle in (("/missing.tif", "not found on the server (HTTP 404)"),
+                          ("/tiles/cut.tif", "cannot be read to the end")):
+        code, _, err = cli(capfd, "segment", f"{server.url}{where}?X-Amz-Signature=SECRET",
+                           "-o", tmp_path / "c.tif", "-c", ckpt, *OPTS)
+        assert_user_error(code, err, f"{server.url}{where}?…", needle)
+        shown.append(err)
+    code, _, err = cli(capfd, "vectorize", f"{server.url}/missing.tif?sig=SECRET", "-o",
+                       tmp_path / "v.gpkg")
+    assert_user_error(code, err, f"{server.url}/missing.tif?…", "HTTP 404")
+    shown.append(err)
+
+    out = tmp_path / "out"
+    code, stdout, err = cli(capfd, "segment", f"{server.url}/tiles/?se=2030&sig=SECRET",
+                            f"{server.url}/gone.tif?sig=SECRET", "-o", out, "-c", ckpt, *OPTS,
+                            "--summary", tmp_path / "s.json")
+    assert code == 1, err
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["done"] == ["good.tif"]
+    reasons = {f["input"]: f["reason"] for f in summary["failed"]}
+    assert f"{server.url}/tiles/cut.tif?…" in reasons["cut.tif"], reasons
+    assert f"{server.url}/gone.tif?…" in reasons["gone.tif"], reasons
+    shown += [stdout, err, (tmp_path / "s.json").read_text(),
+              (out / "crossearth-manifest.jsonl").read_text()]
+    # one scene's --summary names its input
+    code, _, err = cli(capfd, "segment", f"{server.url}/tiles/good.tif?sig=SECRET", "-c", ckpt,
+                       *OPTS, "--summary", tmp_path / "one.json")
+    assert code == 0, err
+    one = json.loads((tmp_path / "one.json").read_text())
+    assert one["inputs"] == [f"{server.url}/tiles/good.tif?…"], one
+    shown.append((tmp_path / "one.json").read_text())
+    assert not [text for text in shown if "SECRET" in text], shown
 
 
 def test_output_names_that_would_collide_are_refused(tmp_path, capfd, ckpt, server):

@@ -91,7 +91,11 @@ def _error_line(message: str) -> None:
 
 def _stderr_line(line: str) -> None:
     """``line`` on stderr in one write: the ranks of a torchrun job share the stream, and a
-    line written in pieces could be glued to another rank's."""
+    line written in pieces could be glued to another rank's. URLs lose their query strings
+    (signatures); ``--debug``'s traceback keeps them."""
+    from crossearth_cli.raster.remote import hide_queries
+
+    line = hide_queries(line)
     sys.stderr.flush()
     data = (line + "\n").encode(sys.stderr.encoding or "utf-8", "backslashreplace")
     try:

@@ -25,9 +25,13 @@ def out_console() -> Console:
 
 
 def note(message: str, style: str = "yellow") -> None:
-    """One line on stderr: a warning or a choice the tool made for the user."""
+    """One line on stderr: a warning or a choice the tool made for the user. URLs lose their
+    query strings (a signed URL's signature)."""
     from rich.text import Text
 
+    from crossearth_cli.raster.remote import hide_queries
+
+    message = hide_queries(message)
     _err.print(Text.assemble(("note:", style), " ", message) if style else message)
 
 

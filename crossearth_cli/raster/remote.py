@@ -165,6 +165,26 @@ def use_network_defaults() -> None:
         os.environ.setdefault(key, value)
 
 
+# a URL's query string in running text: up to a space or a quote; punctuation that ends a
+# sentence or a bracket after it ("…?sig=x: not found", "(…?sig=x)") is left outside
+_QUERY = re.compile(r"""(?P<url>[A-Za-z][A-Za-z0-9+.-]*://[^\s?'"<>]*)\?[^\s'"<>]*?"""
+                    r"""(?P<end>[:,.;)\]]*(?:[\s'"<>]|$))""")
+_VSICURL_OPTIONS = re.compile(r"""/vsicurl\?[^\s'"<>]*?(?P<end>[:,.;)\]]*(?:[\s'"<>]|$))""")
+
+
+def hide_queries(text: str) -> str:
+    """``text`` with the query string of every URL in it shown as ``?…``: a signed URL's
+    signature (``X-Amz-Signature=…``, an Azure SAS token) is a password for a while, and
+    error lines, notes and ``--summary`` files end up in logs. GDAL's ``/vsicurl?url=…&…``
+    form keeps only its URL's path."""
+    def options(found: re.Match) -> str:
+        url = _plain(found.group(0)[: len(found.group(0)) - len(found.group("end"))])
+        return f"/vsicurl?url={url.split('?', 1)[0]}&…{found.group('end')}"
+
+    text = _VSICURL_OPTIONS.sub(options, text)
+    return _QUERY.sub(lambda m: f"{m.group('url')}?…{m.group('end')}", text)
+
+
 # GDAL's warning each time it asks a request again (one wording for /vsicurl/ and the clouds)
 _RETRY = re.compile(r"HTTP error code: (\d{3}) - (\S+)\. Retrying again in ([\d.]+) secs")
 
