@@ -81,6 +81,24 @@ class Interrupted(KeyboardInterrupt):
         return 128 + self.signum
 
 
+def gdal_words(exc: BaseException | str, *names: str) -> str:
+    """The first line of GDAL's message, without the file's own name in quotes (``'x.tif' not
+    recognized as being in a supported file format.`` → ``not recognized as being in a
+    supported file format``): our line starts with the name already."""
+    text = (without_names(str(exc), *names).strip().splitlines() or [type(exc).__name__])[0]
+    return text.strip().rstrip(".") or "unreadable"
+
+
+def without_names(text: str, *names: str) -> str:
+    """``text`` without the ``names`` GDAL puts in its messages: quoted (``'x.tif' not
+    recognized``), or the file name libtiff starts a line with (``x.tif: TIFFReadDirectory``)."""
+    for name in map(str, names):
+        text = re.sub(rf"[`']{re.escape(name)}'\s*", "", text)
+        base = name.rstrip("/").rsplit("/", 1)[-1]
+        text = re.sub(rf"(?m)^(?:{re.escape(name)}|{re.escape(base)}): ", "", text)
+    return text
+
+
 def from_os_error(exc: BaseException) -> UserError | None:
     """A user-facing error for OS failures that are never bugs (disk full, quota, read-only
     file system, permission denied), or None. Used by the CLI as a last resort, so a full disk

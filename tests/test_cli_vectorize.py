@@ -110,6 +110,10 @@ def test_bad_options_are_one_line(tmp_path, raster):
     assert_user_error(cli(raster, "-o", tmp_path / "o.gpkg", "--min-area", "-1"), "--min-area")
     assert_user_error(cli(raster, "-o", tmp_path / "o.shp"), "GeoPackage")
     assert_user_error(cli(tmp_path / "missing.tif", "-o", tmp_path / "o.gpkg"), "not found")
+    (tmp_path / "notes.tif").write_text("not a raster\n" * 20)
+    proc = cli(tmp_path / "notes.tif", "-o", tmp_path / "o.gpkg")
+    assert_user_error(proc, f"error: {tmp_path / 'notes.tif'}: cannot be read as a raster (not "
+                      "recognized as being in a supported file format)")
     assert no_gpkg_left(tmp_path)
 
 

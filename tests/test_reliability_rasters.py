@@ -106,7 +106,9 @@ def test_unreadable_inputs_fail_fast_with_one_line(tmp_path, capfd, ckpt, kind, 
     t0 = time.perf_counter()
     code, _, err = cli(capfd, "segment", src, "-c", ckpt, "-o", tmp_path / "out.tif",
                        "--bands", "1,1,1")
-    assert_user_error(code, err, *needles)
+    line = assert_user_error(code, err, *needles)
+    assert line.startswith(f"crossearth: error: {src}: "), line  # named first, once
+    assert line.count(src.name) == 1 or kind == "vrt-source-gone", line
     assert time.perf_counter() - t0 < 20, "a header claiming a huge raster must fail fast"
     assert_nothing_written(tmp_path, before)
 

@@ -245,6 +245,8 @@ def test_remote_errors_are_one_line_and_write_nothing(tmp_path, capfd, ckpt, ser
     code, _, err = cli(capfd, "segment", f"{server.url}{where}", "-o", out / "c.tif", "-c",
                        ckpt, *OPTS)
     line = assert_user_error(code, err, server.url + where, *needles)
+    assert line.startswith(f"crossearth: error: {server.url}{where}: "), line
+    assert line.count(where) == 1, line  # named once, not again inside GDAL's words
     assert "/vsicurl/" not in line  # the URL as given, not GDAL's path
     assert_nothing_written(out, before)
 

@@ -35,7 +35,7 @@ from rasterio.enums import ColorInterp, MaskFlags
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.windows import Window
 
-from crossearth_cli.errors import ConfigError, InputError
+from crossearth_cli.errors import ConfigError, InputError, gdal_words, without_names
 from crossearth_cli.raster.aoi import AreaOfInterest, PlacedAOI, place_aoi
 from crossearth_cli.raster.windows import Tile
 
@@ -207,12 +207,11 @@ def open_raster(path: str | Path) -> rasterio.DatasetReader:
                 src = rasterio.open(target)
     except (RasterioError, CPLE_BaseError) as exc:
         if remote:  # named by the URL as given, not by GDAL's path
-            what, fix = explain(str(exc).replace(target, path))
+            what, fix = explain(without_names(str(exc), target, path).replace(target, path))
             if what.startswith("not found") and "." not in file_name(path):
                 fix += "; a folder's URL ends with /"
         else:
-            first = str(exc).splitlines()[0] if str(exc) else "unreadable"
-            what, fix = (f"not a readable raster ({first})",
+            what, fix = (f"not a readable raster ({gdal_words(exc, target, path)})",
                          "is it a GeoTIFF? convert it with gdal_translate")
         raise InputError(what, path=path, hint=fix) from exc
     except MemoryError as exc:

@@ -249,7 +249,7 @@ class RetryNotes(logging.Handler):
 def explain(message: str) -> tuple[str, str]:
     """GDAL's error for a remote file → (what went wrong, the fix). HTTP servers give a status
     code; GDAL's S3, GCS and Azure clients give the service's words."""
-    first = message.splitlines()[0] if message else "unreadable"
+    first = message.strip().splitlines()[0].rstrip(".") if message.strip() else "unreadable"
     code = re.search(r"HTTP (?:response )?(?:code|error)?:?\s*(\d{3})", message)
     status = int(code.group(1)) if code else None
     lower = message.lower()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from crossearth_cli.errors import InputError
+from crossearth_cli.errors import InputError, gdal_words
 
 # rasterio.features.shapes accepts these integer types directly; others are cast to int32.
 SHAPES_DTYPES = ("uint8", "uint16", "int16", "int32")
@@ -93,7 +93,8 @@ def open_class_raster(path: str | os.PathLike) -> ClassRaster:
             return _class_raster(ds, str(p), str(p))
     except RasterioIOError as exc:
         raise InputError(
-            f"cannot be read as a raster ({exc})", path=p, hint="pass a GeoTIFF class raster"
+            f"cannot be read as a raster ({gdal_words(exc, p)})", path=p,
+            hint="pass a GeoTIFF class raster"
         ) from None
 
 
