@@ -8,7 +8,9 @@ answer's rate, as one connection to an object store is capped (requests in fligh
 wait together: the server answers each in a thread of its own).
 
 Paths under ``/status/CODE/`` answer CODE; under ``/flaky/`` the first request for each file
-answers 503 (a busy server), later ones serve the file. A folder answers with a web server's
+answers 503 (a busy server), later ones serve the file; under ``/busy-after/N/`` the first N
+requests for each file are served and every later one answers 503 (a server that became busy
+during a read). A folder answers with a web server's
 "Index of" page, or, asked with S3's ``prefix=`` query (``AWS_S3_ENDPOINT`` pointing here,
 the folders under ROOT its buckets), with S3's ListObjects XML. It runs in a process of its own, so
 that the tests' in-process CLI, holding the GIL in GDAL's reads, cannot starve it.
@@ -32,6 +34,7 @@ LATENCY_S = float(sys.argv[3]) / 1000 if len(sys.argv) > 3 else 0.0
 BYTES_PER_S = float(sys.argv[4]) * 1e6 if len(sys.argv) > 4 else 0.0
 _lock = threading.Lock()
 _seen: set[str] = set()
+_count: dict[str, int] = {}
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -56,7 +59,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self, body: bool = True) -> None:
         if LATENCY_S:
             time.sleep(LATENCY_S)
-        path = self.path.split("?", 1)[0]
+        path = asked = self.path.split("?", 1)[0]
         code = re.match(r"/status/(\d{3})/", path)
         if code:
             return self._fail(int(code.group(1)))
@@ -67,12 +70,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if first:
                 return self._fail(503)
             path = path[len("/flaky"):]
+        busy = re.match(r"/busy-after/(\d+)(/.*)", path)
+        if busy:
+            with _lock:
+                _count[path] = seen = _count.get(path, 0) + 1
+            if seen > int(busy.group(1)):
+                return self._fail(503)
+            path = busy.group(2)
         file = ROOT / unquote(path).lstrip("/")
         query = parse_qs(self.path.split("?", 1)[1]) if "?" in self.path else {}
         if file.is_dir() and "prefix" in query:
             return self._send(self._s3_listing(file, query), "application/xml", body)
         if file.is_dir() and path.endswith("/"):
-            return self._send(self._index(file, path), "text/html", body)
+            return self._send(self._index(file, asked), "text/html", body)
         if not file.is_file():
             return self._fail(404)
         size = file.stat().st_size

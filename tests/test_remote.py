@@ -24,11 +24,13 @@ from reliability_helpers import (
 )
 
 from crossearth_cli.raster.remote import (
+    RETRY_SETTINGS,
     file_name,
     file_stem,
     gdal_path,
     is_folder,
     is_remote,
+    same_object,
 )
 
 ORIGIN = from_origin(500000, 5800000, 0.5, 0.5)
@@ -98,6 +100,13 @@ def test_remote_paths_are_told_apart_and_given_to_gdal():
     assert file_name("https://host/dir/my%20scene.tif?X-Amz-Signature=abc&b=c") == "my scene.tif"
     assert file_name("/vsicurl?url=https%3A%2F%2Fh%2Fd%2Fa.tif&max_retry=3") == "a.tif"
     assert file_stem("s3://bucket/tiles/S2_T31.tif") == "S2_T31"
+    # GDAL's requests told apart by the input they are for (retry notes, busy servers)
+    assert same_object("https://b.s3.amazonaws.com/k/a.tif", "s3://b/k/a.tif")
+    assert same_object("http://endpoint:9000/b/k/a.tif", "/vsis3/b/k/a.tif")
+    assert same_object("https://h/a%20b.tif", "https://h/a b.tif?sig=1")
+    assert not same_object("https://b.s3.amazonaws.com/k/b.tif", "s3://b/k/a.tif")
+    assert not same_object("https://h/t/a.tif", "https://h/t/")
+    assert not same_object("http://endpoint/flaky/b/scene.tif", "s3://bucket/scene.tif")
 
 
 def test_query_strings_are_hidden_in_text():
@@ -199,6 +208,67 @@ def test_a_busy_server_is_asked_again(tmp_path, capfd, ckpt, server):
                      "again in 0.1 s (GDAL_HTTP_MAX_RETRY and GDAL_HTTP_RETRY_DELAY set how "
                      "often and how soon)"], err
     assert "SECRET" not in err
+
+
+def _without_notes(err: str) -> str:
+    return "\n".join(line for line in err.splitlines() if not line.startswith("note: "))
+
+
+def test_a_server_that_stays_busy_is_told_not_a_damaged_file(tmp_path, capfd, ckpt, server,
+                                                             monkeypatch):
+    """A server that starts answering 503 after N requests, for every N a run makes: the
+    open, the up-front check of the last block, or a read in the middle of the run fails.
+    GDAL's read error does not carry the status; its retries just before it do, so the line
+    says the server stayed busy, never that the file is truncated or corrupt."""
+    monkeypatch.setenv("GDAL_HTTP_MAX_RETRY", "1")
+    monkeypatch.setenv("CPL_VSIL_CURL_NON_CACHED", f"/vsicurl/{server.url}/")
+    _small_blocks(server.root / "scene.tif", random_scene(160, 160, seed=2))
+    code, _, err = cli(capfd, "segment", f"{server.url}/scene.tif", "-o", tmp_path / "ok.tif",
+                       "-c", ckpt, *OPTS)
+    assert code == 0, err
+    asked = len(server.requests())
+    assert asked >= 4, asked  # the open, the check, and reads while the run goes on
+    for n in range(1, asked):
+        url = f"{server.url}/busy-after/{n}/scene.tif"
+        code, _, err = cli(capfd, "segment", f"{url}?sig=SECRET", "-o", tmp_path / f"{n}.tif",
+                           "-c", ckpt, *OPTS)
+        line = assert_user_error(code, _without_notes(err), f"{url}?…: ",
+                                 "the server answered HTTP 503 and still did after",
+                                 "try again later; GDAL_HTTP_MAX_RETRY")
+        assert "corrupt" not in line and "SECRET" not in err, (n, err)
+        assert not (tmp_path / f"{n}.tif").exists()
+    # a folder whose listing stays busy says so too; one busy once is listed, with a note
+    (server.root / "tiles").mkdir()
+    write_tif(server.root / "tiles" / "a.tif", random_scene(64, 64, seed=3), transform=ORIGIN)
+    code, _, err = cli(capfd, "segment", f"{server.url}/status/503/tiles/", "-o",
+                       tmp_path / "out", "-c", ckpt, *OPTS)
+    assert_user_error(code, _without_notes(err), f"{server.url}/status/503/tiles/: cannot be "
+                      "listed: the "
+                      "server answered HTTP 503 and still did after 1 retry (try again later")
+    code, out, err = cli(capfd, "segment", f"{server.url}/flaky/tiles/", "-o", tmp_path / "out",
+                         "-c", ckpt, *OPTS, "--summary", tmp_path / "s.json")
+    assert code == 0, err
+    assert json.loads((tmp_path / "s.json").read_text())["done"] == ["a.tif"]
+    assert f"note: {server.url}/flaky/tiles/: the server answered HTTP 503; asking again" in err
+
+
+def test_a_busy_buckets_note_names_the_path_as_typed(tmp_path, capfd, ckpt, server,
+                                                     monkeypatch):
+    """GDAL asks S3's endpoint (here http://127.0.0.1:PORT/flaky/b/scene.tif for the bucket
+    "flaky"); the note names s3://flaky/b/scene.tif, as typed."""
+    (server.root / "b").mkdir()
+    write_tif(server.root / "b" / "scene.tif", random_scene(64, 64, seed=2), transform=ORIGIN)
+    for key, value in {"AWS_S3_ENDPOINT": server.url.removeprefix("http://"),
+                       "AWS_HTTPS": "NO", "AWS_VIRTUAL_HOSTING": "FALSE",
+                       "AWS_NO_SIGN_REQUEST": "YES"}.items():
+        monkeypatch.setenv(key, value)
+    code, _, err = cli(capfd, "segment", "s3://flaky/b/scene.tif", "-o", tmp_path / "c.tif",
+                       "-c", ckpt, *OPTS)
+    assert code == 0, err
+    assert [r["status"] for r in server.requests()][0] == 503
+    notes = [line for line in err.splitlines() if "asking again" in line]
+    assert notes == [f"note: s3://flaky/b/scene.tif: the server answered HTTP 503; asking "
+                     f"again in 0.1 s ({RETRY_SETTINGS})"], err
 
 
 def test_retry_notes_one_per_url_and_a_limit():

@@ -525,6 +525,7 @@ class _Job:
 
         from crossearth_cli.errors import UserError
         from crossearth_cli.raster.mosaic import write_input_vrt
+        from crossearth_cli.raster.reader import ReadFailed, server_busy_error
         from crossearth_cli.raster.remote import gdal_path, is_remote
 
         paths = [h.path for h in headers]
@@ -540,6 +541,11 @@ class _Job:
             try:
                 self.run_split_scene() if self.rank.world > 1 else self.run_single()
             except UserError as exc:  # name the inputs, not the temporary VRT
+                if isinstance(exc, ReadFailed):  # a tile on a server that stayed busy?
+                    for url in (p for p in paths if is_remote(p)):
+                        busy = server_busy_error(exc.what, url)
+                        if busy is not None:
+                            raise busy from exc
                 text = str(exc).replace(str(vrt), name)
                 for url in (p for p in paths if is_remote(p)):  # nor GDAL's paths for URLs
                     text = text.replace(gdal_path(url), url)

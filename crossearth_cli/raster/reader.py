@@ -182,10 +182,18 @@ def _quiet_c_stderr():
 def open_raster(path: str | Path) -> rasterio.DatasetReader:
     """Open ``path`` (a local file, or a URL: see ``raster.remote``) for reading, turning
     every failure into one clear line."""
-    from crossearth_cli.raster.remote import explain, file_name, gdal_path, is_remote
+    from crossearth_cli.raster.remote import (
+        RETRIES,
+        RETRY_SETTINGS,
+        explain,
+        file_name,
+        gdal_path,
+        is_remote,
+    )
 
     remote = is_remote(path)
     if remote:
+        RETRIES.remember(str(path))  # GDAL's retries are told by this name
         target = gdal_path(path)
     else:
         target = p = Path(path)
@@ -208,6 +216,12 @@ def open_raster(path: str | Path) -> rasterio.DatasetReader:
     except (RasterioError, CPLE_BaseError) as exc:
         if remote:  # named by the URL as given, not by GDAL's path
             what, fix = explain(without_names(str(exc), target, path).replace(target, path))
+            busy = RETRIES.busy(path)
+            if busy and what.startswith(("the server answered", "not a readable raster",
+                                         "not readable in windows")):
+                # GDAL gave up after its retries ("not recognized as a supported format"
+                # when it got no bytes at all): the server stayed busy
+                what, fix = busy, f"try again later; {RETRY_SETTINGS}"
             if what.startswith("not found") and "." not in file_name(path):
                 fix += "; a folder's URL ends with /"
         else:
@@ -264,12 +278,36 @@ def corrupt_is_input_error(path, what: str):
     try:
         yield
     except (RasterioError, CPLE_BaseError) as exc:
+        busy = server_busy_error(what, str(path))
+        if busy is not None:
+            raise busy from exc
         missing = _open_failure(exc)
         if missing:  # a VRT (or similar) whose source is gone: say so, not "corrupt"
-            raise InputError(f"{what}: it refers to a file that cannot be opened ({missing})",
-                             path=path, hint="check the paths of its sources") from exc
-        raise InputError(f"{what}: the file is truncated or corrupt", path=path,
-                         hint="copy or download it again") from exc
+            raise ReadFailed(f"{what}: it refers to a file that cannot be opened ({missing})",
+                             path=path, hint="check the paths of its sources", what=what) from exc
+        raise ReadFailed(f"{what}: the file is truncated or corrupt", path=path,
+                         hint="copy or download it again", what=what) from exc
+
+
+class ReadFailed(InputError):
+    """A read that failed: a damaged file or a VRT's missing source, as far as GDAL tells;
+    for a VRT of URLs, the caller may know better (see :func:`server_busy_error`)."""
+
+    def __init__(self, message: str, path, hint: str, what: str):
+        super().__init__(message, path=path, hint=hint)
+        self.what = what
+
+
+def server_busy_error(what: str, url: str) -> InputError | None:
+    """The error for a failed read of ``url`` right after GDAL asked its server again and
+    again: the server stayed busy (GDAL's read error does not say so; its retries did). None
+    for a local path, or a URL without recent retries."""
+    from crossearth_cli.raster.remote import RETRIES, RETRY_SETTINGS, is_remote
+
+    busy = RETRIES.busy(url) if is_remote(url) else None
+    if busy is None:
+        return None
+    return InputError(f"{what}: {busy}", path=url, hint=f"try again later; {RETRY_SETTINGS}")
 
 
 def _open_failure(exc: BaseException) -> str | None:

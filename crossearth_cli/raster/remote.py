@@ -13,6 +13,8 @@ import logging
 import os
 import re
 import threading
+import time
+import warnings
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 # URL schemes and the GDAL virtual file system that reads each
@@ -123,9 +125,17 @@ def list_folder(text: str, suffixes: tuple[str, ...]) -> list[tuple[str, str]]:
 
     folder = gdal_path(text.split("?", 1)[0])
     query = "?" + text.split("?", 1)[1] if "?" in text else ""
+    RETRIES.remember(text)
     try:
-        listed = pyogrio.vsi_listtree(folder)
+        with warnings.catch_warnings():  # GDAL's retries of a busy server, as notes
+            warnings.simplefilter("always", RuntimeWarning)
+            warnings.showwarning = _log_gdal_warning
+            listed = pyogrio.vsi_listtree(folder)
     except FileNotFoundError:  # GDAL says no more (a 404, a 403 or no server at all)
+        busy = RETRIES.busy(text)
+        if busy:
+            raise InputError(f"cannot be listed: {busy}", path=text,
+                             hint=f"try again later; {RETRY_SETTINGS}") from None
         raise InputError("not found on the server, or it cannot be listed", path=text,
                          hint="check the URL" + ("" if folder.startswith("/vsicurl") else
                                                  f"; {CREDENTIALS}")) from None
@@ -185,21 +195,120 @@ def hide_queries(text: str) -> str:
     return _QUERY.sub(lambda m: f"{m.group('url')}?…{m.group('end')}", text)
 
 
+# pyogrio gives GDAL's warnings as Python warnings; during a folder listing they are logged
+# here, where RetryNotes listens (with nothing else listening, they are dropped)
+GDAL_WARNINGS = "crossearth_cli.gdal"
+logging.getLogger(GDAL_WARNINGS).addHandler(logging.NullHandler())
+logging.getLogger(GDAL_WARNINGS).propagate = False
+
+
+def _log_gdal_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    logging.getLogger(GDAL_WARNINGS).warning(str(message))
+
+
 # GDAL's warning each time it asks a request again (one wording for /vsicurl/ and the clouds)
 _RETRY = re.compile(r"HTTP error code: (\d{3}) - (\S+)\. Retrying again in ([\d.]+) secs")
 
 
-def retry_note(message: str) -> tuple[str, str] | None:
-    """GDAL's warning that it asks a request again → (the URL, our note), or None for any
-    other message. The URL loses its query string: a signed URL's signature stays out of
-    logs."""
+RETRY_SETTINGS = "GDAL_HTTP_MAX_RETRY and GDAL_HTTP_RETRY_DELAY set how often and how soon"
+
+
+def _retry(message: str) -> tuple[int, str, float] | None:
+    """GDAL's warning that it asks a request again → (HTTP status, URL without its query,
+    seconds until it asks), or None for any other message."""
     found = _RETRY.search(message)
     if found is None:
         return None
     code, url, delay = found.groups()
+    return int(code), url.split("?", 1)[0], float(delay)
+
+
+def retry_note(message: str) -> tuple[str, str] | None:
+    """GDAL's warning that it asks a request again → (the input, our note), or None for any
+    other message. The input is named as typed where it was (``s3://bucket/key``, not the
+    service's endpoint URL GDAL asked), and without its query string: a signed URL's
+    signature stays out of logs."""
+    found = _retry(message)
+    if found is None:
+        return None
+    code, url, delay = found
+    name = RETRIES.typed(url)
+    return name, (f"{name}: the server answered HTTP {code}; asking again in {delay:g} s "
+                  f"({RETRY_SETTINGS})")
+
+
+class RetryLog:
+    """The retries GDAL made lately, by URL: a read or a listing that fails right after them
+    failed because the server stayed busy, not because the file is damaged (GDAL's read
+    error does not carry the HTTP status)."""
+
+    RECENT_S = 60.0  # GDAL's retries with our defaults take about 20 s in all
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._seen: dict[str, tuple[int, int, float]] = {}  # URL -> (status, count, when)
+        self._inputs: list[str] = []  # remote inputs as typed, without their queries
+
+    def clear(self) -> None:
+        with self._lock:
+            self._seen.clear()
+            self._inputs.clear()
+
+    def remember(self, text: str) -> None:
+        """``text`` (a remote input as typed) names GDAL's requests for it in notes."""
+        text = hide_queries(text).removesuffix("?…")
+        with self._lock:
+            if text not in self._inputs:
+                self._inputs.append(text)
+
+    def typed(self, url: str) -> str:
+        """The input GDAL's request ``url`` is for, as typed; ``url`` itself if none is
+        known. A folder's own listing matches the folder, a file in it the file."""
+        url = url.split("?", 1)[0]
+        with self._lock:
+            inputs = list(self._inputs)
+        return next((text for text in inputs if same_object(url, text)), url)
+
+    def add(self, url: str, code: int) -> None:
+        with self._lock:
+            _, count, _ = self._seen.get(url, (code, 0, 0.0))
+            self._seen[url] = (code, count + 1, time.monotonic())
+
+    def busy(self, text: str) -> str | None:
+        """What GDAL's retries for the input ``text`` (as typed) within the last
+        :attr:`RECENT_S` seconds say ("the server answered HTTP 503 and still did after 4
+        retries"), or None."""
+        now = time.monotonic()
+        with self._lock:
+            found = [(when, code, count) for url, (code, count, when) in self._seen.items()
+                     if now - when <= self.RECENT_S and same_object(url, text)]
+        if not found:
+            return None
+        _, code, count = max(found)
+        return (f"the server answered HTTP {code} and still did after {count} "
+                f"retr{'y' if count == 1 else 'ies'}")
+
+
+RETRIES = RetryLog()
+
+
+def same_object(url: str, text: str) -> bool:
+    """Whether GDAL's request ``url`` is for the input ``text`` (a URL as typed, an
+    ``s3://``-style path or a GDAL path): a web URL is the same URL; a bucket's object is asked
+    for at its service's endpoint, whose path ends with the object's key."""
     url = url.split("?", 1)[0]
-    return url, (f"{url}: the server answered HTTP {code}; asking again in {float(delay):g} s "
-                 "(GDAL_HTTP_MAX_RETRY and GDAL_HTTP_RETRY_DELAY set how often and how soon)")
+    plain = _plain(text).split("?", 1)[0]
+    plain = plain[len("/vsicurl/"):] if plain.startswith("/vsicurl/") else plain
+    if re.match(r"(?i)(https?|ftp)://", plain):
+        return url in (plain, _escaped(plain))
+    names = _segments(text)  # scheme (or file system), bucket, key...
+    if len(names) < 3:
+        return False
+    bucket, key = names[1], "/".join(names[2:])
+    parts = urlsplit(url)
+    path = unquote(parts.path).rstrip("/")
+    return path.endswith(f"/{bucket}/{key}") or (  # path style, or the bucket's own host
+        parts.netloc.startswith(bucket + ".") and path == "/" + key)
 
 
 class RetryNotes(logging.Handler):
@@ -208,8 +317,9 @@ class RetryNotes(logging.Handler):
     after :attr:`LIMIT` URLs one line saying that more are not shown."""
 
     LIMIT = 5
-    # where rasterio logs GDAL's warnings: on open (_env), and during reads (_err)
-    LOGGERS = ("rasterio._env", "rasterio._err")
+    # where rasterio logs GDAL's warnings: on open (_env), and during reads (_err); and
+    # where we log those pyogrio gives as Python warnings (folder listings)
+    LOGGERS = ("rasterio._env", "rasterio._err", GDAL_WARNINGS)
 
     def __init__(self, show) -> None:
         super().__init__(logging.WARNING)
@@ -219,12 +329,14 @@ class RetryNotes(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            found = retry_note(record.getMessage())
+            message = record.getMessage()
+            parsed = _retry(message)
         except Exception:  # noqa: BLE001 - a log record we cannot read is not our business
             return
-        if found is None:
+        if parsed is None:
             return
-        url, text = found
+        RETRIES.add(parsed[1], parsed[0])
+        url, text = retry_note(message)
         with self._lock:
             if url in self.urls:
                 return
@@ -237,6 +349,7 @@ class RetryNotes(logging.Handler):
                       f"after the first {self.LIMIT}")
 
     def __enter__(self) -> RetryNotes:
+        RETRIES.clear()  # a new run: earlier runs' retries (library use, tests) say nothing
         for name in self.LOGGERS:
             logging.getLogger(name).addHandler(self)
         return self
