@@ -315,10 +315,11 @@ def test_debug_shows_the_traceback(tmp_path, capfd, ckpt):
     args = ("segment", tmp_path / "missing.tif", "-c", ckpt)
     code, _, err = cli(capfd, *args)
     assert_user_error(code, err, "missing.tif", "no such file")
-    code, _, err = cli(capfd, "--debug", *args)
-    assert code == 2
-    assert "Traceback (most recent call last)" in err and "InputError" in err
-    assert error_lines(err)[-1].startswith("crossearth: error: ")
+    for debug in (("--debug", *args), (*args, "--debug")):  # before the command, or anywhere
+        code, _, err = cli(capfd, *debug)
+        assert code == 2
+        assert "Traceback (most recent call last)" in err and "InputError" in err
+        assert error_lines(err)[-1].startswith("crossearth: error: ")
     proc = run_cli(*args, env=real_env(CROSSEARTH_DEBUG="1"))
     assert proc.returncode == 2 and "Traceback" in proc.stderr
 

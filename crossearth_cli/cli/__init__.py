@@ -205,6 +205,8 @@ def main(argv: list[str] | None = None) -> None:
     """Run the CLI and exit: 0 done, 1 some files of a batch failed, 2 usage or input error,
     130 Ctrl-C, 143 SIGTERM."""
     args = sys.argv[1:] if argv is None else list(argv)
+    if "--debug" in args:  # anywhere: "please report it with --debug" gets it added last
+        args = ["--debug", *(a for a in args if a != "--debug")]
     debug = "--debug" in args or os.environ.get("CROSSEARTH_DEBUG") == "1"
     if not debug:
         # GDAL prints warnings about odd files ("Warning 1: TIFFReadDirectory...") straight to
