@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -661,6 +663,52 @@ def test_files_on_a_slow_server_are_opened_side_by_side(tmp_path, capfd, ckpt):
             first.setdefault(r["path"], r["t"])
     assert len(first) == 6
     assert max(first.values()) - min(first.values()) < 0.5, first  # not 5 × 0.2 s
+
+
+def test_a_stop_while_checking_a_remote_folder_is_told(tmp_path, capfd, ckpt):
+    """A rerun over URLs on a server 0.3 s away spends its first seconds fetching their
+    fingerprints; SIGTERM then says so and writes --summary (all under not_run), and the next
+    rerun skips them all."""
+    (tmp_path / "www").mkdir()
+    for i in range(4):
+        write_tif(tmp_path / "www" / f"t{i}.tif", random_scene(32, 32, seed=i), transform=ORIGIN)
+    log = tmp_path / "requests.jsonl"
+    server = subprocess.Popen([sys.executable, str(Path(__file__).with_name("range_server.py")),
+                               tmp_path / "www", log, "300"], stdout=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{int(server.stdout.readline())}"
+        summary = tmp_path / "s.json"
+        args = ["segment", *(f"{url}/t{i}.tif" for i in range(4)), "-o", tmp_path / "out",
+                "-c", ckpt, *OPTS, "--summary", summary]
+        code, _, err = cli(capfd, *args)
+        assert code == 0, err
+        asked = len(log.read_text().splitlines())
+        proc = subprocess.Popen([sys.executable, "-m", "crossearth_cli", *map(str, args)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=real_env())
+        try:
+            deadline = time.time() + 120
+            while len(log.read_text().splitlines()) == asked:  # its first fingerprint request
+                assert proc.poll() is None and time.time() < deadline, proc.communicate()
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode == 143 and "Traceback" not in err, err
+        assert (f"note: stopped (SIGTERM) while checking which of 4 file(s) an earlier run "
+                f"finished: none was run; the same command again does the work (--summary "
+                f"{summary} lists the files not run under not_run)") in err, err
+        data = json.loads(summary.read_text())
+        assert data["interrupted"] == "SIGTERM" and data["done"] == [], data
+        assert data["not_run"] == [f"t{i}.tif" for i in range(4)], data
+        code, _, err = cli(capfd, *args)
+        assert code == 0, err
+        assert json.loads(summary.read_text())["files_skipped"] == 4
+    finally:
+        server.kill()
+        server.wait()
 
 
 def test_torchrun_over_a_remote_folder_and_a_remote_scene(tmp_path, capfd, ckpt, server):

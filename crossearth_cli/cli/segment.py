@@ -617,7 +617,6 @@ class _Job:
             Manifest,
             check_output_names,
             expand_inputs,
-            settings_hash,
             split_for_rank,
         )
         from crossearth_cli.errors import ConfigError
@@ -649,12 +648,6 @@ class _Job:
         taken = [manifest.path] + [it.path for it in items]
         taken += [p for it in items for p in it.outputs(outdir, kinds).values()]
         self.check_reports(taken, single=False)
-        if self._shared_range():  # every stretch depends on every input, URLs' included
-            manifest.fetch_fingerprints(items)
-        key = settings_hash(self.request_key(kinds, items, manifest))
-        rasters = [kind for kind in kinds if kind != "vector"]
-        raster_key = (settings_hash(self.request_key(rasters, items, manifest))
-                      if "vector" in kinds else None)
         from crossearth_cli.engine import validate_settings
         from crossearth_cli.raster.writer import ensure_writable_folder, lock_output
 
@@ -664,20 +657,40 @@ class _Job:
         # alike take the folder's own manifest lock (a job's ranks share it), ranks their own
         for path in dict.fromkeys((Manifest.path_for(outdir), manifest.path)):
             lock_output(path)
+        try:  # over the network this takes a while (fingerprints): a stop here is told too
+            todo, keys, vectors_only = self.folder_todo(items, outdir, kinds, manifest)
+        except KeyboardInterrupt as exc:
+            if rank.world == 1:
+                self.report_interrupted(exc, BatchResult(), items, items, outdir, manifest,
+                                        checking=True)
+            raise
+        if not todo:  # every rank sees the same manifests: nothing to load, nothing to run
+            total = BatchResult(skipped=[manifest.key(it) for it in items])
+            return self.report_folder(total, items, outdir)
+        return self.run_folder_work(items, todo, outdir, kinds, keys, manifest,
+                                    split_for_rank(items, rank.rank, rank.world),
+                                    set(vectors_only))
+
+    def folder_todo(self, items, outdir: Path, kinds, manifest) -> tuple[list, tuple, list]:
+        """(the inputs to run, their resume keys (all outputs; rasters alone, with --vector),
+        the keys of those whose rasters are current and need only their GeoPackage)."""
+        from crossearth_cli.batch import settings_hash
+
+        if self._shared_range():  # every stretch depends on every input, URLs' included
+            manifest.fetch_fingerprints(items)
+        key = settings_hash(self.request_key(kinds, items, manifest))
+        rasters = [kind for kind in kinds if kind != "vector"]
+        raster_key = (settings_hash(self.request_key(rasters, items, manifest))
+                      if "vector" in kinds else None)
         if not self.overwrite:  # URLs that ran before: their fingerprints, fetched side by side
             manifest.fetch_fingerprints(manifest.finished_before(items, key, raster_key))
         todo = [it for it in items
                 if self.overwrite or not manifest.is_current(it, key, it.outputs(outdir, kinds))]
-        if not todo:  # every rank sees the same manifests: nothing to load, nothing to run
-            total = BatchResult(skipped=[manifest.key(it) for it in items])
-            return self.report_folder(total, items, outdir)
         # rasters current, the GeoPackage missing or made with other options: only that
         vectors_only = [] if raster_key is None or self.overwrite else [
             manifest.key(it) for it in todo
             if manifest.rasters_current(it, raster_key, it.outputs(outdir, rasters))]
-        return self.run_folder_work(items, todo, outdir, kinds, (key, raster_key), manifest,
-                                    split_for_rank(items, rank.rank, rank.world),
-                                    set(vectors_only))
+        return todo, (key, raster_key), vectors_only
 
     def run_folder_work(self, items, todo, outdir, kinds, keys, manifest, mine,
                         vectors_only: set[str]) -> int:
@@ -850,10 +863,12 @@ class _Job:
             extra["not_given"] = self.not_given
         return extra
 
-    def report_interrupted(self, exc, result, items, todo, outdir: Path, manifest) -> None:
+    def report_interrupted(self, exc, result, items, todo, outdir: Path, manifest,
+                           checking: bool = False) -> None:
         """A folder run stopped by Ctrl-C or SIGTERM (one process): the files finished by then
         keep their outputs and manifest records; this says how far it got, and --summary is
-        written, marked ``interrupted``, for the script or scheduler that started it."""
+        written, marked ``interrupted``, for the script or scheduler that started it.
+        ``checking``: stopped while finding which files are done, before any ran."""
         from crossearth_cli import distributed as dist
 
         keys = [manifest.key(it) for it in todo]
@@ -864,10 +879,14 @@ class _Job:
             result.skipped = [k for k in map(manifest.key, items) if k not in todo_keys]
         name = getattr(exc, "signal_name", "SIGINT")
         failed = f", {len(result.failed)} failed" if result.failed else ""
-        note(f"stopped ({name}) after {len(result.done)} of {len(todo)} file(s){failed}: "
-             "their outputs are kept; the same command again does the rest"
-             + (f" (--summary {self.summary} lists the files not run under not_run)"
-                if self.summary else ""))
+        told = (f" (--summary {self.summary} lists the files not run under not_run)"
+                if self.summary else "")
+        if checking:
+            note(f"stopped ({name}) while checking which of {len(todo)} file(s) an earlier run "
+                 f"finished: none was run; the same command again does the work{told}")
+        else:
+            note(f"stopped ({name}) after {len(result.done)} of {len(todo)} file(s){failed}: "
+                 f"their outputs are kept; the same command again does the rest{told}")
         if self.summary:
             try:
                 dist.summary_json(self.summary, {**result.as_dict(), "ranks": 1,
