@@ -307,6 +307,28 @@ class Manifest:
         rasters = {kind for kind in rec.outputs if kind != "vector"}
         return rasters == set(outputs) and self._unchanged(rec, item, outputs)
 
+    def made_with_more(self, item: BatchInput, kinds: list[str], key_for) -> bool:
+        """An earlier run made ``kinds`` of this input and more outputs besides, under the
+        settings these give: ``key_for(kinds)`` is the resume key of the settings now for
+        ``kinds`` (the record's rasters alone are compared too, so dropping --vector matches
+        whatever its options were)."""
+        rec = self.records.get(self.key(item))
+        if rec is None or rec.status != "done" or not set(kinds) < set(rec.outputs):
+            return False
+        made = [k for k in OUTPUT_SUFFIXES if k in rec.outputs]  # in the runs' own order
+        if key_for(made) == rec.settings:
+            return True
+        rasters = [k for k in made if k != "vector"]
+        return ("vector" not in kinds and rec.raster_settings is not None
+                and set(kinds) <= set(rasters) and key_for(rasters) == rec.raster_settings)
+
+    def current_with_more(self, item: BatchInput, kinds: list[str], key_for,
+                          outputs: dict[str, Path]) -> bool:
+        """:meth:`made_with_more`, and the input and ``outputs`` are as that run left them: a
+        rerun that asks for fewer outputs has nothing to do for this input."""
+        return self.made_with_more(item, kinds, key_for) and self._unchanged(
+            self.records[self.key(item)], item, outputs)
+
     def _unchanged(self, rec: Record, item: BatchInput, outputs: dict[str, Path]) -> bool:
         """The input is the one ``rec`` was made from, and ``outputs`` are as it left them."""
         try:

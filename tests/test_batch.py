@@ -546,6 +546,55 @@ def _layers(gpkg: Path) -> dict:
             for name, _ in pyogrio.list_layers(gpkg)}
 
 
+def test_a_rerun_asking_for_fewer_outputs_has_nothing_to_do(tmp_path, capfd, ckpt,
+                                                            monkeypatch):
+    """--confidence or --vector (with its options) dropped on a rerun: the files an earlier
+    run made with these settings and more outputs are done; no model is loaded, nothing is
+    rewritten, and the other outputs are left. A changed setting still redoes them."""
+    from reliability_helpers import cli
+
+    from crossearth_cli.cli.segment import _Job
+
+    tiles = tmp_path / "tiles"
+    tiles.mkdir()
+    for name, seed in (("a", 1), ("b", 2)):
+        write_tif(tiles / f"{name}.tif", random_scene(96, 80, seed=seed))
+    out = tmp_path / "out"
+    base = ("segment", tiles, "-c", ckpt, "--tile", "48", "-o", out)
+    code, _, err = cli(capfd, *base, "--confidence", "auto", "--vector", "auto",
+                       "--vector-min-area", "5")
+    assert code == 0, err
+    made = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(_Job, "load_model", no_model)
+    summary = tmp_path / "s.json"
+    for fewer, more in ((["--confidence", "auto"], "vector"), ([], "confidence, vector"),
+                        (["--vector", "auto", "--vector-min-area", "5"], "confidence")):
+        code, _, err = cli(capfd, *base, *fewer, "--summary", summary)
+        assert code == 0, err
+        assert (f"note: 2 file(s) were made by an earlier run with these settings and more "
+                f"outputs ({more}): nothing to do for them, and those outputs are left as they "
+                "are") in " ".join(err.split()), err
+        data = json.loads(summary.read_text())
+        assert data["skipped"] == ["a.tif", "b.tif"] and data["files_done"] == 0, data
+        assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()
+                if p.name != "crossearth-manifest.jsonl"} == {
+            k: v for k, v in made.items() if k != "crossearth-manifest.jsonl"}
+    code, _, err = cli(capfd, *base, "--confidence", "auto", "--vector", "auto",
+                       "--vector-min-area", "5", "--summary", summary)  # the first command
+    assert code == 0 and json.loads(summary.read_text())["files_skipped"] == 2, err
+    assert "more outputs" not in err
+    # fewer outputs, but another vector option or setting: they are made again
+    monkeypatch.undo()
+    for other in (["--vector", "auto", "--vector-min-area", "7"], ["--tile", "64"]):
+        code, _, err = cli(capfd, *base, *other, "--summary", summary)
+        assert code == 0 and json.loads(summary.read_text())["files_done"] == 2, err
+        assert "more outputs" not in err
+
+
 def test_vectors_added_or_changed_later_are_made_from_the_rasters(tmp_path, capfd, ckpt,
                                                                   monkeypatch):
     """--vector added on a rerun (or its --vector-min-area changed, or a run stopped while

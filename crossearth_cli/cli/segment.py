@@ -673,19 +673,49 @@ class _Job:
 
     def folder_todo(self, items, outdir: Path, kinds, manifest) -> tuple[list, tuple, list]:
         """(the inputs to run, their resume keys (all outputs; rasters alone, with --vector),
-        the keys of those whose rasters are current and need only their GeoPackage)."""
-        from crossearth_cli.batch import settings_hash
+        the keys of those whose rasters are current and need only their GeoPackage). Inputs
+        an earlier run made with these settings and more outputs are done: they are not
+        among those to run (their other outputs are left as they are)."""
+        import functools
+
+        from crossearth_cli.batch import OUTPUT_SUFFIXES, settings_hash
 
         if self._shared_range():  # every stretch depends on every input, URLs' included
             manifest.fetch_fingerprints(items)
-        key = settings_hash(self.request_key(kinds, items, manifest))
+
+        @functools.cache
+        def key_for(some: tuple[str, ...]) -> str:
+            return settings_hash(self.request_key(list(some), items, manifest))
+
+        def key_of(some: list[str]) -> str:
+            return key_for(tuple(some))
+
+        key = key_of(kinds)
         rasters = [kind for kind in kinds if kind != "vector"]
-        raster_key = (settings_hash(self.request_key(rasters, items, manifest))
-                      if "vector" in kinds else None)
+        raster_key = key_of(rasters) if "vector" in kinds else None
         if not self.overwrite:  # URLs that ran before: their fingerprints, fetched side by side
-            manifest.fetch_fingerprints(manifest.finished_before(items, key, raster_key))
-        todo = [it for it in items
-                if self.overwrite or not manifest.is_current(it, key, it.outputs(outdir, kinds))]
+            manifest.fetch_fingerprints(
+                manifest.finished_before(items, key, raster_key)
+                + [it for it in items if manifest.made_with_more(it, kinds, key_of)])
+
+        fewer = []  # made before with more outputs
+
+        def current(it) -> bool:
+            outs = it.outputs(outdir, kinds)
+            if manifest.is_current(it, key, outs):
+                return True
+            if manifest.current_with_more(it, kinds, key_of, outs):
+                fewer.append(it)
+                return True
+            return False
+
+        todo = [it for it in items if self.overwrite or not current(it)]
+        if fewer and self.rank.rank == 0:
+            more = sorted({k for it in fewer for k in manifest.records[manifest.key(it)].outputs}
+                          - set(kinds), key=list(OUTPUT_SUFFIXES).index)
+            note(f"{len(fewer)} file(s) were made by an earlier run with these settings and "
+                 f"more outputs ({', '.join(more)}): nothing to do for them, and those outputs "
+                 "are left as they are")
         # rasters current, the GeoPackage missing or made with other options: only that
         vectors_only = [] if raster_key is None or self.overwrite else [
             manifest.key(it) for it in todo
@@ -703,6 +733,9 @@ class _Job:
         dist.init(rank)
         device = dist.device_for(rank, self.device)
         result = BatchResult()
+        todo_keys = {manifest.key(it) for it in todo}
+        result.skipped += [k for k in map(manifest.key, mine) if k not in todo_keys]
+        mine = [it for it in mine if manifest.key(it) in todo_keys]
         try:
             if vectors_only and rank.rank == 0:
                 note(f"--vector: {len(vectors_only)} file(s) keep their rasters from an earlier "
@@ -712,8 +745,6 @@ class _Job:
             if mine_derived:
                 self.vectors_from_rasters(mine_derived, outdir, kinds, keys, manifest, result)
             if len(vectors_only) == len(todo):  # no file needs the model: none is loaded
-                todo_keys = {manifest.key(it) for it in todo}
-                result.skipped += [k for k in map(manifest.key, mine) if k not in todo_keys]
                 return self.finish_folder(result, items, outdir)
             mine = [it for it in mine if manifest.key(it) not in vectors_only]
             spec = self.load_model(device)
