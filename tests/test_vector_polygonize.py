@@ -51,7 +51,7 @@ def read_all(path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.concatenate(geoms), np.concatenate(cls).astype(np.int64), np.concatenate(area)
 
 
-def assert_same_polygons(got, got_cls, ref, ref_cls):
+def assert_same_polygons(got, got_cls, ref, ref_cls, vertices: bool = True):
     assert len(got) == len(ref), (len(got), len(ref))
     for c in np.unique(ref_cls):
         a, b = got[got_cls == c], ref[ref_cls == c]
@@ -62,6 +62,8 @@ def assert_same_polygons(got, got_cls, ref, ref_cls):
         a, b = a[ka], b[kb]
         assert shapely.equals(a, b).all()
         assert shapely.area(shapely.symmetric_difference(a, b)).max() == 0.0
+        if vertices:  # vertex for vertex (up to where rings start): none added at seams
+            assert shapely.equals_exact(shapely.normalize(a), shapely.normalize(b), 0).all()
 
 
 def run(tmp_path, arr, window, connectivity=4, classes=None, **kw):
@@ -97,7 +99,8 @@ def test_windowed_equals_whole_raster(tmp_path, seed, h, w, n_classes, sigma, wi
     out = run(tmp_path, arr, window, connectivity)
     got, got_cls, got_area = read_all(out)
     ref, ref_cls = whole_raster_polygons(arr, selected, connectivity)
-    assert_same_polygons(got, got_cls, ref, ref_cls)
+    # under 8-connectivity the reference is made valid (make_valid), so vertices may differ
+    assert_same_polygons(got, got_cls, ref, ref_cls, vertices=connectivity == 4)
     assert shapely.is_valid(got).all()
     # Nothing simplified: total area per class is exactly pixel count × pixel area.
     for c in selected:
@@ -119,7 +122,7 @@ def test_seams_through_long_objects_and_corners(tmp_path, connectivity):
     out = run(tmp_path, arr, 16, connectivity, classes=["building", "road", "tree"])
     got, got_cls, _ = read_all(out)
     ref, ref_cls = whole_raster_polygons(arr, [1, 2, 3], connectivity)
-    assert_same_polygons(got, got_cls, ref, ref_cls)
+    assert_same_polygons(got, got_cls, ref, ref_cls, vertices=connectivity == 4)
     roads = got[got_cls == 2]
     assert len(roads) == 1  # the cross is one polygon, not 36 window pieces
 

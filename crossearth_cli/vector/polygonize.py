@@ -252,6 +252,10 @@ class SeamMerger:
             exact[k] = _union(g.exact, self.connectivity)
             if out is not None:
                 out[k] = _union(g.out, self.connectivity)
+        # a union keeps a vertex where each seam crossed a straight edge; GDAL's polygonizer
+        # makes none there (tolerance 0 drops exactly those: points on their neighbours' line)
+        exact = _without_seam_vertices(exact)
+        out = None if out is None else _without_seam_vertices(out)
         return MergedGroups(
             class_id=np.fromiter((g.class_id for g in done), dtype=np.int64, count=n),
             exact=exact,
@@ -263,6 +267,10 @@ class SeamMerger:
     @property
     def pending_count(self) -> int:
         return len(self.pending)
+
+
+def _without_seam_vertices(geoms: np.ndarray) -> np.ndarray:
+    return np.asarray(shapely.simplify(geoms, 0.0), dtype=object) if len(geoms) else geoms
 
 
 def _union(parts: list, connectivity: int = 4):
