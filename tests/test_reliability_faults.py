@@ -311,6 +311,26 @@ def test_out_of_memory_elsewhere_is_one_line(tmp_path, capfd, ckpt, monkeypatch)
 # -- how errors read ---------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("args, named", [
+    (["segment", ""], 'an empty argument ("")'),
+    (["segment", "scene.tif", "--aoi", ""], '--aoi is empty ("")'),
+    (["segment", "scene.tif", "--aoi="], '--aoi is empty ("")'),
+    (["segment", "scene.tif", "-o", ""], '-o is empty ("")'),
+    (["vectorize", "scene.tif", "--confidence", "", "-o", "v.gpkg"],
+     '--confidence is empty ("")'),
+])
+def test_an_empty_argument_is_refused_not_taken_for_the_current_folder(
+        tmp_path, capfd, ckpt, monkeypatch, args, named):
+    """``--aoi "$AOI"`` with AOI unset: Typer reads "" as ".", the current folder, whose
+    rasters would all be segmented (or whose Shapefiles taken for the AOI)."""
+    write_tif(tmp_path / "scene.tif", random_scene(64, 64))
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(tmp_path)
+    code, _, err = cli(capfd, *args, "-c", ckpt) if args[0] == "segment" else cli(capfd, *args)
+    assert_user_error(code, err, named, "an unset shell variable?")
+    assert_nothing_written(tmp_path, before)
+
+
 def test_debug_shows_the_traceback(tmp_path, capfd, ckpt):
     args = ("segment", tmp_path / "missing.tif", "-c", ckpt)
     code, _, err = cli(capfd, *args)

@@ -575,6 +575,8 @@ def test_inputs_are_checked_before_any_work(tmp_path, capfd, ckpt, scene):
          "matches no files"),
         (("segment", tiles, "-o", tiles) + base, "every input is inside the output folder"),
         (("segment", scene, "-o", tmp_path / "x.tif", "--overlap", "nan") + base, "--overlap"),
+        (("segment", scene, "-o", tmp_path / "x.tif", "--overlap", "1.5") + base,
+         "--overlap 1.5: give a fraction of the tile below 1 (0.33) or whole pixels (171)"),
         (("segment", scene, "-o", tmp_path / "x.tif", "--range", "0,inf") + base, "finite"),
         (("segment", scene, "-o", tmp_path / "x.tif", "--range", "5,1") + base,
          "--range '5,1': each maximum must exceed its minimum"),

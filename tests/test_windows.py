@@ -90,6 +90,8 @@ def test_stride_from_overlap():
     assert stride_from_overlap(512, 171) == 341
     with pytest.raises(ValueError):
         stride_from_overlap(512, 512)
+    with pytest.raises(ValueError, match="whole pixels"):  # 1.5 is neither: not 2 px silently
+        stride_from_overlap(512, 1.5)
 
 
 def test_column_stripes_cover_the_width_once_with_block_aligned_edges():

@@ -124,9 +124,26 @@ def _click_exceptions():
     return module.ClickException, getattr(module, "Abort", None) or typer.Abort
 
 
+def empty_argument(args: list[str]) -> UserError | None:
+    """An empty argument (``--aoi "$AOI"`` with AOI unset) is refused: as a path it would be
+    the current folder (Typer reads "" as "."), so a script's typo would segment everything
+    under it, or take its Shapefiles for the AOI."""
+    for i, arg in enumerate(args):
+        option = arg.split("=", 1)[0] if arg.startswith("--") and "=" in arg else None
+        if arg == "" or (option and arg == option + "="):
+            after = option or (args[i - 1] if i and args[i - 1].startswith("-") else None)
+            return UserError(f'{after or "an argument"} is empty ("")' if option or after else
+                             'an empty argument ("")',
+                             hint="an unset shell variable? give a value, or leave it out")
+    return None
+
+
 def _run(args: list[str], debug: bool, signals: _Signals) -> int:
     click_exception, click_abort = _click_exceptions()
     try:
+        empty = empty_argument(args)
+        if empty is not None:
+            raise empty
         rv = app(args=args, prog_name="crossearth", standalone_mode=False)
     except UserError as exc:
         if debug:

@@ -8,6 +8,7 @@ share the files, or split a single scene into row bands that are merged at the e
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import typer
@@ -142,9 +143,10 @@ def segment_command(
 
     if stride is not None and overlap is not None:
         raise ConfigError("give --stride or --overlap, not both")
-    if overlap is not None and not overlap >= 0:  # NaN too; the tile is known only later
-        raise ConfigError(f"--overlap {overlap}: give a fraction of the tile (0.33) or pixels "
-                          "(171)")
+    if overlap is not None and not (0 <= overlap < 1 or (
+            math.isfinite(overlap) and overlap == int(overlap))):  # NaN too
+        raise ConfigError(f"--overlap {overlap:g}: give a fraction of the tile below 1 (0.33) "
+                          "or whole pixels (171)")
     if not vector_min_area >= 0:  # NaN too
         raise ConfigError(f"--vector-min-area must be ≥ 0 m², not {vector_min_area}")
     if vector_min_area > 0 and vector is None:

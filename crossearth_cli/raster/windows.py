@@ -109,8 +109,9 @@ def tile_weights(
 
 def stride_from_overlap(tile: int, overlap: float) -> int:
     """Stride for an overlap given as a fraction of the tile (0.33) or in pixels (171)."""
-    if not math.isfinite(overlap) or overlap < 0:
-        raise ValueError("overlap must be a fraction of the tile (0.33) or pixels (171)")
+    if not math.isfinite(overlap) or overlap < 0 or (overlap >= 1 and overlap != int(overlap)):
+        raise ValueError("overlap must be a fraction of the tile below 1 (0.33) or whole pixels "
+                         "(171)")
     px = overlap * tile if overlap < 1 else overlap
     stride = tile - int(round(px))
     if stride < 1:
