@@ -31,6 +31,17 @@ _EPS = 1e-12
 _EMIT_COLUMNS = 2048  # columns classified at a time on the CPU (bounds the temporaries)
 
 
+def class_sum(scores: torch.Tensor) -> torch.Tensor:
+    """``scores.sum(dim=0)`` (C×h×w → h×w), added class after class. ``sum`` may add in
+    another order for the last columns of a row than for the others (vectorized body, scalar
+    tail), so a pixel's total could differ in its last bit with the width of the window it
+    was computed in: an AOI's probabilities differed from the whole scene's by 1.2e-7."""
+    total = scores[0].clone()
+    for c in range(1, scores.shape[0]):
+        total += scores[c]
+    return total
+
+
 @dataclass
 class FinishedRows:
     """Final rows ``y .. y + classes.shape[0]`` of the scene, full width.
@@ -141,6 +152,7 @@ class RowBandAccumulator:
             self.scores[:, rows, cols] += scores
         else:
             # probabilities times the taper in one pass: s * (w / sum_c s), no C×h×w temporary
+            # (a whole tile, the same in every run: torch's sum is safe here, see class_sum)
             factor = self._tile_weight(tile) / scores.sum(dim=0).clamp_min_(_EPS)
             self.scores[:, rows, cols].addcmul_(scores, factor)
         if valid is not None:
@@ -250,7 +262,7 @@ class RowBandAccumulator:
         conf = p = None
         if not (self.want_confidence or self.want_probabilities):
             return classes, conf, p
-        total = scores.sum(dim=0).clamp_min_(_EPS)
+        total = class_sum(scores).clamp_min_(_EPS)
         if self.want_confidence:
             conf = (top / total).mul_(255.0).round_().clamp_(1, 255).to(torch.uint8)
             conf.masked_fill_(~valid, CONFIDENCE_NODATA)
