@@ -242,6 +242,31 @@ def test_segment_aoi_from_a_geopackage_and_the_summary(tmp_path, capfd, ckpt):
     assert total.buffer(-1).within(poly)  # polygons only inside the AOI
 
 
+def test_a_geojson_in_metres_without_a_crs_member(tmp_path, capfd, ckpt):
+    """GeoJSON without "crs" is read as longitude/latitude (RFC 7946). Coordinates that
+    cannot be degrees say so and point to --aoi-crs, which then names their CRS (before, the
+    first run said the AOI holds no pixel, and --aoi-crs that the file has its own CRS)."""
+    src = write_tif(tmp_path / "s.tif", random_scene(120, 160, seed=9))
+    with rasterio.open(src) as ds:
+        t = ds.transform
+    poly = _pixel_polygon(t, [(10, 10), (90, 20), (40, 100)])
+    aoi = tmp_path / "area.geojson"
+    aoi.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "properties": {}, "geometry": shapely.geometry.mapping(poly)}]}))
+    before = snapshot(tmp_path)
+    code, _, err = cli(capfd, "segment", src, "-c", ckpt, "-o", tmp_path / "o.tif", "--aoi",
+                       aoi)
+    assert_user_error(code, err, f"--aoi {aoi}: its coordinates reach 5,799,995, which no "
+                      "longitude or latitude does, yet its CRS is EPSG:4326",
+                      "give --aoi-crs with the CRS they are in")
+    assert_nothing_written(tmp_path, before)
+    code, _, err = cli(capfd, "segment", src, "-c", ckpt, "-o", tmp_path / "o.tif", "--aoi",
+                       aoi, "--aoi-crs", "EPSG:32631", "--summary", tmp_path / "run.json")
+    assert code == 0, err
+    window = json.loads((tmp_path / "run.json").read_text())["window"]
+    assert window == {"col_off": 10, "row_off": 10, "width": 80, "height": 90}
+
+
 @pytest.mark.parametrize("args, needles", [
     (["--aoi", "1,2,3"], ["--aoi 1,2,3", "not a box"]),
     (["--aoi", "5,5,1,1"], ["W < E"]),

@@ -107,7 +107,7 @@ def read_aoi_file(path: Path | str, crs: CRS | None = None, name: str | None = N
         parts: dict[str, tuple[CRS | None, list]] = {}
         for layer in layers:
             meta, _, wkb, _ = pyogrio.raw.read(path, layer=layer, columns=[])
-            layer_crs = _layer_crs(name, layer, meta.get("crs"), crs)
+            layer_crs = _layer_crs(name, layer, meta.get("crs"), crs, _beyond_degrees(wkb))
             key = layer_crs.to_wkt() if layer_crs else ""
             parts.setdefault(key, (layer_crs, []))[1].extend(
                 g for g in wkb if g is not None)
@@ -133,10 +133,34 @@ def read_aoi_file(path: Path | str, crs: CRS | None = None, name: str | None = N
     return AreaOfInterest(tuple(groups), label or Path(path).name)
 
 
-def _layer_crs(path: Path, layer: str, found: str | None, given: CRS | None) -> CRS | None:
+def _beyond_degrees(wkb) -> float | None:
+    """The coordinate furthest past what longitudes (±180) and latitudes (±90) reach, or
+    None when every coordinate could be one."""
+    geoms = shapely.from_wkb(np.asarray([g for g in wkb if g is not None], dtype=object))
+    if not len(geoms):
+        return None
+    w, s, e, n = shapely.total_bounds(geoms)
+    if max(abs(w), abs(e)) <= 180 and max(abs(s), abs(n)) <= 90:
+        return None
+    return float(max(abs(w), abs(e), abs(s), abs(n)))
+
+
+def _layer_crs(path: Path, layer: str, found: str | None, given: CRS | None,
+               beyond: float | None = None) -> CRS | None:
+    """The CRS of one layer: its own, else ``given`` (--aoi-crs). A layer said to be in
+    degrees (GeoJSON without a "crs" member always is, RFC 7946) whose coordinates cannot be
+    degrees (``beyond``) takes ``given``, or is refused."""
     if not found:
         return given
     layer_crs = parse_crs(found, f"{path} (layer {layer}):")
+    if beyond is not None and layer_crs.is_geographic:
+        if given is not None:
+            return given
+        raise ConfigError(
+            f"--aoi {path}: its coordinates reach {beyond:,.0f}, which no longitude or "
+            f"latitude does, yet its CRS is {layer_crs.to_string()} (GeoJSON without a \"crs\" "
+            "member is read as longitude/latitude, RFC 7946)",
+            hint="give --aoi-crs with the CRS they are in, e.g. --aoi-crs EPSG:32631")
     if given is not None and given != layer_crs:
         raise ConfigError(f"--aoi {path} has its own CRS ({layer_crs.to_string()}): "
                           "--aoi-crs is for a box or a file without one",
