@@ -480,8 +480,13 @@ def validate_settings(settings: SegmentSettings) -> None:
                 f"{p}: the rasters written are GeoTIFFs, not {Path(p).suffix} files",
                 hint="give the output a .tif name",
             )
-    if len({str(Path(p).resolve()) for p in outs}) != len(outs):
-        raise ConfigError("two outputs share one path", hint="give each output its own name")
+    seen: set[str] = set()
+    for p in outs:
+        key = str(Path(p).resolve())
+        if key in seen:
+            raise ConfigError(f"two outputs share one path: {p}",
+                              hint="give each output its own name")
+        seen.add(key)
 
 
 def check_outputs(settings: SegmentSettings, job: tuple[int, int] | None = None) -> None:

@@ -57,6 +57,12 @@ def test_vectorize_writes_layers(tmp_path, raster):
     assert (fields[2] >= 1.0).all()  # --min-area applied, in m²
 
 
+def test_a_missing_output_folder_is_made(tmp_path, raster):
+    out = tmp_path / "new" / "folder" / "out.gpkg"
+    proc = cli(raster, "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    assert out.exists() and pyogrio.list_layers(out).size
+
 def test_float_raster_is_refused(tmp_path):
     src = write_class_raster(tmp_path / "prob.tif", np.random.rand(32, 32).astype("float32"),
                              nodata=None)
@@ -82,16 +88,17 @@ def test_existing_output_needs_overwrite(tmp_path, raster):
     assert len(pyogrio.list_layers(out)) == 4
 
 
-@pytest.mark.parametrize("kind", ["under-a-file", "missing-folder", "read-only-folder"])
+@pytest.mark.parametrize("kind", ["under-a-file", "file-in-the-path", "read-only-folder"])
 def test_unwritable_folder(tmp_path, raster, kind):
     if kind == "under-a-file":
         blocker = tmp_path / "notafolder"
         blocker.write_text("x")
         out = blocker / "out.gpkg"
         words = ["is not a folder"]
-    elif kind == "missing-folder":
+    elif kind == "file-in-the-path":
+        (tmp_path / "no").write_text("x")
         out = tmp_path / "no" / "such" / "out.gpkg"
-        words = ["does not exist"]
+        words = ["part of its path is a file"]
     else:
         if os.geteuid() == 0:
             pytest.skip("root can write into read-only folders")

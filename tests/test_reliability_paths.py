@@ -581,6 +581,8 @@ def test_inputs_are_checked_before_any_work(tmp_path, capfd, ckpt, scene):
         (("segment", scene, "-o", tmp_path / "x.tif", "--range", "5,1") + base,
          "--range '5,1': each maximum must exceed its minimum"),
         (("segment", scene, "-o", tmp_path / "x.png") + base, "GeoTIFFs, not .png"),
+        (("segment", scene, "-o", tmp_path / "x.tif", "--confidence", tmp_path / "x.tif") + base,
+         f"two outputs share one path: {tmp_path / 'x.tif'}"),
         # before the model loads, so no "RANDOM WEIGHTS" note comes first
         (("segment", scene, "-o", tmp_path / "x.tif", "--allow-random-weights", "--bands",
           "4,1,2"), "band 4 is out of range"),

@@ -295,3 +295,12 @@ def test_tiny_and_empty_rasters(tmp_path):
     nodata = write_class_raster(tmp_path / "n.tif", np.full((40, 40), 255, np.uint8), names=NAMES)
     s = vectorize_raster(nodata, tmp_path / "n.gpkg")
     assert s.layers == {n: 0 for n in NAMES}
+
+
+def test_layer_names_keep_letters_and_drop_accents():
+    from crossearth_cli.vector.api import layer_name
+
+    assert layer_name("Épicerie fine") == "epicerie_fine"  # was "picerie_fine"
+    assert layer_name("Low vegetation") == "low_vegetation"
+    assert layer_name("建筑 区") == "建筑_区"  # was "class"
+    assert layer_name("9 lives") == "class_9_lives" and layer_name("  ") == "class"

@@ -246,16 +246,39 @@ def place_aoi(aoi: AreaOfInterest, path: Path | str, crs: CRS | None, transform:
         c0, c1 = math.ceil(xmin - 0.5), math.floor(xmax - 0.5) + 1
         r0, r1 = math.ceil(ymin - 0.5), math.floor(ymax - 0.5) + 1
     if area.is_empty or c1 <= c0 or r1 <= r0:
-        from rasterio.transform import array_bounds
-
-        west, south, east, north = array_bounds(height, width, transform)
-        where = f"in {crs.to_string()}" if crs else "in its own coordinates"
-        raise OutsideAOI(f"the area of interest ({aoi.label}) holds no pixel of it; it covers "
-                         f"{west:.10g},{south:.10g},{east:.10g},{north:.10g} (W,S,E,N) {where}",
+        raise OutsideAOI(f"the area of interest ({aoi.label}) holds no pixel of it: "
+                         f"{_both_extents(aoi, crs, transform, width, height)}",
                          path=path, hint="check the AOI's coordinates and CRS (--aoi-crs)")
     rectangle = bool(shapely.equals(area, shapely.box(*area.bounds)))
     shapely.prepare(area)
     return PlacedAOI((c0, r0, c1 - c0, r1 - r0), area, rectangle)
+
+
+def _both_extents(aoi: AreaOfInterest, crs: CRS | None, transform: Affine, width: int,
+                  height: int) -> str:
+    """The AOI's and the raster's extents, side by side in the AOI's CRS (a swapped latitude
+    and longitude, or a wrong --aoi-crs, shows at a glance), and the raster's in its own."""
+    from rasterio.transform import array_bounds
+    from rasterio.warp import transform_bounds
+
+    def text(bounds) -> str:
+        return ",".join(f"{v:.10g}" for v in bounds)
+
+    own = array_bounds(height, width, transform)
+    where = f"in {crs.to_string()}" if crs else "in its own coordinates"
+    aoi_crs = aoi.parts[0][0] if len({str(c) for c, _ in aoi.parts}) == 1 else None
+    if aoi_crs is None or crs is None or aoi_crs == crs:
+        if aoi_crs is None and len(aoi.parts) > 1:
+            return f"the raster covers {text(own)} (W,S,E,N) {where}"
+        area = text(shapely.total_bounds([g for _, g in aoi.parts]))
+        return f"the area spans {area} and the raster {text(own)} (W,S,E,N {where})"
+    try:
+        seen = text(transform_bounds(crs, aoi_crs, *own))
+    except Exception:  # noqa: BLE001 - the raster's own extent still helps
+        return f"the raster covers {text(own)} (W,S,E,N) {where}"
+    area = text(shapely.total_bounds([g for _, g in aoi.parts]))
+    return (f"the area spans {area} and the raster {seen} (W,S,E,N in "
+            f"{aoi_crs.to_string()}; the raster's {text(own)} {where})")
 
 
 def _near_raster(geom: shapely.Geometry, src: CRS, dst: CRS, transform: Affine, width: int,

@@ -60,7 +60,13 @@ def window_grid(height: int, width: int, size: int) -> list[tuple[int, int, int,
 
 
 def layer_name(name: str) -> str:
-    s = re.sub(r"[^0-9A-Za-z_]+", "_", name.strip()).strip("_").lower()
+    """A class name as a GeoPackage layer name: lower case, words joined by ``_``, accents
+    dropped ("Épicerie fine" → ``epicerie_fine``); letters with no ASCII form kept."""
+    import unicodedata
+
+    plain = "".join(c for c in unicodedata.normalize("NFKD", name.strip())
+                    if not unicodedata.combining(c))
+    s = re.sub(r"\W+", "_", plain).strip("_").lower()
     if not s or s[0].isdigit():
         s = f"class_{s}" if s else "class"
     return s

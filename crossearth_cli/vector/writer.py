@@ -39,10 +39,15 @@ def check_output(path: str | os.PathLike, overwrite: bool) -> Path:
     if p.exists() and not overwrite:
         raise OutputError("output exists", path=p, hint="pass --overwrite to replace it")
     parent = p.parent if str(p.parent) else Path(".")
-    if not parent.exists():
-        raise OutputError(
-            f"folder {parent} does not exist", path=p, hint="create it or choose another path"
-        )
+    if not parent.exists():  # made, as segment makes its output folders
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise OutputError(f"cannot create the folder {parent}: part of its path is a file",
+                              path=p, hint="choose another path") from None
+        except OSError as exc:
+            raise OutputError(f"cannot create the folder {parent} ({exc.strerror or exc})",
+                              path=p, hint="choose another path") from None
     if not parent.is_dir():
         raise OutputError(f"{parent} is not a folder", path=p, hint="choose another path")
     if not os.access(parent, os.W_OK | os.X_OK):
