@@ -284,10 +284,12 @@ class _Job:
         out = [it for it, hit in zip(items, reached) if not hit]
         self.outside_aoi = [it.rel.as_posix() for it in out]
         if out and self.rank.rank == 0:
-            old = sum(any(p.exists() for p in it.outputs(outdir, kinds).values()) for it in out)
+            old = [it.rel.as_posix() for it in out
+                   if any(p.exists() for p in it.outputs(outdir, kinds).values())]
+            named = ", ".join(old[:3]) + (", ..." if len(old) > 3 else "")
             note(f"--aoi: {len(out)} of {len(items)} input(s) lie outside it and are left out"
-                 + (f"; {old} of them have outputs in {outdir} from an earlier run, left as "
-                    "they are" if old else ""))
+                 + (f"; {len(old)} of them ({named}) have outputs in {outdir} from an earlier "
+                    "run, left as they are" if old else ""))
         return kept
 
     def vector_options(self, class_names):

@@ -594,9 +594,10 @@ class SceneReader:
         self.aoi = place_aoi(aoi, self.path, src.crs, src.transform, src.width, src.height,
                              self.gcps is not None or bool(self.rpcs))
         x, y, w, h = self.aoi.window
-        self.notes.append(f"--aoi: the outputs cover columns {x}-{x + w}, rows {y}-{y + h} of "
-                          f"the input ({w}x{h} px, {w * h / (src.width * src.height):.1%} of "
-                          "it)")
+        share = w * h / (src.width * src.height)
+        self.notes.append(f"--aoi: the outputs cover columns {x} to {x + w - 1} and rows {y} to "
+                          f"{y + h - 1} of the input ({w}x{h} px, "
+                          f"{f'{share:.1%}' if share >= 0.001 else f'{share:.2g}'} of it)")
 
     def _use_palette(self, src, band_order: str) -> None:
         cmap = src.colormap(1)
