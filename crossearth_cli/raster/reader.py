@@ -688,7 +688,7 @@ class SceneReader:
         src = self._src()
         window = Window(x, y, w, h)
         with corrupt_is_input_error(
-                self.path, f"read failed at rows {y}-{y + h}, columns {x}-{x + w}"):
+                self.path, f"read failed at rows {y} to {y + h - 1}, columns {x} to {x + w - 1}"):
             data = src.read(self._read_bands, window=window, out_dtype=self._read_dtype)
             valid = np.ones((h, w), dtype=bool)
             by_value = [i for i, k in enumerate(self._mask_kinds) if k == "nodata"]
