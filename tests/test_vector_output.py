@@ -166,9 +166,23 @@ def test_confidence_on_another_grid_is_refused(tmp_path):
     arr = np.zeros((32, 32), dtype=np.uint8)
     src = write_class_raster(tmp_path / "c.tif", arr, names=NAMES)
     other = write_class_raster(tmp_path / "x.tif", np.zeros((16, 16), np.uint8), names=NAMES)
-    with pytest.raises(InputError, match="another grid"):
+    with pytest.raises(InputError, match="another grid than the class raster: 16x16 px "
+                       "against 32x32"):
         vectorize_raster(src, tmp_path / "o.gpkg", confidence_path=other)
     assert not (tmp_path / "o.gpkg").exists()
+    import rasterio
+    from rasterio.transform import from_origin
+
+    with rasterio.open(src) as ds:
+        t = ds.transform
+    shifted = write_class_raster(tmp_path / "s.tif", arr, names=NAMES,
+                                 transform=from_origin(t.c + 2 * t.a, t.f, t.a, -t.e))
+    with pytest.raises(InputError, match="its corner is at column 2, row 0 of the class raster"):
+        vectorize_raster(src, tmp_path / "o.gpkg", confidence_path=shifted)
+    coarse = write_class_raster(tmp_path / "k.tif", arr, names=NAMES,
+                                transform=from_origin(t.c, t.f, 2 * t.a, -2 * t.e))
+    with pytest.raises(InputError, match=f"pixels of {2 * t.a:g}x{-2 * t.e:g} against"):
+        vectorize_raster(src, tmp_path / "o.gpkg", confidence_path=coarse)
 
 
 def test_existing_output_is_kept_unless_overwrite(tmp_path):

@@ -6,6 +6,7 @@ Only metadata is read here; pixels are read window by window by the workers.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -165,15 +166,28 @@ def check_confidence(path: str | os.PathLike, src: ClassRaster) -> str:
 
 
 def _check_same_grid(ds, src: ClassRaster, name: str) -> None:
-    if (ds.width, ds.height) != (src.width, src.height) or not ds.transform.almost_equals(
-        src.transform
-    ):
-        raise InputError(
-            f"is {ds.width}x{ds.height} on another grid than the class raster "
-            f"({src.width}x{src.height})",
-            path=name,
-            hint="pass the confidence raster written with this class raster",
-        )
+    if (ds.width, ds.height) == (src.width, src.height) and ds.transform.almost_equals(
+            src.transform):
+        return
+    raise InputError(f"is on another grid than the class raster: {_grid_difference(ds, src)}",
+                     path=name, hint="pass the confidence raster written with this class raster")
+
+
+def _grid_difference(ds, src: ClassRaster) -> str:
+    """What differs between two grids, in words a user can check."""
+    size = (f"{ds.width}x{ds.height} px against {src.width}x{src.height}"
+            if (ds.width, ds.height) != (src.width, src.height) else "")
+    a, b = ds.transform, src.transform
+    if (a.a, a.b, a.d, a.e) != (b.a, b.b, b.d, b.e) and not all(
+            math.isclose(u, v, rel_tol=1e-9) for u, v in zip((a.a, a.b, a.d, a.e),
+                                                              (b.a, b.b, b.d, b.e))):
+        how = f"pixels of {abs(a.a):g}x{abs(a.e):g} against {abs(b.a):g}x{abs(b.e):g}"
+    elif not a.almost_equals(b):
+        col, row = ~b * (a.c, a.f)  # where its corner lies on the class raster's grid
+        how = f"its corner is at column {col:.4g}, row {row:.4g} of the class raster"
+    else:
+        how = ""
+    return "; ".join(p for p in (size, how) if p)
 
 
 def _dtype_range(dtype: str) -> tuple[int, int]:
