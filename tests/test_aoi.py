@@ -268,6 +268,27 @@ def test_a_geojson_in_metres_without_a_crs_member(tmp_path, capfd, ckpt):
     assert window == {"col_off": 10, "row_off": 10, "width": 80, "height": 90}
 
 
+def test_points_lines_and_invalid_polygons_in_an_aoi_file_are_told(tmp_path, capfd, ckpt):
+    import pyogrio
+
+    src = write_tif(tmp_path / "s.tif", random_scene(60, 60, seed=3))
+    with rasterio.open(src) as ds:
+        t = ds.transform
+    bowtie = _pixel_polygon(t, [(5, 5), (40, 40), (40, 5), (5, 40)])  # self-intersecting
+    line = shapely.LineString([t * (0, 0), t * (50, 50)])
+    point = shapely.Point(t * (20, 20))
+    pyogrio.raw.write(tmp_path / "mixed.gpkg",
+                      np.array(shapely.to_wkb([bowtie, line, point]), dtype=object), fields=[],
+                      field_data=[], geometry_type="Unknown", crs="EPSG:32631", driver="GPKG")
+    code, _, err = cli(capfd, "segment", src, "-c", ckpt, "-o", tmp_path / "o.tif", "--aoi",
+                       tmp_path / "mixed.gpkg")
+    assert code == 0, err
+    said = " ".join(err.split())
+    assert f"note: --aoi {tmp_path / 'mixed.gpkg'}: 2 point or line feature(s) left out (not " \
+           "areas)" in said, err
+    assert "1 invalid polygon(s) (self-intersecting, or similar) repaired" in said, err
+
+
 @pytest.mark.parametrize("args, needles", [
     (["--aoi", "1,2,3"], ["--aoi 1,2,3", "not a box"]),
     (["--aoi", "5,5,1,1"], ["W < E"]),

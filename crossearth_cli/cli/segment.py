@@ -161,6 +161,9 @@ def segment_command(
         from crossearth_cli.raster.aoi import parse_aoi
 
         area = parse_aoi(aoi, aoi_crs)
+        if RankInfo.from_env().rank == 0:
+            for text in area.notes:
+                note(text)
     if len(inputs) == 1 and not remote and _is_glob(inputs[0]):
         from crossearth_cli.batch import expand_inputs
 

@@ -53,6 +53,7 @@ class AreaOfInterest:
 
     parts: tuple[tuple[CRS | None, shapely.Geometry], ...]
     label: str  # for messages: the bounding box as given, or the file's name
+    notes: tuple[str, ...] = ()  # what reading the file left out or repaired, for the user
 
     @property
     def fingerprint(self) -> str:
@@ -123,14 +124,26 @@ def read_aoi_file(path: Path | str, crs: CRS | None = None, name: str | None = N
                 what, fix = told, how
         raise InputError(f"--aoi {name}: {what}", hint=fix) from None
     groups = []
+    others = invalid = 0
     for layer_crs, blobs in parts.values():
-        area = _polygons(shapely.from_wkb(np.asarray(blobs, dtype=object)))
+        geoms = shapely.from_wkb(np.asarray(blobs, dtype=object))
+        kinds = shapely.get_type_id(geoms)
+        others += int(np.isin(kinds, (0, 1, 2, 4, 5)).sum())  # points and lines
+        polygonal = geoms[np.isin(kinds, (3, 6))]
+        invalid += int((~shapely.is_valid(polygonal)).sum())
+        area = _polygons(geoms)
         if not area.is_empty:
             groups.append((layer_crs, area))
     if not groups:
         raise InputError("holds no polygon to use as an area of interest", path=name,
                          hint="draw the area as a polygon")
-    return AreaOfInterest(tuple(groups), label or Path(path).name)
+    notes = []
+    if others:
+        notes.append(f"--aoi {name}: {others} point or line feature(s) left out (not areas)")
+    if invalid:
+        notes.append(f"--aoi {name}: {invalid} invalid polygon(s) (self-intersecting, or "
+                     "similar) repaired with GEOS's make_valid; check the area if it matters")
+    return AreaOfInterest(tuple(groups), label or Path(path).name, tuple(notes))
 
 
 def _beyond_degrees(wkb) -> float | None:
