@@ -292,6 +292,7 @@ def test_points_lines_and_invalid_polygons_in_an_aoi_file_are_told(tmp_path, cap
 @pytest.mark.parametrize("args, needles", [
     (["--aoi", "1,2,3"], ["--aoi 1,2,3", "not a box"]),
     (["--aoi", "5,5,1,1"], ["W < E"]),
+    (["--aoi", "."], ["--aoi .: a folder, not a vector file", "Shapefile (.shp)"]),
     (["--aoi", "0,0,1,1", "--aoi-crs", "EPSG:99999"], ["--aoi-crs", "EPSG:99999"]),
     (["--aoi-crs", "EPSG:4326"], ["add --aoi"]),
     (["--aoi", "0,0,1,1"], ["s.tif", "holds no pixel", "EPSG:32631"]),

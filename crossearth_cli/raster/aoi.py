@@ -93,6 +93,9 @@ def parse_aoi(text: str, crs_text: str | None = None) -> AreaOfInterest:
         raise ConfigError(f"--aoi {text}: no such file, and not a box W,S,E,N",
                           hint="give a vector file (GeoPackage, GeoJSON, Shapefile...) or "
                           "four numbers")
+    if path.is_dir():  # GDAL would read its Shapefiles alone, and nothing else in it
+        raise ConfigError(f"--aoi {text}: a folder, not a vector file",
+                          hint="give the file: a GeoPackage, GeoJSON or Shapefile (.shp)")
     return read_aoi_file(path, crs)
 
 
