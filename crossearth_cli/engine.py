@@ -161,6 +161,9 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError(
             f"--device {name!r} is not a device", hint="use auto, cpu or cuda:N"
         ) from None
+    if dev.type not in ("cpu", "cuda"):  # mps, xpu, meta...: torch knows them, we do not run there
+        raise ConfigError(f"--device {name!r}: crossearth runs on the CPU or a CUDA GPU",
+                          hint="use auto, cpu or cuda:N")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError("--device cuda: no CUDA GPU is available", hint="use --device cpu")

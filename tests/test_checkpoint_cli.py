@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,9 @@ def test_convert_checkpoint_cli(tmp_path, capsys):
     assert code == 0, err
     assert "wrote" in stdout and "6 classes" in stdout and "impervious_surface" in stdout
     assert out.exists()
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~mask  # as any new file (was mkstemp's 0600)
     code, _, err = cli(capsys, "convert-checkpoint", str(out), str(out))
     assert_one_line_error(code, err, "already exists", "--overwrite")
     code, _, err = cli(capsys, "convert-checkpoint", str(src), str(tmp_path / "x.pth"))

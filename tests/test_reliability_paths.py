@@ -581,6 +581,10 @@ def test_inputs_are_checked_before_any_work(tmp_path, capfd, ckpt, scene):
         (("segment", scene, "-o", tmp_path / "x.tif", "--range", "5,1") + base,
          "--range '5,1': each maximum must exceed its minimum"),
         (("segment", scene, "-o", tmp_path / "x.png") + base, "GeoTIFFs, not .png"),
+        (("segment", scene, "-o", tmp_path / "x.tif", "--device", "gpu") + base,
+         "--device 'gpu' is not a device"),
+        (("segment", scene, "-o", tmp_path / "x.tif", "--device", "mps") + base,  # was a crash
+         "--device 'mps': crossearth runs on the CPU or a CUDA GPU (use auto, cpu or cuda:N)"),
         (("segment", scene, "-o", tmp_path / "x.tif", "--confidence", tmp_path / "x.tif") + base,
          f"two outputs share one path: {tmp_path / 'x.tif'}"),
         # before the model loads, so no "RANDOM WEIGHTS" note comes first

@@ -273,6 +273,12 @@ def test_png_and_jpeg_without_georeferencing(tmp_path, capfd, ckpt, driver, ext)
     classes, geo = read(out)
     assert geo["crs"] is None and geo["transform"].is_identity
     assert geo["shape"] == (50, 70) and (classes < 4).all()
+    # and no geotransform written, as the input has none (GDAL would store the identity: a
+    # south-up grid at 0,0 that GIS software draws apart from the input)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always", NotGeoreferencedWarning)
+        rasterio.open(out).close()
+    assert any(issubclass(w.category, NotGeoreferencedWarning) for w in seen)
 
 
 def test_geographic_crs_and_rotated_transform_through_the_cli(tmp_path, capfd, ckpt):

@@ -28,6 +28,13 @@ def check_destination(dst: str | Path, overwrite: bool) -> Path:
     return dst
 
 
+def _new_file_mode() -> int:
+    """The mode a new file gets here (0666 less the umask), as ``open`` would give it."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write(dst: str | Path, write: Callable[[Path], None], overwrite: bool = False) -> Path:
     """Call ``write(tmp_path)`` and move the result to ``dst`` only if it succeeded.
 
@@ -44,6 +51,7 @@ def atomic_write(dst: str | Path, write: Callable[[Path], None], overwrite: bool
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        os.chmod(tmp, _new_file_mode())  # mkstemp's 0600 would leave colleagues locked out
         os.replace(tmp, dst)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)

@@ -640,10 +640,12 @@ class GeoTiffSink:
         else:
             profile["crs"] = crs
             profile["transform"] = transform
+        if transform is None or transform.is_identity:  # the input had no geotransform (a PNG,
+            # a photo, RPCs only): none is written, or GDAL would store the identity, a
+            # south-up grid at 0,0 that GIS software draws apart from the input
+            profile.pop("transform", None)
         if rpcs is not None:
             profile["rpcs"] = rpcs
-            if transform is None or transform.is_identity:  # the input had no geotransform:
-                profile.pop("transform", None)  # writing one would place it at 0,0 in its CRS
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", NotGeoreferencedWarning)
