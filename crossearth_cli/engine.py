@@ -166,7 +166,8 @@ def resolve_device(name: str) -> torch.device:
                           hint="use auto, cpu or cuda:N")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError("--device cuda: no CUDA GPU is available", hint="use --device cpu")
+            raise ConfigError(f"--device {name}: no CUDA GPU is available",
+                              hint="use --device cpu")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ConfigError(
                 f"--device {name}: only {torch.cuda.device_count()} GPU(s) are visible"
@@ -650,7 +651,9 @@ class Session:
                               f"--tta {self.predictor.tta}")
         tile, stride = tile_and_stride(settings, self.spec)
         if stride > tile:
-            raise ConfigError(f"stride {stride} is larger than tile {tile}")
+            raise ConfigError(f"--stride {stride} is larger than the tile ({tile}, the "
+                              "model's): pixels would be skipped",
+                              hint="give a stride up to the tile, or a larger --tile")
         if reader is None:
             reader = SceneReader(settings.input, bands=settings.bands,
                                  value_range=settings.value_range,
@@ -740,7 +743,12 @@ def _open_sinks(session: Session, scene: PreparedScene, sinks: list[GeoTiffSink]
     """Open the scene's output rasters under temporary names, appending each to ``sinks`` (so
     the caller can abort those already open if one fails)."""
     settings, reader, rows = scene.settings, scene.reader, scene.rows
-    tag_notes = {"blend": settings.blend, "tile": str(scene.tile), "stride": str(scene.stride)}
+    # what a rerun needs to reproduce them: --bands, --range (the limits used, as --range
+    # takes them), --precision, besides the tiling
+    tag_notes = {"blend": settings.blend, "tile": str(scene.tile), "stride": str(scene.stride),
+                 "bands": ",".join(map(str, reader.bands)), "precision": session.precision,
+                 "range": "none" if reader.scaling is None else ",".join(
+                     repr(float(v)) for s in reader.scaling for v in (s.low, s.high))}
     if session.predictor.tta != "none":
         tag_notes["tta"] = session.predictor.tta
     for rs in _raster_specs(settings, session.spec, tag_notes, session.compress_threads):

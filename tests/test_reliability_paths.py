@@ -27,6 +27,7 @@ from reliability_helpers import (
     snapshot,
 )
 
+from crossearth_cli.model.random_init import tiny_config, write_random_checkpoint
 from crossearth_cli.raster import writer as writer_mod
 
 
@@ -567,6 +568,9 @@ def test_inputs_are_checked_before_any_work(tmp_path, capfd, ckpt, scene):
     tiles = tmp_path / "tiles"
     tiles.mkdir()
     write_tif(tiles / "a.tif", random_scene(64, 64))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    write_random_checkpoint(tmp_path / "split.pth", tiny_config(num_classes=4), fmt="split")
     base = ("-c", ckpt, "--tile", "64")
     cases = [
         (("segment", scene, tmp_path / "typo.tif", "-o", tmp_path / "out") + base,
@@ -590,6 +594,16 @@ def test_inputs_are_checked_before_any_work(tmp_path, capfd, ckpt, scene):
         # before the model loads, so no "RANDOM WEIGHTS" note comes first
         (("segment", scene, "-o", tmp_path / "x.tif", "--allow-random-weights", "--bands",
           "4,1,2"), "band 4 is out of range"),
+        (("segment", scene, "-o", tmp_path / "x.tif", "--stride", "100000", "-c", ckpt),
+         "--stride 100000 is larger than the tile ("),
+        (("segment", scene, "-o", tmp_path / "x.tif", "--overlap", "0.999") + base,
+         "--overlap 0.999: overlap 0.999 leaves no stride for tile 64 (give a smaller overlap"),
+        (("segment", scene, "-o", tmp_path / "x.tif", "--probabilities-dtype", "float32")
+         + base, "--probabilities-dtype applies to the probabilities raster"),
+        (("segment", empty, "-o", tmp_path / "x.tif") + base, "holds no rasters"),
+        (("segment", scene, "-o", tmp_path / "x.tif", "-c", tmp_path / "split.pth",
+          "--backbone", tmp_path / "no_backbone.pth"), "no_backbone.pth: no such file (check "
+         "the path)"),
     ]
     for args, needle in cases:
         before = snapshot(tmp_path)

@@ -459,3 +459,24 @@ def test_an_all_nan_scene_says_it_is_nodata_everywhere(tmp_path, capfd, ckpt):
     assert "nodata everywhere" in err and "0..255" not in err
     with rasterio.open(out) as ds:
         assert (ds.read(1) == 255).all()
+
+
+def test_outputs_record_what_reproduces_them(tmp_path, capfd, ckpt):
+    """Bands, the --range limits used (as --range takes them), precision and tiling are in
+    the outputs' tags: a rerun given them makes the same probabilities, bit for bit."""
+    data = (random_scene(80, 96, bands=4, seed=5).astype(np.uint16) * 37 + 900)
+    src = write_tif(tmp_path / "s.tif", data)
+    segment_ok(capfd, src, tmp_path / "a.tif", ckpt, "--bands", "4,1,2", "--probabilities",
+               "auto", "--probabilities-dtype", "float32")
+    with rasterio.open(tmp_path / "a.tif") as ds:
+        tags = ds.tags()
+    assert tags["bands"] == "4,1,2" and tags["precision"] == "fp32" and tags["tile"] == "64"
+    assert len(tags["range"].split(",")) == 6  # the scene's percentiles, low and high per band
+    segment_ok(capfd, src, tmp_path / "b.tif", ckpt, "--bands", tags["bands"], "--range",
+               tags["range"], "--precision", tags["precision"], "--stride", tags["stride"],
+               "--blend", tags["blend"], "--probabilities", "auto", "--probabilities-dtype",
+               "float32")
+    with rasterio.open(tmp_path / "a_probabilities.tif") as a, \
+            rasterio.open(tmp_path / "b_probabilities.tif") as b:
+        np.testing.assert_array_equal(a.read(), b.read())
+        assert b.tags()["range"] == tags["range"]

@@ -104,8 +104,9 @@ def segment_command(
         None, "--probabilities", help="Also write per-class probabilities, one band per class: "
         "a path or 'auto' (named like --confidence auto, with _probabilities)."
     ),
-    probabilities_dtype: str = typer.Option(
-        "uint8", "--probabilities-dtype", help="uint8 (p x 254, nodata 255) | float16 | float32."
+    probabilities_dtype: str | None = typer.Option(
+        None, "--probabilities-dtype",
+        help="uint8 (p x 254, nodata 255; the default) | float16 | float32."
     ),
     vector: str | None = typer.Option(
         None, "--vector", help="Also vectorize to a GeoPackage with the preset's defaults "
@@ -151,6 +152,10 @@ def segment_command(
         raise ConfigError(f"--vector-min-area must be ≥ 0 m², not {vector_min_area}")
     if vector_min_area > 0 and vector is None:
         raise ConfigError("--vector-min-area applies to the GeoPackage: add --vector auto")
+    if probabilities_dtype is not None and probabilities is None:
+        raise ConfigError("--probabilities-dtype applies to the probabilities raster: add "
+                          "--probabilities auto")
+    probabilities_dtype = probabilities_dtype or "uint8"
     if aoi_crs is not None and aoi is None:
         raise ConfigError("--aoi-crs is the CRS of --aoi: add --aoi")
     remote = [text for text in inputs if is_remote(text)]
@@ -245,7 +250,8 @@ class _Job:
             except ValueError as exc:
                 from crossearth_cli.errors import ConfigError
 
-                raise ConfigError(f"--overlap {self.overlap}: {exc}") from None
+                raise ConfigError(f"--overlap {self.overlap:g}: {exc}",
+                                  hint="give a smaller overlap: the tiles must move on") from None
 
     def check_reports(self, taken, single: bool) -> None:
         """--summary and --vrt, before any work: not over an input or another output."""
@@ -637,9 +643,9 @@ class _Job:
                     hint=f"use {name} auto (INPUT{_suffix(name)} under the output folder)",
                 )
         outdir = self.output or Path("crossearth_out")
+        items = expand_inputs(self.inputs, exclude=outdir)  # a folder without rasters: said first
         if outdir.suffix.lower() in (".tif", ".tiff") and not outdir.is_dir():
             raise ConfigError(f"-o {outdir}: with several inputs, -o names a folder")
-        items = expand_inputs(self.inputs, exclude=outdir)
         if not items:
             raise ConfigError(
                 f"-o {outdir}: every input is inside the output folder, so nothing is left to do",

@@ -171,17 +171,27 @@ def _torch_load(path: Path, zip_format: bool) -> Any:
     raise CheckpointError("refusing to load: too many unknown objects in the file", path=path)
 
 
-def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+# what each kind of file read by read_tensors is, for its messages' hints
+_FILE_KINDS = {
+    "checkpoint": ("a CrossEarth .pth or .safetensors file", ", or use --model NAME for a preset"),
+    "backbone": ("the DINOv2 backbone, dinov2_converted.pth or dinov2_converted_1024x1024.pth",
+                 ""),
+    "dinov2": ("Meta's DINOv2 checkpoint, dinov2_vitl14_pretrain.pth", ""),
+}
+
+
+def read_tensors(path: str | Path, kind_of_file: str = "checkpoint",
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read any supported file -> (flat name→tensor dict, extras).
 
     extras: ``meta`` (mmengine meta dict) and/or ``metadata`` (safetensors string metadata).
-    Every failure is a :class:`CheckpointError` naming the file and the fix.
+    Every failure is a :class:`CheckpointError` naming the file and the fix, which depends on
+    ``kind_of_file`` (see :data:`_FILE_KINDS`).
     """
+    expected, alternative = _FILE_KINDS[kind_of_file]
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(
-            "no such file", path=path, hint="check the path, or use --model NAME for a preset"
-        )
+        raise CheckpointError("no such file", path=path, hint=f"check the path{alternative}")
     if path.is_dir():
         raise CheckpointError("is a folder, expected a checkpoint file", path=path)
     if path.stat().st_size == 0:
@@ -210,7 +220,7 @@ def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
         raise CheckpointError(
             "not a checkpoint (neither a PyTorch .pth nor a .safetensors file)",
             path=path,
-            hint="pass a CrossEarth .pth or .safetensors file",
+            hint=f"pass {expected}",
         )
     zip_format = kind == "torch-zip"
     try:
@@ -393,7 +403,7 @@ def _complete_backbone(
             hint=SPLIT_HINT,
         )
     bpath = Path(backbone)
-    bsd, _ = read_tensors(bpath)
+    bsd, _ = read_tensors(bpath, "backbone")
     bsd = _strip_module(bsd)
     if any(k.startswith("backbone.") for k in bsd):
         bsd = {k[9:]: v for k, v in bsd.items() if k.startswith("backbone.")}

@@ -51,7 +51,7 @@ def convert_dinov2_file(
     from crossearth_cli.model.files import check_destination
 
     src, dst = Path(src), check_destination(dst, overwrite)  # before the slow read
-    sd, _ = read_tensors(src)
+    sd, _ = read_tensors(src, "dinov2")
     sd = {(k[7:] if k.startswith("module.") else k): v for k, v in sd.items()}
     for key in ("pos_embed", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight"):
         if key not in sd:
