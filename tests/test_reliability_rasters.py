@@ -480,3 +480,17 @@ def test_outputs_record_what_reproduces_them(tmp_path, capfd, ckpt):
             rasterio.open(tmp_path / "b_probabilities.tif") as b:
         np.testing.assert_array_equal(a.read(), b.read())
         assert b.tags()["range"] == tags["range"]
+
+
+def test_an_rgba_raster_for_an_irrg_model_is_told_it_lacks_near_infrared(tmp_path):
+    from crossearth_cli.raster.reader import default_bands
+
+    path = tmp_path / "rgba.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=8, height=8, count=4, dtype="uint8",
+                       photometric="RGB", alpha="YES") as ds:
+        ds.write(np.zeros((4, 8, 8), np.uint8))
+    with rasterio.open(path) as src:
+        bands, said = default_bands(src, "IRRG")
+        assert bands == [1, 2, 3]
+        assert "the raster's bands are red, green, blue (no near-infrared band)" in said
+        assert default_bands(src, "RGB") == ([1, 2, 3], None)

@@ -420,6 +420,11 @@ def default_bands(src, order: str) -> tuple[list[int], str | None]:
             nir = extra[0] if extra else None
         if nir is not None and has_rgb:
             return [nir, rgb[0], rgb[1]], None
+        if has_rgb:  # red, green, blue (and alpha), and no near-infrared band to be found
+            return list(rgb), (
+                "the model expects near-infrared, red, green, but the raster's bands are red, "
+                "green, blue (no near-infrared band): they are given in that order, so results "
+                "may be poor (use an RGB preset, or pass --bands)")
         if src.count >= 3:
             return [1, 2, 3], (
                 "the model expects near-infrared, red, green; bands 1,2,3 are assumed to be "
