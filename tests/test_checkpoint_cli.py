@@ -99,6 +99,9 @@ def test_convert_checkpoint_cli(tmp_path, capsys):
     assert out.stat().st_mode & 0o777 == 0o666 & ~mask  # as any new file (was mkstemp's 0600)
     code, _, err = cli(capsys, "convert-checkpoint", str(out), str(out))
     assert_one_line_error(code, err, "already exists", "--overwrite")
+    new = tmp_path / "new" / "m.safetensors"
+    code, _, err = cli(capsys, "convert-checkpoint", str(out), str(new))
+    assert code == 0 and new.exists(), err  # its folder made, as segment makes its own
     code, _, err = cli(capsys, "convert-checkpoint", str(src), str(tmp_path / "x.pth"))
     assert_one_line_error(code, err, ".safetensors")
 

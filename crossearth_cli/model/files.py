@@ -23,8 +23,12 @@ def check_destination(dst: str | Path, overwrite: bool) -> Path:
     if folder.exists() and not folder.is_dir():
         raise OutputError(f"{folder} is a file, not a folder", path=dst,
                           hint="choose another path")
-    if not folder.is_dir():
-        raise OutputError("its folder does not exist", path=dst, hint="create the folder first")
+    # a missing folder is made when the file is written (as segment and vectorize make
+    # theirs), unless part of its path is a file
+    above = next((p for p in folder.parents if p.exists()), Path("."))
+    if not folder.exists() and not above.is_dir():
+        raise OutputError(f"{above} is a file, not a folder", path=dst,
+                          hint="choose another path")
     return dst
 
 
@@ -44,6 +48,7 @@ def atomic_write(dst: str | Path, write: Callable[[Path], None], overwrite: bool
     dst = check_destination(dst, overwrite)
     folder = dst.parent if str(dst.parent) else Path(".")
     try:
+        folder.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=folder)
     except OSError as exc:
         raise OutputError(f"cannot write here: {exc.strerror}", path=dst) from exc
