@@ -30,8 +30,10 @@ def check_suffix(path: Path) -> None:
         )
 
 
-def check_output(path: str | os.PathLike, overwrite: bool) -> Path:
-    """Fail early, before any work, on an output that cannot be written."""
+def check_output(path: str | os.PathLike, overwrite: bool, make_folder: bool = False) -> Path:
+    """Fail early, before any work, on an output that cannot be written. A missing folder is
+    made (as segment makes its output folders) with ``make_folder``, when writing starts;
+    before that, the nearest folder that exists must be one we can write in."""
     p = Path(path)
     check_suffix(p)
     if p.is_dir():
@@ -39,15 +41,19 @@ def check_output(path: str | os.PathLike, overwrite: bool) -> Path:
     if p.exists() and not overwrite:
         raise OutputError("output exists", path=p, hint="pass --overwrite to replace it")
     parent = p.parent if str(p.parent) else Path(".")
-    if not parent.exists():  # made, as segment makes its output folders
-        try:
-            parent.mkdir(parents=True, exist_ok=True)
-        except (FileExistsError, NotADirectoryError):
+    if not parent.exists():
+        above = next((a for a in parent.parents if a.exists()), Path("."))
+        if not above.is_dir():
             raise OutputError(f"cannot create the folder {parent}: part of its path is a file",
-                              path=p, hint="choose another path") from None
-        except OSError as exc:
-            raise OutputError(f"cannot create the folder {parent} ({exc.strerror or exc})",
-                              path=p, hint="choose another path") from None
+                              path=p, hint="choose another path")
+        if not make_folder:
+            parent = above  # checked below: the folder it will be made in
+        else:
+            try:
+                parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise OutputError(f"cannot create the folder {parent} ({exc.strerror or exc})",
+                                  path=p, hint="choose another path") from None
     if not parent.is_dir():
         raise OutputError(f"{parent} is not a folder", path=p, hint="choose another path")
     if not os.access(parent, os.W_OK | os.X_OK):
@@ -73,7 +79,7 @@ class GpkgWriter:
     """Layers are declared up front (so empty ones still get their schema) or on first use."""
 
     def __init__(self, path: str | os.PathLike, crs_wkt: str | None, overwrite: bool = False):
-        self.path = check_output(path, overwrite)
+        self.path = check_output(path, overwrite, make_folder=True)
         self.crs = crs_wkt
         self.tmp = self.path.with_name(f".{self.path.stem}.{uuid.uuid4().hex[:8]}.tmp.gpkg")
         self.layers: dict[str, _Layer] = {}
