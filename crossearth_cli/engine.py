@@ -867,8 +867,11 @@ def _scene_result(session: Session, scene: PreparedScene, sinks: list[GeoTiffSin
 
 def _announce(session: Session, scene: PreparedScene, emit: Events) -> None:
     """The notes of the session (once) and of the scene, then the scene's start."""
-    for note in session.notes + scene.reader.notes:
+    for note in session.notes:
         emit("note", {"message": note})
+    for note in scene.reader.notes:  # a folder run tells the key ones once, not every file's
+        emit("note", {"message": note, "key": note in scene.reader.key_notes,
+                      "path": str(scene.settings.input)})
     session.notes.clear()
     emit("start", {"tiles": scene.tile_count, "height": scene.rows.y1 - scene.rows.y0,
                    "width": scene.out_width})

@@ -357,16 +357,22 @@ def test_stale_temporaries_are_found_from_one_listing_of_the_folder(tmp_path, mo
 
 
 def test_a_folder_says_once_that_its_outputs_have_no_crs(tmp_path, tiny_ckpt):
-    """Notes about the outputs reach a folder run too, once, with a count of the others;
-    the per-file set-up notes stay quiet."""
+    """Notes about the outputs (and a guess of the bands) reach a folder run too, once, with
+    a count of the others; the other per-file set-up notes stay quiet."""
     tiles = tmp_path / "tiles"
     tiles.mkdir()
-    for i in range(3):
-        write_tif(tiles / f"t{i}.tif", random_scene(48, 48, seed=i), crs=None)
+    for i in range(3):  # bands not marked red, green, blue: the model's bands are guessed
+        write_tif(tiles / f"t{i}.tif", random_scene(48, 48, seed=i), crs=None,
+                  photometric="MINISBLACK")
     proc = run_cli("segment", tiles, "-o", tmp_path / "o", "-c", tiny_ckpt, "--tile", "64")
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.count("has no CRS") == 2, proc.stderr
     assert "likewise for 2 more file(s)" in proc.stderr
+    # guessed bands decide every result: told once too (their colours are not marked)
+    said = " ".join(proc.stderr.split())
+    assert said.count("bands 1,2,3 are assumed to be red, green, blue") == 2, proc.stderr
+    assert "t0.tif: bands 1,2,3 are assumed" in said, proc.stderr
+    assert "scaled to 0-255" not in said  # per-file set-up notes stay quiet
 
 
 def test_torchrun_split_scene_with_fewer_tile_rows_than_ranks(tmp_path, tiny_ckpt):

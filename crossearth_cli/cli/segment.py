@@ -1115,10 +1115,11 @@ class _BatchProgress:
             self._input = str(data["input"])
             self._names[data.get("path")] = self._input
             self.progress.update(self.task, description=self._input)
-        elif kind == "note" and data.get("outputs"):
-            # what users must know of their outputs (no CRS, no georeferencing), once per
-            # kind; the per-file set-up notes (bands, scaling) would drown a long run. Files
-            # of a group start together, so the note names its own file, not the last started
+        elif kind == "note" and (data.get("outputs") or data.get("key")):
+            # what users must know of their outputs (no CRS, no georeferencing, guessed
+            # bands), once per kind; the other per-file set-up notes (scaling: the limits are
+            # in each output's tags) would drown a long run. Files of a group start together,
+            # so the note names its own file, not the last started
             message = data["message"]
             if message in self._told:
                 self._told[message] += 1

@@ -543,14 +543,16 @@ class SceneReader:
         self.notes: list[str] = []
         self.palette: np.ndarray | None = None  # 3×N uint8 colour table of band 1
         self.takes_shared_range = False  # set with the scaling: pooled by --range shared
+        self.key_notes: list[str] = []  # of self.notes, those a folder run tells too
         self._palette_nodata: np.ndarray | None = None  # N bool: entries with alpha 0
         if bands is None and _is_paletted(src):
             self._use_palette(src, band_order)
             bands = [1, 1, 1]
         elif bands is None:
             bands, note = default_bands(src, band_order)
-            if note:
+            if note:  # a guess that decides every result: told in folder runs too (once)
                 self.notes.append(note)
+                self.key_notes.append(note)
         elif _is_paletted(src) and 1 in bands:
             self.notes.append(
                 "band 1 is paletted: --bands reads its colour-table indices, not colours "
