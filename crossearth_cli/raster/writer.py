@@ -399,7 +399,8 @@ def _holder(lock: Path) -> dict:
         try:
             text = lock.read_text()
             if text.strip():
-                return json.loads(text)
+                found = json.loads(text)
+                return found if isinstance(found, dict) else {}  # a stranger's lock file
         except (OSError, ValueError):
             pass
         if time.monotonic() > deadline:
