@@ -637,3 +637,12 @@ def test_a_scene_whose_class_raster_fails_keeps_none_of_its_rasters(tmp_path, ca
     code, _, err = cli(capfd, "segment", scene, "-c", ckpt, "-o", tmp_path / "out.tif",
                        "--tile", "64", "--confidence", "auto", "--probabilities", "auto")
     assert code == 0, err
+
+
+def test_a_lock_file_holding_other_json_is_read_as_no_holder(tmp_path):
+    """Found by the documentation audit: a lock file whose JSON is not an object (``12345``)
+    crashed the refusal line with an AttributeError."""
+    lock = tmp_path / ".out.tif.lock"
+    for text, want in (("12345", {}), ('["a"]', {}), ('{"pid": 7}', {"pid": 7})):
+        lock.write_text(text)
+        assert writer_mod._holder(lock) == want
