@@ -487,6 +487,7 @@ def test_an_rgba_raster_for_an_irrg_model_is_told_it_lacks_near_infrared(tmp_pat
 
     path = tmp_path / "rgba.tif"
     with rasterio.open(path, "w", driver="GTiff", width=8, height=8, count=4, dtype="uint8",
+                       crs="EPSG:32631", transform=from_origin(500000, 5800000, 1, 1),
                        photometric="RGB", alpha="YES") as ds:
         ds.write(np.zeros((4, 8, 8), np.uint8))
     with rasterio.open(path) as src:
