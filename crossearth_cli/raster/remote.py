@@ -247,7 +247,9 @@ class RetryLog:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._seen: dict[str, tuple[int, int, float]] = {}  # URL -> (status, count, when)
-        self._inputs: list[str] = []  # remote inputs as typed, without their queries
+        # remote inputs as typed, without their queries (a dict: ordered, and a folder run
+        # over thousands of URLs adds each in constant time)
+        self._inputs: dict[str, None] = {}
 
     def clear(self) -> None:
         with self._lock:
@@ -258,14 +260,15 @@ class RetryLog:
         """``text`` (a remote input as typed) names GDAL's requests for it in notes."""
         text = hide_queries(text).removesuffix("?…")
         with self._lock:
-            if text not in self._inputs:
-                self._inputs.append(text)
+            self._inputs.setdefault(text, None)
 
     def typed(self, url: str) -> str:
         """The input GDAL's request ``url`` is for, as typed; ``url`` itself if none is
         known. A folder's own listing matches the folder, a file in it the file."""
         url = url.split("?", 1)[0]
         with self._lock:
+            if url in self._inputs:  # a web URL, as typed
+                return url
             inputs = list(self._inputs)
         return next((text for text in inputs if same_object(url, text)), url)
 
