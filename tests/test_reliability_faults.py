@@ -331,6 +331,16 @@ def test_an_empty_argument_is_refused_not_taken_for_the_current_folder(
     assert_nothing_written(tmp_path, before)
 
 
+@pytest.mark.parametrize("typed, said", [
+    ("--confidance", "No such option: --confidance (did you mean --confidence?)"),
+    ("--tiles", "No such option: --tiles (did you mean --tile?)"),
+    ("--foo", "No such option: --foo (see 'crossearth segment --help')"),  # was: --aoi, --cog
+])
+def test_an_unknown_option_suggests_only_close_ones(tmp_path, capfd, typed, said):
+    code, _, err = cli(capfd, "segment", tmp_path / "a.tif", typed, "1")
+    assert_user_error(code, err, said)
+
+
 def test_debug_shows_the_traceback(tmp_path, capfd, ckpt):
     args = ("segment", tmp_path / "missing.tif", "-c", ckpt)
     code, _, err = cli(capfd, *args)

@@ -157,7 +157,7 @@ def _run(args: list[str], debug: bool, signals: _Signals) -> int:
             traceback.print_exc()
         ctx = getattr(exc, "ctx", None)
         see = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-        _error_line(" ".join(exc.format_message().split()) + see)
+        _error_line(_usage_message(exc) + see)
         return exc.exit_code
     except click_abort as exc:
         cause = exc.__cause__ or exc.__context__
@@ -179,6 +179,19 @@ def _run(args: list[str], debug: bool, signals: _Signals) -> int:
         # Typer turns KeyboardInterrupt into ``Exit(130)`` before we can see it
         return _interrupted(signals, None, debug)
     return rv if isinstance(rv, int) else 0
+
+
+def _usage_message(exc) -> str:
+    """click's message, except that an unknown option suggests only options close to it
+    (click offered ``--aoi, --cog`` for ``--foo``)."""
+    name, possible = getattr(exc, "option_name", None), getattr(exc, "possibilities", None)
+    if type(exc).__name__ != "NoSuchOption" or not name:
+        return " ".join(exc.format_message().split())
+    import difflib
+
+    close = difflib.get_close_matches(name, sorted(possible or ()), n=2, cutoff=0.75)
+    return f"No such option: {name}" + (f" (did you mean {' or '.join(close)}?)"
+                                       if close else "")
 
 
 def _environment_error(exc: BaseException) -> UserError | None:
