@@ -257,6 +257,11 @@ def test_paletted_input_is_expanded_to_its_colours(tmp_path, capfd, ckpt, ext):
     # --bands on a paletted file reads the indices, and says so
     err = segment_ok(capfd, src, tmp_path / "idx_out.tif", ckpt, "--bands", "1,1,1")
     assert "colour-table indices" in err
+    # and --bands 1,2,3 (the colours are not bands) says what to do instead
+    code, _, err = cli(capfd, "segment", src, "-c", ckpt, "-o", tmp_path / "x.tif", "--bands",
+                       "1,2,3")
+    assert_user_error(code, err, "band 2 is out of range: the raster has 1 band(s)",
+                      "leave out --bands to use its colour table's red, green, blue")
 
 
 @pytest.mark.parametrize("driver,ext", [("PNG", "png"), ("JPEG", "jpg")])

@@ -383,11 +383,12 @@ def _check_real(src, path) -> None:
 def _check_band_numbers(src, path, bands: list[int]) -> None:
     for b in bands:
         if not 1 <= b <= src.count:
-            raise InputError(
-                f"band {b} is out of range: the raster has {src.count} band(s)",
-                path=path,
-                hint=f"pass --bands with numbers from 1 to {src.count}",
-            )
+            hint = f"pass --bands with numbers from 1 to {src.count}"
+            if _is_paletted(src):  # its colours are not bands: they come from the table
+                hint = ("a paletted raster: leave out --bands to use its colour table's red, "
+                        "green, blue, or pass --bands 1,1,1 for its indices")
+            raise InputError(f"band {b} is out of range: the raster has {src.count} band(s)",
+                             path=path, hint=hint)
 
 
 def _colorinterp_bands(src, interp: ColorInterp) -> int | None:
