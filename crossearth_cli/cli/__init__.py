@@ -132,8 +132,7 @@ def empty_argument(args: list[str]) -> UserError | None:
         option = arg.split("=", 1)[0] if arg.startswith("--") and "=" in arg else None
         if arg == "" or (option and arg == option + "="):
             after = option or (args[i - 1] if i and args[i - 1].startswith("-") else None)
-            return UserError(f'{after or "an argument"} is empty ("")' if option or after else
-                             'an empty argument ("")',
+            return UserError(f'{after} is empty ("")' if after else 'an empty argument ("")',
                              hint="an unset shell variable? give a value, or leave it out")
     return None
 

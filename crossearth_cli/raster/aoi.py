@@ -111,10 +111,11 @@ def read_aoi_file(path: Path | str, crs: CRS | None = None, name: str | None = N
         parts: dict[str, tuple[CRS | None, list]] = {}
         for layer in layers:
             meta, _, wkb, _ = pyogrio.raw.read(path, layer=layer, columns=[])
-            layer_crs = _layer_crs(name, layer, meta.get("crs"), crs, _beyond_degrees(wkb))
+            geoms = shapely.from_wkb(np.asarray([g for g in wkb if g is not None],
+                                                dtype=object))
+            layer_crs = _layer_crs(name, layer, meta.get("crs"), crs, _beyond_degrees(geoms))
             key = layer_crs.to_wkt() if layer_crs else ""
-            parts.setdefault(key, (layer_crs, []))[1].extend(
-                g for g in wkb if g is not None)
+            parts.setdefault(key, (layer_crs, []))[1].append(geoms)
     except (pyogrio.errors.DataSourceError, pyogrio.errors.DataLayerError) as exc:
         why = _first_line(exc).replace(str(path), name)
         what, fix = (f"cannot read it as a vector file ({why})",
@@ -128,8 +129,8 @@ def read_aoi_file(path: Path | str, crs: CRS | None = None, name: str | None = N
         raise InputError(f"--aoi {name}: {what}", hint=fix) from None
     groups = []
     others = invalid = 0
-    for layer_crs, blobs in parts.values():
-        geoms = shapely.from_wkb(np.asarray(blobs, dtype=object))
+    for layer_crs, arrays in parts.values():
+        geoms = np.concatenate(arrays)
         kinds = shapely.get_type_id(geoms)
         others += int(np.isin(kinds, (0, 1, 2, 4, 5)).sum())  # points and lines
         polygonal = geoms[np.isin(kinds, (3, 6))]
@@ -149,10 +150,9 @@ def read_aoi_file(path: Path | str, crs: CRS | None = None, name: str | None = N
     return AreaOfInterest(tuple(groups), label or Path(path).name, tuple(notes))
 
 
-def _beyond_degrees(wkb) -> float | None:
+def _beyond_degrees(geoms: np.ndarray) -> float | None:
     """The coordinate furthest past what longitudes (±180) and latitudes (±90) reach, or
     None when every coordinate could be one."""
-    geoms = shapely.from_wkb(np.asarray([g for g in wkb if g is not None], dtype=object))
     if not len(geoms):
         return None
     w, s, e, n = shapely.total_bounds(geoms)
@@ -282,17 +282,18 @@ def _both_extents(aoi: AreaOfInterest, crs: CRS | None, transform: Affine, width
 
     own = array_bounds(height, width, transform)
     where = f"in {crs.to_string()}" if crs else "in its own coordinates"
-    aoi_crs = aoi.parts[0][0] if len({str(c) for c, _ in aoi.parts}) == 1 else None
+    alone = f"the raster covers {text(own)} (W,S,E,N) {where}"
+    crss = {str(c) for c, _ in aoi.parts}
+    if len(crss) > 1:  # parts in several CRSs: no one frame to compare them in
+        return alone
+    area = text(shapely.total_bounds([g for _, g in aoi.parts]))
+    aoi_crs = aoi.parts[0][0]
     if aoi_crs is None or crs is None or aoi_crs == crs:
-        if aoi_crs is None and len(aoi.parts) > 1:
-            return f"the raster covers {text(own)} (W,S,E,N) {where}"
-        area = text(shapely.total_bounds([g for _, g in aoi.parts]))
         return f"the area spans {area} and the raster {text(own)} (W,S,E,N {where})"
     try:
         seen = text(transform_bounds(crs, aoi_crs, *own))
     except Exception:  # noqa: BLE001 - the raster's own extent still helps
-        return f"the raster covers {text(own)} (W,S,E,N) {where}"
-    area = text(shapely.total_bounds([g for _, g in aoi.parts]))
+        return alone
     return (f"the area spans {area} and the raster {seen} (W,S,E,N in "
             f"{aoi_crs.to_string()}; the raster's {text(own)} {where})")
 

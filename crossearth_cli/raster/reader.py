@@ -184,7 +184,7 @@ def open_raster(path: str | Path) -> rasterio.DatasetReader:
     every failure into one clear line."""
     from crossearth_cli.raster.remote import (
         RETRIES,
-        RETRY_SETTINGS,
+        busy_error,
         explain,
         file_name,
         gdal_path,
@@ -216,12 +216,13 @@ def open_raster(path: str | Path) -> rasterio.DatasetReader:
     except (RasterioError, CPLE_BaseError) as exc:
         if remote:  # named by the URL as given, not by GDAL's path
             what, fix = explain(without_names(str(exc), target, path).replace(target, path))
-            busy = RETRIES.busy(path)
-            if busy and what.startswith(("the server answered", "not a readable raster",
-                                         "not readable in windows")):
+            if what.startswith(("the server answered", "not a readable raster",
+                                "not readable in windows")):
                 # GDAL gave up after its retries ("not recognized as a supported format"
                 # when it got no bytes at all): the server stayed busy
-                what, fix = busy, f"try again later; {RETRY_SETTINGS}"
+                busy = busy_error(path)
+                if busy is not None:
+                    raise busy from exc
             if what.startswith("not found") and "." not in file_name(path):
                 fix += "; a folder's URL ends with /"
         else:
@@ -299,15 +300,10 @@ class ReadFailed(InputError):
 
 
 def server_busy_error(what: str, url: str) -> InputError | None:
-    """The error for a failed read of ``url`` right after GDAL asked its server again and
-    again: the server stayed busy (GDAL's read error does not say so; its retries did). None
-    for a local path, or a URL without recent retries."""
-    from crossearth_cli.raster.remote import RETRIES, RETRY_SETTINGS, is_remote
+    """:func:`remote.busy_error` for a read of ``url``; None for a local path."""
+    from crossearth_cli.raster.remote import busy_error, is_remote
 
-    busy = RETRIES.busy(url) if is_remote(url) else None
-    if busy is None:
-        return None
-    return InputError(f"{what}: {busy}", path=url, hint=f"try again later; {RETRY_SETTINGS}")
+    return busy_error(url, what) if is_remote(url) else None
 
 
 def _open_failure(exc: BaseException) -> str | None:

@@ -132,10 +132,9 @@ def list_folder(text: str, suffixes: tuple[str, ...]) -> list[tuple[str, str]]:
             warnings.showwarning = _log_gdal_warning
             listed = pyogrio.vsi_listtree(folder)
     except FileNotFoundError:  # GDAL says no more (a 404, a 403 or no server at all)
-        busy = RETRIES.busy(text)
-        if busy:
-            raise InputError(f"cannot be listed: {busy}", path=text,
-                             hint=f"try again later; {RETRY_SETTINGS}") from None
+        busy = busy_error(text, "cannot be listed")
+        if busy is not None:
+            raise busy from None
         raise InputError("not found on the server, or it cannot be listed", path=text,
                          hint="check the URL" + ("" if folder.startswith("/vsicurl") else
                                                  f"; {CREDENTIALS}")) from None
@@ -293,6 +292,20 @@ class RetryLog:
 
 
 RETRIES = RetryLog()
+
+
+def busy_error(text: str, what: str | None = None):
+    """The error for ``text`` (a remote input as typed) failing right after GDAL asked its
+    server again and again: the server stayed busy (GDAL's own error does not say so; its
+    retries did). ``what`` failed ("cannot be listed", "read failed at rows ..."). None when
+    ``text`` had no recent retries."""
+    from crossearth_cli.errors import InputError
+
+    busy = RETRIES.busy(text)
+    if busy is None:
+        return None
+    return InputError(f"{what}: {busy}" if what else busy, path=text,
+                      hint=f"try again later; {RETRY_SETTINGS}")
 
 
 def same_object(url: str, text: str) -> bool:

@@ -178,9 +178,8 @@ def _grid_difference(ds, src: ClassRaster) -> str:
     size = (f"{ds.width}x{ds.height} px against {src.width}x{src.height}"
             if (ds.width, ds.height) != (src.width, src.height) else "")
     a, b = ds.transform, src.transform
-    if (a.a, a.b, a.d, a.e) != (b.a, b.b, b.d, b.e) and not all(
-            math.isclose(u, v, rel_tol=1e-9) for u, v in zip((a.a, a.b, a.d, a.e),
-                                                              (b.a, b.b, b.d, b.e))):
+    if not all(math.isclose(u, v, rel_tol=1e-9)
+               for u, v in zip((a.a, a.b, a.d, a.e), (b.a, b.b, b.d, b.e))):
         how = f"pixels of {abs(a.a):g}x{abs(a.e):g} against {abs(b.a):g}x{abs(b.e):g}"
     elif not a.almost_equals(b):
         col, row = ~b * (a.c, a.f)  # where its corner lies on the class raster's grid
