@@ -9,7 +9,10 @@ rule too. The tests that need a real process (signals, locks, a full disk) use
 from __future__ import annotations
 
 import os
+import signal
 import struct
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -209,3 +212,21 @@ class CliWorker:
         for p in procs:
             p.kill()
         self.ex.shutdown(wait=True, cancel_futures=True)
+
+
+def sigterm_when(proc, ready: Callable[[], bool], timeout: float = 180) -> str:
+    """Wait until ``ready()`` while ``proc`` runs, send it SIGTERM, and return its stderr;
+    a process that ends first, or never gets ready, fails the test (and is killed)."""
+    try:
+        deadline = time.time() + timeout
+        while not ready():
+            if proc.poll() is not None:
+                pytest.fail(f"finished before it could be stopped: {proc.communicate()}")
+            if time.time() > deadline:
+                pytest.fail("never reached the moment to stop it")
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        return proc.communicate(timeout=60)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()

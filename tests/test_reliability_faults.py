@@ -22,6 +22,7 @@ from reliability_helpers import (
     error_lines,
     hidden_leftovers,
     real_env,
+    sigterm_when,
     snapshot,
 )
 
@@ -128,13 +129,7 @@ def test_sigterm_in_a_batch_keeps_what_is_done_and_a_rerun_finishes(tmp_path, ca
     summary = tmp_path / "s.json"
     args = ["segment", tiles, "-o", out, "-c", ckpt, "--tile", "128", "--summary", summary]
     proc = _start(args, tmp_path)
-    try:
-        _wait_for_temporaries(proc, out, ".s1_classes.tif.*.crossearth-tmp")
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    err = sigterm_when(proc, lambda: any(out.glob(".s1_classes.tif.*.crossearth-tmp")))
     assert proc.returncode == 143 and "Traceback" not in err, err
     assert sorted(p.name for p in out.iterdir()) == ["crossearth-manifest.jsonl",
                                                      "s0_classes.tif"]

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +20,7 @@ from reliability_helpers import (
     assert_user_error,
     cli,
     real_env,
+    sigterm_when,
     snapshot,
 )
 
@@ -75,6 +74,19 @@ def server(tmp_path):
     s.proc.wait()
     os.environ.clear()
     os.environ.update(saved)
+
+
+def _public_buckets_here(server: Server, monkeypatch, **more: str | None) -> None:
+    """GDAL's S3 client pointed at the test server (its folders under ROOT are the buckets),
+    public buckets: unsigned requests. ``more`` sets (or, with None, removes) other
+    variables."""
+    for key, value in {"AWS_S3_ENDPOINT": server.url.removeprefix("http://"),
+                       "AWS_HTTPS": "NO", "AWS_VIRTUAL_HOSTING": "FALSE",
+                       "AWS_NO_SIGN_REQUEST": "YES", **more}.items():
+        if value is None:
+            monkeypatch.delenv(key, raising=False)
+        else:
+            monkeypatch.setenv(key, value)
 
 
 def _read(path):
@@ -260,10 +272,7 @@ def test_a_busy_buckets_note_names_the_path_as_typed(tmp_path, capfd, ckpt, serv
     "flaky"); the note names s3://flaky/b/scene.tif, as typed."""
     (server.root / "b").mkdir()
     write_tif(server.root / "b" / "scene.tif", random_scene(64, 64, seed=2), transform=ORIGIN)
-    for key, value in {"AWS_S3_ENDPOINT": server.url.removeprefix("http://"),
-                       "AWS_HTTPS": "NO", "AWS_VIRTUAL_HOSTING": "FALSE",
-                       "AWS_NO_SIGN_REQUEST": "YES"}.items():
-        monkeypatch.setenv(key, value)
+    _public_buckets_here(server, monkeypatch)
     code, _, err = cli(capfd, "segment", "s3://flaky/b/scene.tif", "-o", tmp_path / "c.tif",
                        "-c", ckpt, *OPTS)
     assert code == 0, err
@@ -513,10 +522,7 @@ def test_an_s3_url_reads_through_gdals_s3_client(tmp_path, capfd, ckpt, server, 
     (server.root / "bucket").mkdir()
     data = random_scene(64, 80, seed=2)
     write_tif(server.root / "bucket" / "scene.tif", data, transform=ORIGIN)
-    for key, value in {"AWS_S3_ENDPOINT": server.url.removeprefix("http://"),
-                       "AWS_HTTPS": "NO", "AWS_VIRTUAL_HOSTING": "FALSE",
-                       "AWS_NO_SIGN_REQUEST": "YES"}.items():
-        monkeypatch.setenv(key, value)
+    _public_buckets_here(server, monkeypatch)
     code, _, err = cli(capfd, "segment", "s3://bucket/scene.tif", "-o", tmp_path / "s3.tif",
                        "-c", ckpt, *OPTS)
     assert code == 0, err
@@ -567,14 +573,7 @@ def test_s3_errors_say_what_to_set(tmp_path, capfd, ckpt, server, monkeypatch, k
     """GDAL's S3 client reports the service's words, not an HTTP code: they are read too."""
     (server.root / "bucket").mkdir()
     write_tif(server.root / "bucket" / "scene.tif", random_scene(64, 64, seed=2))
-    for name, value in {"AWS_S3_ENDPOINT": server.url.removeprefix("http://"),
-                        "AWS_HTTPS": "NO", "AWS_VIRTUAL_HOSTING": "FALSE",
-                        "AWS_NO_SIGN_REQUEST": "YES", "GDAL_HTTP_MAX_RETRY": "0",
-                        **env}.items():
-        if value is None:
-            monkeypatch.delenv(name, raising=False)
-        else:
-            monkeypatch.setenv(name, value)
+    _public_buckets_here(server, monkeypatch, GDAL_HTTP_MAX_RETRY="0", **env)
     url = f"s3://{'' if key.startswith('status') else 'bucket/'}{key}"
     code, _, err = cli(capfd, "segment", url, "-o", tmp_path / "c.tif", "-c", ckpt)
     line = assert_user_error(code, err, url, *needles)
@@ -686,16 +685,8 @@ def test_a_stop_while_checking_a_remote_folder_is_told(tmp_path, capfd, ckpt):
         proc = subprocess.Popen([sys.executable, "-m", "crossearth_cli", *map(str, args)],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env=real_env())
-        try:
-            deadline = time.time() + 120
-            while len(log.read_text().splitlines()) == asked:  # its first fingerprint request
-                assert proc.poll() is None and time.time() < deadline, proc.communicate()
-                time.sleep(0.02)
-            proc.send_signal(signal.SIGTERM)
-            _, err = proc.communicate(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+        # stopped at its first fingerprint request
+        err = sigterm_when(proc, lambda: len(log.read_text().splitlines()) > asked)
         assert proc.returncode == 143 and "Traceback" not in err, err
         assert (f"note: stopped (SIGTERM) while checking which of 4 file(s) an earlier run "
                 f"finished: none was run; the same command again does the work (--summary "
