@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -200,8 +201,10 @@ def test_sigkill_mid_file_leaves_no_broken_output_and_a_rerun_finishes(tmp_path,
 def _torchrun(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
            "2", "-m", "crossearth_cli", *map(str, args)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    # torchrun's agent leaves a torchelastic_* folder in the temporary folder of every run
+    with tempfile.TemporaryDirectory(prefix="crossearth-torchrun-") as tmp:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": tmp}
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def _alone_and_torchrun(inp, one, two, ckpt, *opts, one_only=(), two_only=()):
