@@ -1,7 +1,8 @@
 """From ``--model`` / ``--checkpoint`` to a :class:`~crossearth_cli.engine.ModelSpec`.
 
 Class names come from the checkpoint when it carries them, then from the preset, then
-``class_<i>``. Crop, stride and band order come from the preset (or the checkpoint's metadata).
+``class_<i>``. Crop, stride and band order come from the preset (or the checkpoint's metadata);
+a checkpoint that says nothing of them is tiled at its model's input size with 2/3 strides.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def resolve_model(
         list(preset.palette) if preset and preset.palette else None
     )
     crop = (info.crop_size if info and info.crop_size else None) or (
-        preset.crop_size if preset else 512
+        preset.crop_size if preset else module.config.img_size
     )
     stride = (info.stride if info and info.stride else None) or (
         preset.stride if preset else round(crop * 2 / 3)

@@ -279,12 +279,53 @@ def test_convert_dinov2_matches_the_reference_recipe(tmp_path, reference):
 
 
 def test_preset_file_name_fills_in_classes(tmp_path):
-    config = tiny_config(num_classes=2, img_size=128)
+    config = tiny_config(num_classes=2, img_size=512)
     path = write_random_checkpoint(tmp_path / "WHU-Building-A2S.pth", config, fmt="bare")
     model = load_checkpoint(path)
     assert model.info.preset == "whu-building-a2s"
     assert model.info.classes == ["Building", "Background"]
     assert model.info.bands == "RGB" and model.info.crop_size == 512 and model.info.stride == 341
+    assert model.info.warnings == []
+
+
+def _tiling(path: Path, **kw) -> tuple[int, int, list[str]]:
+    from crossearth_cli.loading import resolve_model
+
+    notes: list[str] = []
+    spec = resolve_model(checkpoint=path, notes=notes, **kw)
+    return spec.crop, spec.stride, notes
+
+
+def test_a_checkpoint_without_tiling_is_tiled_at_its_models_size(tmp_path):
+    """The spec's 1024 models use crop 1024, stride 683: a bare file (no training config) of
+    another size must not fall back to 512's tiles, which would squeeze its position grid."""
+    path = write_random_checkpoint(tmp_path / "m.pth", tiny_config(img_size=256), fmt="bare")
+    assert _tiling(path) == (256, 171, [])
+    convert_checkpoint(path, tmp_path / "m.safetensors")
+    # the same weights tile alike in either format
+    assert _tiling(tmp_path / "m.safetensors")[:2] == (256, 171)
+
+
+def test_a_file_named_like_a_preset_but_of_another_size_is_tiled_at_its_own(tmp_path):
+    config = tiny_config(num_classes=2, img_size=128)
+    path = write_random_checkpoint(tmp_path / "WHU-Building-A2S.pth", config, fmt="bare")
+    crop, stride, notes = _tiling(path)
+    assert (crop, stride) == (128, 85)
+    assert len(notes) == 1 and "named like preset whu-building-a2s" in notes[0]
+    assert "(512×512 inputs) but its model takes 128×128; tiles of 128 used" in notes[0]
+    assert load_checkpoint(path).info.classes == ["Building", "Background"]
+
+
+def test_a_released_split_file_refuses_a_backbone_of_another_size(tmp_path):
+    """Potsdam(r)-source.pth is a 512 model: a 1024-style backbone (here 256) is refused even
+    when the file carries no training config saying so (spec §3.1)."""
+    path = write_random_checkpoint(tmp_path / "Potsdam(r)-source.pth", CONFIG, fmt="split")
+    raw = torch.load(path, weights_only=True)
+    raw.pop("meta", None)  # no config text: only the released name tells its size
+    torch.save(raw, path)
+    wrong = write_random_checkpoint(tmp_path / "other.pth", tiny_config(img_size=256), fmt="split")
+    with pytest.raises(CheckpointError, match="for 256×256 inputs.*trained at 512×512"):
+        load_checkpoint(path, backbone=split_backbone_path(wrong))
 
 
 def test_unusable_device_is_a_config_error(tmp_path):

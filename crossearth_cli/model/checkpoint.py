@@ -616,19 +616,35 @@ def _check_values(
     return out
 
 
-def _apply_preset(path: Path, info: CheckpointInfo, num_classes: int) -> None:
+def _preset_img(path: Path) -> int | None:
+    """The input size of the preset whose released file ``path`` is named like, if any."""
     from crossearth_cli.presets import find_preset_for_file
 
     preset = find_preset_for_file(path.name)
-    if preset is None or len(preset.classes) != num_classes:
+    return preset.crop_size if preset else None
+
+
+def _apply_preset(path: Path, info: CheckpointInfo, config: CrossEarthConfig) -> None:
+    from crossearth_cli.presets import find_preset_for_file
+
+    preset = find_preset_for_file(path.name)
+    if preset is None or len(preset.classes) != config.num_classes:
         return
     info.preset = info.preset or preset.name
     if info.classes is None:
         info.classes = list(preset.classes)
         info.palette = info.palette or list(preset.palette)
+    info.bands = info.bands or preset.bands
+    if info.crop_size is None and preset.crop_size != config.img_size:
+        # named like the preset's file, but trained at another size: tile at the model's
+        info.warnings.append(
+            f"{path.name} is named like preset {preset.name}'s file ({preset.crop_size}×"
+            f"{preset.crop_size} inputs) but its model takes {config.img_size}×"
+            f"{config.img_size}; tiles of {config.img_size} used"
+        )
+        return
     info.crop_size = info.crop_size or preset.crop_size
     info.stride = info.stride or preset.stride
-    info.bands = info.bands or preset.bands
 
 
 def read_checkpoint(
@@ -651,7 +667,7 @@ def read_checkpoint(
             hint="pass a CrossEarth checkpoint; a DINOv2 file goes to --backbone",
         )
     sd = _drop_extras(raw, info)
-    sd = _complete_backbone(sd, path, backbone, info, hints.get("img_size"))
+    sd = _complete_backbone(sd, path, backbone, info, hints.get("img_size") or _preset_img(path))
     try:
         config = infer_config(sd, path)
         with torch.device("meta"):
@@ -676,7 +692,7 @@ def read_checkpoint(
         info.classes = None
     if info.palette is not None and len(info.palette) != config.num_classes:
         info.palette = None
-    _apply_preset(path, info, config.num_classes)
+    _apply_preset(path, info, config)
     return sd, config, info
 
 
