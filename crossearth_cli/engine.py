@@ -85,6 +85,8 @@ class ModelSpec:
     band_order: str = "RGB"
     label: str = "model"
     random_weights: bool = False
+    preset: str | None = None  # the released model it is, when known
+    gsd_m: float | None = None  # the pixel size of its training imagery (the preset's)
 
     @property
     def num_classes(self) -> int:
@@ -591,6 +593,21 @@ COMPILE_CPU_NOTE = ("--compile applies to CUDA only and is ignored here: on the 
                     "torch.compile made the model slower (docs/performance.md)")
 
 
+def _tell_resolution(reader: SceneReader, spec: ModelSpec) -> None:
+    """A note (told once in folder runs) when the scene's pixels are far from the size the
+    model was trained on."""
+    from crossearth_cli.raster.resolution import pixel_size_m, resolution_note
+
+    if spec.gsd_m is None:
+        return
+    wkt = reader.crs.to_wkt() if reader.crs else None
+    note = resolution_note(pixel_size_m(wkt, reader.transform, reader.width, reader.height),
+                           spec.gsd_m, spec.preset or spec.label)
+    if note and note not in reader.notes:
+        reader.notes.append(note)
+        reader.key_notes.append(note)
+
+
 def runtime_module(module: torch.nn.Module, device: torch.device, precision: str,
                    compile: bool = False) -> tuple[torch.nn.Module, torch.nn.Module]:
     """What a session runs (and the eager module behind it, which ``--batch-size auto``
@@ -659,6 +676,7 @@ class Session:
                                  value_range=settings.value_range,
                                  band_order=self.spec.band_order, aoi=settings.aoi)
         try:
+            _tell_resolution(reader, self.spec)
             grid = tile_grid(reader.height, reader.width, tile, stride)
             # an AOI runs the whole scene's tiles that cover its window (its rows and columns
             # as a part and a stripe are run): inside it, exactly the whole run's numbers

@@ -88,6 +88,7 @@ def resolve_model(
         preset.stride if preset else round(crop * 2 / 3)
     )
     bands = (info.bands if info and info.bands else None) or (preset.bands if preset else "RGB")
+    known = preset or (get_preset(info.preset) if info and info.preset else None)
     return ModelSpec(
         module=module,
         class_names=list(names),
@@ -97,6 +98,8 @@ def resolve_model(
         band_order=bands,
         label=label,
         random_weights=random_weights,
+        preset=known.name if known else None,
+        gsd_m=known.gsd_m if known else None,
     )
 
 
