@@ -9,6 +9,7 @@ copies run behind the model), so memory never depends on scene height.
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from collections import deque
@@ -278,7 +279,7 @@ class Predictor:
         if self.auto and self.cuda:
             self._scaling = _tile_rows(scaling_all, slice(0, 1))
             self._probe(images[:1], valid[:1])
-        outs = []
+        out: torch.Tensor | None = None  # the whole batch's scores, filled part by part
         i = 0
         while i < images.shape[0]:
             n = min(self.batch_size, images.shape[0] - i)
@@ -286,22 +287,33 @@ class Predictor:
             self._scaling = _tile_rows(scaling_all, part)
             try:
                 on_device = None if valid_device is None else valid_device[part]
-                outs.append(self._forward(images[part], valid[part], on_device))
+                scores = self._forward(images[part], valid[part], on_device)
+                if n == images.shape[0]:
+                    return scores
+                if out is None:  # not a cat of the parts at the end: twice the scores' memory
+                    out = scores.new_empty((images.shape[0], *scores.shape[1:]))
+                out[part] = scores
+                del scores
             except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled here
                 if not is_out_of_memory(exc):
                     raise
-                if self.cuda:
-                    torch.cuda.empty_cache()
                 if n == 1:
                     raise UserError(
                         "out of memory even with batch size 1",
-                        hint="use a smaller --tile or --device cpu",
+                        hint="use a smaller --tile" + (" or --device cpu" if self.cuda else ""),
                     ) from exc
                 self.batch_size = max(1, n // 2)
                 self.halvings += 1
+                failed = True
+            else:
+                failed = False
+            if failed:  # out of the handler: the failed batch's tensors are released now
+                gc.collect()  # those its traceback's reference cycles held too
+                if self.cuda:
+                    torch.cuda.empty_cache()
                 continue  # retry the same tiles with the smaller batch: nothing is lost
             i += n
-        return torch.cat(outs) if len(outs) > 1 else outs[0]
+        return out
 
     def _probe(self, image: torch.Tensor, valid: torch.Tensor) -> None:
         """Size the batch from one tile's peak memory (once)."""

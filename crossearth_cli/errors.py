@@ -125,4 +125,7 @@ def is_out_of_memory(exc: BaseException) -> bool:
     import torch  # here, not at import time: the CLI loads this module before torch
 
     oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
-    return isinstance(exc, oom) or "out of memory" in str(exc).lower()
+    text = str(exc).lower()
+    # the CPU's allocator says "DefaultCPUAllocator: can't allocate memory", numpy MemoryError
+    return (isinstance(exc, (oom, MemoryError)) or "out of memory" in text
+            or "can't allocate memory" in text)

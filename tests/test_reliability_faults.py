@@ -234,29 +234,39 @@ def test_signal_handler_semantics(monkeypatch):
 # -- out of memory ----------------------------------------------------------------------------
 
 
-class OomAboveBatch(PerPixelModel):
-    """Raises CUDA's out-of-memory error for batches larger than ``limit`` tiles."""
+OUT_OF_MEMORY = {  # what each device's allocator raises
+    "cuda": lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    "cpu": lambda: RuntimeError("[enforce fail at alloc_cpu.cpp:118] data. DefaultCPUAllocator: "
+                                "can't allocate memory: you tried to allocate 113246208 bytes. "
+                                "Error code 12 (Cannot allocate memory)"),
+    "numpy": lambda: MemoryError("Unable to allocate 108. MiB for an array"),
+}
 
-    def __init__(self, limit: int, **kw):
+
+class OomAboveBatch(PerPixelModel):
+    """Raises an out-of-memory error (CUDA's by default) for batches above ``limit`` tiles."""
+
+    def __init__(self, limit: int, kind: str = "cuda", **kw):
         super().__init__(**kw)
-        self.limit = limit
+        self.limit, self.kind = limit, kind
         self.batches: list[int] = []
 
     def forward(self, x):
         self.batches.append(x.shape[0])
         if x.shape[0] > self.limit:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            raise OUT_OF_MEMORY[self.kind]()
         return super().forward(x)
 
 
-def test_out_of_memory_halves_the_batch_and_loses_nothing(tmp_path):
+@pytest.mark.parametrize("kind", sorted(OUT_OF_MEMORY))
+def test_out_of_memory_halves_the_batch_and_loses_nothing(tmp_path, kind):
     from crossearth_cli.engine import Session
 
     src = write_tif(tmp_path / "s.tif", random_scene(300, 260))
     results = {}
     for name, limit in (("never", 10**6), ("oom", 3)):
         spec = per_pixel_spec(num_classes=5, crop=64, stride=48)
-        spec.module = OomAboveBatch(limit, num_classes=5)
+        spec.module = OomAboveBatch(limit, kind, num_classes=5)
         out = tmp_path / f"{name}.tif"
         settings = SegmentSettings(input=src, output=out, confidence=tmp_path / f"{name}_c.tif",
                                    probabilities=tmp_path / f"{name}_p.tif", batch_size=16)
@@ -299,8 +309,12 @@ def test_out_of_memory_elsewhere_is_one_line(tmp_path, capfd, ckpt, monkeypatch)
     src = write_tif(tmp_path / "s.tif", random_scene(64, 64))
     before = snapshot(tmp_path)
     code, _, err = cli(capfd, "segment", src, "-c", ckpt, "-o", tmp_path / "o.tif")
-    assert_user_error(code, err, "out of memory", "--tile")
+    assert_user_error(code, err, "out of memory (68.7 GB asked for at once)", "--tile")
     assert_nothing_written(tmp_path, before)
+    monkeypatch.setattr(engine, "RowBandAccumulator", lambda *a, **k: (_ for _ in ()).throw(
+        OUT_OF_MEMORY["cpu"]()))
+    code, _, err = cli(capfd, "segment", src, "-c", ckpt, "-o", tmp_path / "o.tif")
+    assert_user_error(code, err, "out of memory (113 MB asked for at once)")  # not "0.1 GB"
 
 
 # -- how errors read ---------------------------------------------------------------------------

@@ -207,7 +207,9 @@ def _environment_error(exc: BaseException) -> UserError | None:
         if m:
             scale = {"bytes": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40,
                      "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}.get(m.group(2), 1)
-            what = f"out of memory ({float(m.group(1)) * scale / 1e9:.1f} GB asked for at once)"
+            size = float(m.group(1)) * scale
+            amount = f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{size / 1e6:.0f} MB"
+            what = f"out of memory ({amount} asked for at once)"
         else:
             what = "out of memory"
         return UserError(what, hint="memory grows with the scene width times --tile, and with "
