@@ -69,7 +69,8 @@ def hidden_leftovers(folder: Path) -> list[str]:
     """Temporaries and lock files a run left behind (there must be none once it ended)."""
     return sorted(
         str(p.relative_to(folder)) for p in Path(folder).rglob(".*")
-        if p.name.endswith((".crossearth-tmp", ".lock")) or "-journal" in p.name
+        if p.name.endswith((".crossearth-tmp", ".lock")) or ".crossearth-tmp." in p.name
+        or "-journal" in p.name
     )
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import rasterio
 from helpers import random_scene, run_cli, write_tif
+from reliability_helpers import hidden_leftovers
 
 from crossearth_cli.batch import BatchInput, Manifest, expand_inputs, split_for_rank
 
@@ -357,6 +358,39 @@ def test_stale_temporaries_are_found_from_one_listing_of_the_folder(tmp_path, mo
     assert len(listings) == 1
     assert b_live.exists() and not (a_dead.exists() or a_dotted.exists() or c_dead.exists()
                                     or c_overviews.exists())
+    # a GeoPackage's temporary and SQLite's journal beside it
+    d_dead = tmp_path / f".d.gpkg.{dead.pid}.0123abcd.crossearth-tmp.gpkg"
+    d_journal = d_dead.with_name(d_dead.name + "-journal")
+    for p in (d_dead, d_journal):
+        p.write_bytes(b"partial")
+    writer._temp_index.clear()  # listed again, as by the next process
+    assert writer.remove_stale_temps(tmp_path / "d.gpkg") == [d_dead, d_journal]
+
+
+
+def test_a_killed_runs_geopackage_temporary_is_removed_by_the_next_run(tmp_path, tiny_ckpt):
+    """The GeoPackage's temporary is named with its writer's pid, as the rasters' are: one
+    a killed run left (with its journal) goes when the file is written again."""
+    from crossearth_cli.vector.writer import GpkgWriter
+
+    tiles = tmp_path / "tiles"
+    tiles.mkdir()
+    write_tif(tiles / "t0.tif", random_scene(48, 48))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "out"
+    out.mkdir()
+    left = [out / f".t0.gpkg.{dead.pid}.0123abcd.crossearth-tmp.gpkg{side}"
+            for side in ("", "-journal")]
+    for p in left:
+        p.write_bytes(b"partial")
+    writing = GpkgWriter(tmp_path / "x.gpkg", None)  # how a live writer names its temporary
+    assert writing.tmp.name.startswith(f".x.gpkg.{os.getpid()}.")
+    writing.abort()
+    proc = run_cli("segment", tiles, "-o", out, "-c", tiny_ckpt, "--vector", "auto")
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "t0.gpkg").exists() and not any(p.exists() for p in left)
+    assert hidden_leftovers(out) == []
 
 
 def test_a_folder_says_once_that_its_outputs_have_no_crs(tmp_path, tiny_ckpt):

@@ -81,8 +81,9 @@ def remove_own_temporaries() -> list[Path]:
     return removed
 
 
-# files GDAL makes beside a file it writes (the COG driver's overviews), left if it is killed
-_GDAL_SIDE_FILES = (".ovr.tmp",)
+# files GDAL makes beside a file it writes (the COG driver's overviews), left if it is
+# killed; a GeoPackage's temporary is named as a raster's with ".gpkg" (and SQLite's journals)
+_GDAL_SIDE_FILES = (".ovr.tmp", ".gpkg", ".gpkg-journal", ".gpkg-wal", ".gpkg-shm")
 
 
 def _temp_owner(name: str) -> tuple[str, int] | None:

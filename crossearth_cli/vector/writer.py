@@ -9,7 +9,6 @@ the output is either absent or complete.
 from __future__ import annotations
 
 import os
-import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from crossearth_cli.errors import OutputError
+from crossearth_cli.raster.writer import _track, _untrack, remove_stale_temps, temp_path_for
 
 # GeoPackage 1.2: read by every GDAL ≥ 2.2 and QGIS 3 without version warnings.
 _DATASET_OPTIONS = {"VERSION": "1.2"}
@@ -81,7 +81,11 @@ class GpkgWriter:
     def __init__(self, path: str | os.PathLike, crs_wkt: str | None, overwrite: bool = False):
         self.path = check_output(path, overwrite, make_folder=True)
         self.crs = crs_wkt
-        self.tmp = self.path.with_name(f".{self.path.stem}.{uuid.uuid4().hex[:8]}.tmp.gpkg")
+        # named as the rasters' temporaries (with the writer's pid), so a killed run's is
+        # removed by the next run that writes this file
+        remove_stale_temps(self.path)
+        tmp = temp_path_for(self.path)
+        self.tmp = _track(tmp.with_name(tmp.name + ".gpkg"))
         self.layers: dict[str, _Layer] = {}
         self._created = False
         self._closed = False
@@ -172,6 +176,7 @@ class GpkgWriter:
                 self._flush(layer)
             counts = {layer.name: layer.count for layer in self.layers.values()}
             os.replace(self.tmp, self.path)
+            _untrack(self.tmp)
         except BaseException:
             self.abort()
             raise
@@ -187,3 +192,4 @@ class GpkgWriter:
                 pass
             except OSError:
                 pass
+        _untrack(self.tmp)
