@@ -84,40 +84,102 @@ def _walk_rasters(folder: Path) -> list[Path]:
     return found
 
 
-def expand_inputs(args: list[str], exclude: Path | None = None) -> list[BatchInput]:
+@dataclass
+class Listing:
+    """What :func:`expand_inputs` set aside, for the run's notes."""
+
+    ours: list[Path] = field(default_factory=list)  # outputs of earlier runs, found in folders
+    links: list[tuple[Path, Path]] = field(default_factory=list)  # (a link, the file run)
+
+
+# names crossearth gives the rasters it writes (and VRT mosaics, named by the user)
+_OUR_RASTER_NAMES = tuple(v for k, v in OUTPUT_SUFFIXES.items() if k != "vector") + (".vrt",)
+
+
+def written_by_crossearth(path: Path) -> bool:
+    """An output of an earlier run: a raster named as crossearth names its outputs that
+    carries its class names (or a VRT over such rasters). Only such names are opened: a
+    check of every file of a large folder would cost a read each."""
+    import warnings
+
+    import rasterio
+    from rasterio.errors import NotGeoreferencedWarning
+
+    from crossearth_cli.raster.writer import class_names_in
+
+    if not path.name.lower().endswith(_OUR_RASTER_NAMES):
+        return False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with rasterio.open(path) as ds:
+                if class_names_in(ds.tags()) is not None:
+                    return True
+    except Exception:  # noqa: BLE001 - unreadable: the run says so, as for any input
+        return False
+    return path.suffix.lower() == ".vrt" and _mosaic_of_class_rasters(path)
+
+
+def _mosaic_of_class_rasters(vrt: Path) -> bool:
+    """A VRT whose every source is a ``*_classes.tif`` (the mosaics of earlier versions,
+    written without the class names)."""
+    import re
+
+    try:
+        text = vrt.read_text(errors="replace")
+    except OSError:
+        return False
+    sources = re.findall(r"<SourceFilename[^>]*>([^<]*)</SourceFilename>", text)
+    return bool(sources) and all(s.endswith(OUTPUT_SUFFIXES["classes"]) for s in sources)
+
+
+def expand_inputs(args: list[str], exclude: Path | None = None,
+                  listing: Listing | None = None) -> list[BatchInput]:
     """Files, folders, globs and URLs → unique inputs in a stable order, with mirrored paths.
 
     A URL is taken as it is (whether it answers is found when it runs, so one missing file
     on a server fails alone), and named by its file name, as a file is; a remote folder (a URL
     ending in ``/``) is listed, and its rasters mirror their paths below it, as a local
-    folder's do."""
+    folder's do. Folders and patterns leave out the outputs of earlier runs found in them;
+    a symbolic link to a file also found is run once, as that file. ``listing`` collects
+    both, for the run's notes."""
     from crossearth_cli.raster.remote import file_name, is_folder, is_remote, list_folder
 
     items: list[BatchInput] = []
-    seen: set[str] = set()
+    seen: dict[str, int] = {}  # resolved path -> index in items
     excl = exclude.resolve() if exclude is not None else None
+    listing = listing if listing is not None else Listing()
 
-    def add(path: Path, root: Path) -> None:
+    def add(path: Path, root: Path, found: bool = False) -> None:
         try:
             real = path.resolve(strict=True)
         except (OSError, RuntimeError):  # dangling link or a symlink loop
             real = path.absolute()
         if excl is not None and (real == excl or excl in real.parents):
             return  # never treat our own outputs as inputs
-        key = str(real)
-        if key in seen:
+        if found and written_by_crossearth(path):
+            listing.ours.append(path)
             return
-        seen.add(key)
         try:
             rel = path.relative_to(root)
         except ValueError:
             rel = Path(path.name)
+        key = str(real)
+        if key in seen:  # the same file again (a link to it, or given twice): run once
+            first = items[seen[key]]
+            if first.path != path and path.absolute() == real and first.path.is_symlink():
+                items[seen[key]] = BatchInput(path=path, rel=rel)  # the file, not its link
+                listing.links.append((first.path, path))
+            elif first.path != path and path.is_symlink():
+                listing.links.append((path, first.path))
+            return
+        seen[key] = len(items)
         items.append(BatchInput(path=path, rel=rel))
 
     def add_url(url: str, rel: str) -> None:
         key = url.split("?", 1)[0]  # one object, however often (re-)signed: once
         if key not in seen:
-            seen.add(key)
+            seen[key] = len(items)
             items.append(BatchInput(path=url, rel=Path(rel)))
 
     for arg in args:
@@ -134,7 +196,7 @@ def expand_inputs(args: list[str], exclude: Path | None = None) -> list[BatchInp
             if not files:
                 raise InputError("matches no files", path=arg, hint="check the pattern")
             for f in files:
-                add(f, root)
+                add(f, root, found=True)
         elif p.is_dir():
             files = _walk_rasters(p)
             if not files:
@@ -142,7 +204,7 @@ def expand_inputs(args: list[str], exclude: Path | None = None) -> list[BatchInp
                     "holds no rasters (.tif, .tiff, .vrt, .jp2, .img)", path=p
                 )
             for f in files:
-                add(f, p)
+                add(f, p, found=True)
         elif p.exists():
             add(p, p.parent)
         else:  # a name typed by hand: fail before any work, not after the others are done

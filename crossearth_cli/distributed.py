@@ -124,14 +124,18 @@ def merge_row_parts(parts: list[Path], final: Path, cog: bool = False,
 
 def write_mosaic_vrt(paths: list[Path], vrt: Path) -> tuple[Path, list[str]]:
     """One VRT over many class rasters (same CRS, north-up). Returns the VRT and notes."""
+    from crossearth_cli.raster.writer import class_names_in, class_tags
+
     notes: list[str] = []
     infos = []
+    tags: dict[str, str] = {}
     for p in paths:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             with rasterio.open(p) as ds:
                 infos.append((p, ds.crs, ds.transform, ds.width, ds.height, ds.colormap(1)
                               if ds.count else None))
+                tags = tags if infos[1:] else ds.tags()  # the first's: its class names
     if not infos:
         raise ConfigError("no outputs to put in the mosaic")
     crs0 = infos[0][1]
@@ -187,6 +191,10 @@ def write_mosaic_vrt(paths: list[Path], vrt: Path) -> tuple[Path, list[str]]:
             f'ySize="{dst_h:.6f}"/><NODATA>255</NODATA></ComplexSource>'
         )
     srs = f"<SRS>{escape(crs0.to_wkt())}</SRS>" if crs0 else ""
+    names = class_names_in(tags)  # the mosaic carries them too: it reads as ours
+    metadata = "".join(f'<MDI key="{escape(k)}">{escape(v)}</MDI>'
+                       for k, v in class_tags(names).items()) if names else ""
+    srs += f"<Metadata>{metadata}</Metadata>" if metadata else ""
     gt = ", ".join(repr(float(v)) for v in (left, res_x, 0.0, top, 0.0, res_y))
     xml = (
         f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}">{srs}'

@@ -731,3 +731,66 @@ def test_a_scene_whose_rasters_exist_is_told_how_to_add_its_geopackage(tmp_path,
     assert code == 0, err
     assert _layers(tmp_path / "s.gpkg") == _layers(tmp_path / "fresh" / "s.gpkg")
     assert sum(len(v[0]) for v in _layers(tmp_path / "s.gpkg").values()) > 0
+
+
+def _folder_run(capfd, *args):
+    from reliability_helpers import cli
+
+    code, _, err = cli(capfd, "segment", *args)
+    return code, " ".join(err.split())
+
+
+def test_outputs_of_earlier_runs_in_an_input_folder_are_left_out(tmp_path, tiny_ckpt, capfd):
+    """A scene tried alone first (outputs beside it), an earlier run's output folder inside
+    the input folder, its VRT mosaic: none is segmented as an image, and the run says so. A
+    user's raster that only happens to be named like an output is still run."""
+    tiles = tmp_path / "tiles"
+    (tiles / "g0").mkdir(parents=True)
+    for i in range(2):
+        write_tif(tiles / "g0" / f"t{i}.tif", random_scene(40, 40, seed=i))
+    write_tif(tiles / "mine_classes.tif", random_scene(40, 40, seed=5))  # not ours
+    code, err = _folder_run(capfd, tiles / "g0" / "t0.tif", "-c", tiny_ckpt,
+                            "--confidence", "auto")
+    assert code == 0 and (tiles / "g0" / "t0_confidence.tif").exists(), err
+    code, err = _folder_run(capfd, tiles, "-o", tiles / "results", "-c", tiny_ckpt,
+                            "--vrt", tiles / "mosaic.vrt")
+    assert code == 0, err
+    assert "left out 2 raster(s) that crossearth wrote" in err, err
+    with rasterio.open(tiles / "mosaic.vrt") as ds:
+        assert "classes" in ds.tags()  # the mosaic carries the class names too
+    # another output folder: the first run's folder, the outputs beside t0 and the mosaic
+    # are all left out, and the same --vrt can be written again
+    summary = tmp_path / "run.json"
+    code, err = _folder_run(capfd, tiles, "-o", tmp_path / "again", "-c", tiny_ckpt,
+                            "--summary", summary, "--vrt", tiles / "mosaic.vrt", "--overwrite")
+    assert code == 0, err
+    assert "left out 6 raster(s) that crossearth wrote" in err, err  # 2 + 3 + the mosaic
+    done = sorted(json.loads(summary.read_text())["done"])
+    assert done == ["g0/t0.tif", "g0/t1.tif", "mine_classes.tif"], done
+    # a mosaic of an earlier version (no class names in it) is recognised by its sources
+    legacy = tiles / "old.vrt"
+    legacy.write_text((tiles / "mosaic.vrt").read_text().split("<Metadata>")[0]
+                      + "<GeoTransform>" + (tiles / "mosaic.vrt").read_text().split(
+                          "<GeoTransform>", 1)[1])
+    from crossearth_cli.batch import written_by_crossearth
+
+    assert written_by_crossearth(legacy) and not written_by_crossearth(tiles / "mine_classes.tif")
+    # a folder of outputs only
+    code, err = _folder_run(capfd, tiles / "results", "-o", tmp_path / "third", "-c", tiny_ckpt)
+    assert code == 2 and "every raster found is an output of an earlier crossearth run" in err
+
+
+@pytest.mark.parametrize("link_name", ["alias.tif", "zz_alias.tif"])  # before and after it
+def test_a_link_to_a_file_in_the_folder_is_run_once_as_the_file(tmp_path, tiny_ckpt, capfd,
+                                                                 link_name):
+    tiles = tmp_path / "tiles"
+    (tiles / "real").mkdir(parents=True)
+    write_tif(tiles / "real" / "tile.tif", random_scene(40, 40))
+    (tiles / link_name).symlink_to(Path("real") / "tile.tif")
+    out = tmp_path / "out"
+    code, err = _folder_run(capfd, tiles, "-o", out, "-c", tiny_ckpt)
+    assert code == 0, err
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.tif")) == \
+        ["real/tile_classes.tif"]
+    assert f"{tiles / link_name} is a link to {tiles / 'real' / 'tile.tif'}, which is " \
+        "segmented" in err, err

@@ -585,7 +585,7 @@ class _Job:
         """The inputs' headers, less rasters crossearth wrote found in an input folder
         (outputs of an earlier run: never imagery); an output that would replace a real
         input is refused."""
-        from crossearth_cli.batch import expand_inputs
+        from crossearth_cli.batch import Listing, expand_inputs
         from crossearth_cli.errors import OutputError
         from crossearth_cli.raster.mosaic import read_header
         from crossearth_cli.raster.remote import is_remote
@@ -593,9 +593,11 @@ class _Job:
 
         _, out, conf, probs, _ = self._single_paths()
         outputs = {"-o": out, "--confidence": conf, "--probabilities": probs}
-        headers, ours = [], 0
+        listing = Listing()  # outputs found by listing a folder are left out there
         local = [text for text in self.inputs if not is_remote(text)]
-        for it in expand_inputs(local) if local else ():
+        found = expand_inputs(local, listing=listing) if local else []
+        headers, ours = [], len(listing.ours)
+        for it in found:
             named = str(it.path) in self.inputs
             clash = next((o for o, p in outputs.items() if p and same_path(it.path, p)), None)
             header = read_header(it.path)
@@ -627,6 +629,7 @@ class _Job:
     def run_folder(self) -> int:
         from crossearth_cli.batch import (
             BatchResult,
+            Listing,
             Manifest,
             check_output_names,
             expand_inputs,
@@ -643,9 +646,16 @@ class _Job:
                     hint=f"use {name} auto (INPUT{_suffix(name)} under the output folder)",
                 )
         outdir = self.output or Path("crossearth_out")
-        items = expand_inputs(self.inputs, exclude=outdir)  # a folder without rasters: said first
+        listing = Listing()  # a folder without rasters: said first
+        items = expand_inputs(self.inputs, exclude=outdir, listing=listing)
         if outdir.suffix.lower() in (".tif", ".tiff") and not outdir.is_dir():
             raise ConfigError(f"-o {outdir}: with several inputs, -o names a folder")
+        if rank.rank == 0:
+            _tell_listing(listing)
+        if not items and listing.ours:
+            raise ConfigError(
+                f"every raster found is an output of an earlier crossearth run (first: "
+                f"{listing.ours[0]})", hint="give the folder of the images")
         if not items:
             raise ConfigError(
                 f"-o {outdir}: every input is inside the output folder, so nothing is left to do",
@@ -999,6 +1009,16 @@ def _parse_batch_size(text: str) -> int | str:
     if value < 1:
         raise ConfigError("--batch-size must be at least 1")
     return value
+
+
+def _tell_listing(listing) -> None:
+    """What a folder's listing set aside: earlier outputs found among the inputs, and links
+    to files that are run as those files."""
+    if listing.ours:
+        note(f"left out {len(listing.ours)} raster(s) that crossearth wrote, found among the "
+             f"inputs (first: {listing.ours[0]})")
+    for link, target in listing.links:
+        note(f"{link} is a link to {target}, which is segmented (once, under its own name)")
 
 
 def _suffix(option: str) -> str:
