@@ -3,8 +3,9 @@
 A run over many inputs writes ``<stem>_classes.tif`` (and the other outputs asked for) under
 OUTDIR, mirroring sub-folders. After each scene's outputs are renamed into place, one JSON line
 is appended to a manifest beside them, recording the input's size and mtime, a hash of every
-setting that changes results, and the size of each output. A rerun skips an input only when its
-last record says ``done`` and all of that still holds; the existence of a file is not enough.
+setting that changes results, and the size and mtime of each output. A rerun skips an input
+only when its last record says ``done`` and all of that still holds; the existence of a file
+is not enough.
 
 Under ``torchrun`` each rank appends to its own manifest file (no two processes ever write one
 file) and takes a deterministic share of the inputs, balanced by file size.
@@ -401,10 +402,15 @@ class Manifest:
                 rec.size, rec.mtime_ns, rec.fingerprint):
             return False
         for kind, path in outputs.items():
+            made = rec.outputs[kind]
             try:
-                if path.stat().st_size != rec.outputs[kind]["size"]:
-                    return False
+                st = path.stat()
             except OSError:
+                return False
+            # replaced since (by another run, or edited in place): its time tells, even at
+            # the same size; records of earlier versions hold the size alone
+            if st.st_size != made["size"] or made.get("mtime_ns", st.st_mtime_ns) != \
+                    st.st_mtime_ns:
                 return False
         return True
 
@@ -433,14 +439,17 @@ class Manifest:
             pixels=pixels, seconds=round(seconds, 3),
             window=list(window) if window is not None else None,
             raster_settings=raster_settings,
-            outputs={
-                k: {"path": str(p.relative_to(self.outdir)), "size": p.stat().st_size}
-                for k, p in outputs.items()
-            },
+            outputs={k: _output_record(p, self.outdir) for k, p in outputs.items()},
         )
 
     def failed_record(self, item: BatchInput, settings: str, reason: str) -> Record:
         return Record(input=self.key(item), status="failed", settings=settings, reason=reason)
+
+
+def _output_record(path: Path, outdir: Path) -> dict:
+    st = path.stat()
+    return {"path": str(path.relative_to(outdir)), "size": st.st_size,
+            "mtime_ns": st.st_mtime_ns}
 
 
 def split_for_rank(items: list[BatchInput], rank: int, world: int) -> list[BatchInput]:

@@ -104,6 +104,25 @@ def test_resume_failures_and_settings_changes(tmp_path, tiny_ckpt):
     proc, touched = segment_folder(tiles, out, tiny_ckpt, "--confidence", "auto")
     assert touched["done"] == ["south/tile_4.tif"]
 
+    # an output replaced by one of the same size (another run writing into the sub-folder,
+    # an edit in place) is not the one recorded: redone
+    replaced = out / "north" / "tile_1_classes.tif"
+    data = bytearray(replaced.read_bytes())
+    data[-1] ^= 1
+    replaced.write_bytes(bytes(data))
+    proc, redone = segment_folder(tiles, out, tiny_ckpt, "--confidence", "auto")
+    assert redone["done"] == ["north/tile_1.tif"], redone
+
+    # records of earlier versions hold outputs' sizes alone: still skipped by them
+    manifest = out / "crossearth-manifest.jsonl"
+    records = [json.loads(x) for x in manifest.read_text().splitlines()]
+    for r in records:
+        for made in (r.get("outputs") or {}).values():
+            made.pop("mtime_ns")
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in records))
+    proc, old = segment_folder(tiles, out, tiny_ckpt, "--confidence", "auto")
+    assert old["files_done"] == 0 and old["files_skipped"] == 6, old
+
     # changing --tile redoes all of them
     proc = run_cli("segment", tiles, "-o", out, "-c", tiny_ckpt, "--tile", "96", "--stride",
                    "48", "--confidence", "auto", "--summary", tmp_path / "s.json")
