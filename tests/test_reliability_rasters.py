@@ -58,6 +58,15 @@ def _unreadable(tmp: Path, kind: str) -> Path:
         (tmp / "cut.tif").write_bytes(full.read_bytes()[:100])
         full.unlink()
         return tmp / "cut.tif"
+    if kind == "cut-directory-at-the-end":  # tags edited after writing move it there
+        full = write_tif(tmp / "full.tif", random_scene(64, 64), tiled=False)
+        with rasterio.open(full, "r+") as ds:
+            ds.update_tags(source="edited after writing")
+        data = full.read_bytes()
+        assert int.from_bytes(data[4:8], "little") > len(data) * 0.9
+        (tmp / "half_copied.tif").write_bytes(data[: len(data) * 9 // 10])
+        full.unlink()
+        return tmp / "half_copied.tif"
     if kind == "huge-strip":  # 100 000 × 100 000 × 3 claimed, 300 bytes present
         return classic_tiff(tmp / "huge_strip.tif", 100_000, 100_000)
     if kind == "huge-tiled":  # 2^31-1 on each side: GDAL refuses the tile count
@@ -92,12 +101,16 @@ def _unreadable(tmp: Path, kind: str) -> Path:
     pytest.param("zero-byte", ("empty.tif", "empty file (0 bytes)"), id="zero-byte"),
     pytest.param("text", ("notes.tif", "not a readable raster"), id="text"),
     pytest.param("truncated-header", ("cut.tif",), id="truncated-header"),
+    pytest.param("cut-directory-at-the-end", ("half_copied.tif", "is truncated or corrupt: its "
+                 "header points to byte", "(copy or download it again)"),
+                 id="cut-directory-at-the-end"),
     pytest.param("huge-strip", ("huge_strip.tif", "truncated or corrupt"), id="huge-strip"),
     pytest.param("huge-tiled", ("huge_tiled.tif", "not a readable raster"), id="huge-tiled"),
     pytest.param("huge-one-band", ("huge_1band.tif", "truncated or corrupt"),
                  id="huge-one-band"),
     # libtiff also writes "_tiffSeekProc: Invalid argument." straight to fd 2 for this one
-    pytest.param("bigtiff-ifd-out-of-reach", ("far_ifd.tif", "not a readable raster"),
+    pytest.param("bigtiff-ifd-out-of-reach", ("far_ifd.tif", "is truncated or corrupt: its "
+                                              "header points to byte 281,487,878,389,778"),
                  id="bigtiff-ifd-out-of-reach"),
 ])
 def test_unreadable_inputs_fail_fast_with_one_line(tmp_path, capfd, ckpt, kind, needles):

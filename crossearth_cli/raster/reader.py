@@ -226,8 +226,9 @@ def open_raster(path: str | Path) -> rasterio.DatasetReader:
             if what.startswith("not found") and "." not in file_name(path):
                 fix += "; a folder's URL ends with /"
         else:
-            what, fix = (f"not a readable raster ({gdal_words(exc, target, path)})",
-                         "is it a GeoTIFF? convert it with gdal_translate")
+            what, fix = _past_its_end(str(exc), p) or (
+                f"not a readable raster ({gdal_words(exc, target, path)})",
+                "is it a GeoTIFF? convert it with gdal_translate")
         raise InputError(what, path=path, hint=fix) from exc
     except MemoryError as exc:
         raise InputError("raster header asks for more memory than exists", path=path) from exc
@@ -237,6 +238,19 @@ def open_raster(path: str | Path) -> rasterio.DatasetReader:
         src.close()
         raise
     return src
+
+
+def _past_its_end(message: str, path: Path) -> tuple[str, str] | None:
+    """A TIFF whose directory lies past the end of the file (written last, then the file
+    cut short): truncated, not of another format."""
+    import re
+
+    m = re.search(r"directory at offset (\d+)", message)
+    size = path.stat().st_size
+    if m is None or int(m.group(1)) < size:
+        return None
+    return (f"is truncated or corrupt: its header points to byte {int(m.group(1)):,} but the "
+            f"file has {size:,} bytes", "copy or download it again")
 
 
 def _check_header(src) -> None:
