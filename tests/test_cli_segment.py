@@ -88,7 +88,8 @@ def test_band_out_of_range_and_too_few_bands(tmp_path, scene, tiny_ckpt):
     assert_clean_user_error(proc, "scene.tif", "band 5")
     one = write_tif(tmp_path / "gray.tif", random_scene(32, 32, bands=1))
     proc = run_cli("segment", one, "-c", tiny_ckpt)
-    assert_clean_user_error(proc, "gray.tif", "1 band")
+    assert_clean_user_error(proc, "gray.tif", "1 band", "run it with --bands, e.g. --bands "
+                            "1,1,1 to give one band as red, green, blue")
     _no_outputs(tmp_path, {"scene.tif", "gray.tif"})
 
 

@@ -449,7 +449,8 @@ def default_bands(src, order: str) -> tuple[list[int], str | None]:
     raise InputError(
         f"has {src.count} band(s); the model needs 3",
         path=src.name,
-        hint="pass --bands, e.g. --bands 1,1,1 for a single band",
+        # "run it": in a folder run, --bands would apply to every file
+        hint="run it with --bands, e.g. --bands 1,1,1 to give one band as red, green, blue",
     )
 
 
