@@ -269,7 +269,7 @@ def check_report_path(path: Path, what: str, overwrite: bool, taken) -> None:
             f"exists and is not a crossearth {what}", path=path,
             hint="pass --overwrite to replace it, or choose another name",
         )
-    ensure_writable_folder(path)
+    ensure_writable_folder(path, f"the folder of {option}")
 
 
 def _json_default(o):

@@ -157,6 +157,12 @@ def test_read_only_output_folder_simulated(tmp_path, capfd, ckpt, scene, monkeyp
     code, _, err = cli(capfd, "segment", scene, "-c", ckpt, "-o", ro / "out.tif")
     assert_user_error(code, err, "cannot write in the output folder", "permission denied")
     assert_nothing_written(tmp_path, before)
+    # a report in that folder is named as what it is, not as the output folder
+    for option in ("--summary", "--vrt"):
+        code, _, err = cli(capfd, "segment", scene, scene.parent, "-c", ckpt, "-o",
+                           tmp_path / "outs", option, ro / "report")
+        assert_user_error(code, err, f"cannot write in the folder of {option}")
+    assert_nothing_written(tmp_path, before)
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")

@@ -266,18 +266,21 @@ def same_path(a: Path, b: Path) -> bool:
         return a.absolute() == b.absolute()
 
 
-def ensure_writable_folder(path: Path) -> None:
-    """Create ``path``'s folder if needed and prove we can create files in it."""
+def ensure_writable_folder(path: Path, folder_of: str = "the output folder") -> None:
+    """Create ``path``'s folder if needed and prove we can create files in it.
+    ``folder_of`` names it in errors ("the folder of --summary")."""
     folder = path.parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         raise OutputError(
-            "cannot create the output folder: part of the path is a file", path=folder
+            f"cannot create {folder_of}: part of the path is a file", path=folder,
+            hint="choose another path",
         ) from None
     except OSError as exc:
         raise OutputError(
-            f"cannot create the output folder ({exc.strerror})", path=folder
+            f"cannot create {folder_of} ({exc.strerror})", path=folder,
+            hint="choose a folder you can write to",
         ) from None
     probe = _track(temp_path_for(path))
     try:
@@ -287,7 +290,7 @@ def ensure_writable_folder(path: Path) -> None:
         _untrack(probe)
     except OSError as exc:
         raise OutputError(
-            f"cannot write in the output folder ({exc.strerror or exc})",
+            f"cannot write in {folder_of} ({exc.strerror or exc})",
             path=folder,
             hint="choose a folder you can write to",
         ) from None
