@@ -24,6 +24,7 @@ from rasterio.transform import Affine
 
 from crossearth_cli.allocator import keep_freed_memory
 from crossearth_cli.compiled import CompiledForward
+from crossearth_cli.cpus import available_cpus
 from crossearth_cli.cuda_graphs import GraphedForward, cuda_graphs_wanted
 from crossearth_cli.errors import ConfigError, UserError, is_out_of_memory
 from crossearth_cli.raster.accumulator import (
@@ -1127,16 +1128,19 @@ def _run_tiles(predictor, feed, acc, write, scaling, emit) -> int:
 
 
 def configure_cpu_threads(device: torch.device, io_threads: int | None) -> None:
-    """On the CPU, leave a core to the reader/writer threads when there are cores to spare.
+    """On the CPU, leave a core to the reader/writer threads when there are cores to spare,
+    and use no more threads than the CPUs this process may use (:mod:`crossearth_cli.cpus`).
 
     torch's intra-op pool defaults to every core; GDAL decompression and compression run in
     our threads beside it. With 2 cores both stay with torch (I/O mostly waits on the disk).
     """
     if device.type != "cpu" or os.environ.get("OMP_NUM_THREADS"):
         return
-    cores = os.cpu_count() or 1
+    cores = available_cpus()  # taskset and a container's CPU limit count, not the machine
     if cores > 4:
         torch.set_num_threads(max(1, cores - (io_threads or cpu_io_threads()) // 2))
+    elif torch.get_num_threads() > cores:  # torch sees the machine's cores, not the quota
+        torch.set_num_threads(cores)
 
 
 def default_output_path(input_path: Path, suffix: str = "_classes") -> Path:

@@ -35,9 +35,63 @@ def note(message: str, style: str = "yellow") -> None:
     _err.print(Text.assemble(("note:", style), " ", message) if style else message)
 
 
+# a run whose stderr is not a terminal (a log file, nohup, a scheduler) gets a plain progress
+# line at most this often instead of a bar; CROSSEARTH_PROGRESS_SECONDS sets it, 0 turns it off
+PROGRESS_SECONDS = 60.0
+
+
+class LogProgress:
+    """Progress for logs: one ``progress:`` line per interval, not a bar that redraws."""
+
+    def __init__(self, clock=None):
+        import os
+        import time
+
+        self.clock = clock or time.monotonic
+        try:
+            self.every = float(os.environ.get("CROSSEARTH_PROGRESS_SECONDS", PROGRESS_SECONDS))
+        except ValueError:
+            self.every = PROGRESS_SECONDS
+        self.on = self.every > 0 and not sys.stderr.isatty()
+        self.start = self.last = self.clock()
+
+    def due(self) -> bool:
+        now = self.clock()
+        if not self.on or now - self.last < self.every:
+            return False
+        self.last = now
+        return True
+
+    def elapsed(self) -> float:
+        return self.clock() - self.start
+
+    @staticmethod
+    def say(text: str) -> None:
+        from crossearth_cli.raster.remote import hide_queries
+
+        _err.print(f"progress: {hide_queries(text)}")
+
+
+def duration(seconds: float) -> str:
+    """``40 s``, ``12 min``, ``3 h 05 min``."""
+    seconds = max(0, round(seconds))
+    if seconds < 90:
+        return f"{seconds} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 120 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def tiles_line(label: str, done: int, total: int, seconds: float) -> str:
+    rate = done / seconds if seconds > 0 else 0.0
+    left = f", about {duration((total - done) / rate)} left" if rate and done < total else ""
+    return (f"{label}: {done:,}/{total:,} tiles ({100 * done / max(total, 1):.0f} %), "
+            f"{rate:.1f} tiles/s{left}")
+
+
 @contextmanager
 def progress_events(label: str) -> Iterator:
-    """A progress bar (tiles, tiles/s, ETA) fed by engine events; silent when not a TTY."""
+    """A progress bar (tiles, tiles/s, ETA) fed by engine events on a terminal; elsewhere a
+    ``progress:`` line every minute (:class:`LogProgress`)."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -61,15 +115,27 @@ def progress_events(label: str) -> Iterator:
         disable=not sys.stderr.isatty(),
     )
     task = None
+    log = LogProgress()
+    count = {"done": 0, "total": 0}
 
     def events(kind: str, data: dict) -> None:
         nonlocal task
         if kind == "start":
             task = progress.add_task(label, total=data["tiles"], rate="")
+            count.update(done=0, total=data["tiles"])
+            log.start = log.last = log.clock()
         elif kind == "advance" and task is not None:
             progress.advance(task, data["tiles"])
             speed = progress.tasks[task].speed
             progress.update(task, rate=f"{speed:.1f}/s" if speed else "")
+            count["done"] += data["tiles"]
+            if count["done"] < count["total"]:
+                if log.due():
+                    log.say(tiles_line(label, count["done"], count["total"], log.elapsed()))
+            elif log.on and log.elapsed() >= log.every:
+                # a long run's outputs may take a while yet (overviews, vectors): say so
+                log.say(f"{label}: all {count['total']:,} tiles done in "
+                        f"{duration(log.elapsed())}; finishing the outputs")
         elif kind == "note":
             note(data["message"])
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import typer
 
 from crossearth_cli.cli.app import app
-from crossearth_cli.cli.console import note, out_console, progress_events
+from crossearth_cli.cli.console import LogProgress, duration, note, out_console, progress_events
 
 AUTO = "auto"
 
@@ -1119,6 +1119,10 @@ class _BatchProgress:
         )
         self.progress.__enter__()
         self.task = self.progress.add_task("segment", total=self.total)
+        self.log = LogProgress()  # lines for a log, where the bar is not drawn
+        self.log.on = self.log.on and self.rank.rank == 0
+        self._files = {"done": 0, "failed": 0}
+        self._tiles = {"done": 0, "total": 0}
         if self.rank.world > 1 and self.rank.rank == 0:
             self._stop = threading.Event()
             start = time.time()
@@ -1129,6 +1133,20 @@ class _BatchProgress:
         while not self._stop.wait(1.0):
             n = sum(rec.finished >= start for rec in self.manifest.read_all())
             self.progress.update(self.task, completed=n)
+            if self.log.due():
+                self.log.say(f"{n:,} of {self.total:,} files finished by all ranks, "
+                             f"{duration(self.log.elapsed())} in")
+
+    def _log_line(self) -> None:
+        files = self._files["done"] + self._files["failed"]
+        failed = f", {self._files['failed']:,} failed" if self._files["failed"] else ""
+        now = ""
+        if self._input and self._tiles["total"] > 1:
+            now = f"; now {self._input}: {self._tiles['done']:,}/{self._tiles['total']:,} tiles"
+        elif self._input:
+            now = f"; now {self._input}"
+        self.log.say(f"{files:,} of {self.total:,} files{failed}, "
+                     f"{duration(self.log.elapsed())} in{now}")
 
     def events(self, kind: str, data: dict) -> None:
         if kind == "file_start":
@@ -1150,6 +1168,20 @@ class _BatchProgress:
             self.progress.advance(self.task)
         if kind == "file_failed":
             note(_failure(data["input"], data["reason"]), style="red")
+        self._count(kind, data)
+
+    def _count(self, kind: str, data: dict) -> None:
+        """Files and the current file's tiles, for the log's progress lines."""
+        if kind == "start":
+            self._tiles.update(done=0, total=data["tiles"])
+        elif kind == "advance":
+            self._tiles["done"] += data["tiles"]
+        elif kind in ("file_done", "file_failed"):
+            self._files["done" if kind == "file_done" else "failed"] += 1
+        else:
+            return
+        if self._stop is None and self.log.due():
+            self._log_line()
 
     def __exit__(self, *exc):
         if self._stop is not None:

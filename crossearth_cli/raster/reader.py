@@ -847,7 +847,9 @@ def column_chunks(x0: int, x1: int, n: int, block: int) -> list[tuple[int, int]]
 
 def cpu_io_threads() -> int:
     """Reader threads: two are enough to hide reads behind compute on most disks."""
-    return max(1, min(4, (os.cpu_count() or 2) // 2))
+    from crossearth_cli.cpus import available_cpus
+
+    return max(1, min(4, available_cpus() // 2))
 
 
 # Reader threads for rasters on a server: they mostly wait for round trips, not for a core,

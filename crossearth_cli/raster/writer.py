@@ -548,8 +548,9 @@ def compression_threads(model_on_cpu: bool = False) -> int:
         return max(1, int(env))
     if model_on_cpu:
         return 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(8, (cores or 1) // 2))
+    from crossearth_cli.cpus import available_cpus
+
+    return max(1, min(8, available_cpus() // 2))
 
 
 def _thread_option(spec: RasterSpec) -> dict:
@@ -584,7 +585,9 @@ def _write_pool() -> ThreadPoolExecutor:
     """The threads every output's writes run on, one write per output in flight at a time.
     Shared, not one per output: a folder of small files would start and join a thread per
     file, each start waiting for the GIL behind the run's other threads."""
-    return ThreadPoolExecutor(max(2, os.cpu_count() or 2), thread_name_prefix="crossearth-write")
+    from crossearth_cli.cpus import available_cpus
+
+    return ThreadPoolExecutor(max(2, available_cpus()), thread_name_prefix="crossearth-write")
 
 
 # a forked child has none of the parent's threads: it starts a pool of its own if it writes

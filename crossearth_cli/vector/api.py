@@ -294,8 +294,9 @@ def _auto_workers(requested: int, n_windows: int) -> int:
         return min(requested, n_windows)
     if n_windows < 4:
         return 1
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(4, cpus or 1, n_windows))
+    from crossearth_cli.cpus import available_cpus
+
+    return max(1, min(4, available_cpus(), n_windows))
 
 
 def vectorize_raster(
