@@ -14,8 +14,12 @@ UTM = CRS.from_epsg(32632).to_wkt()
 
 
 def test_pixel_size_in_metres_whatever_the_crs():
+    # on the ellipsoid: UTM's central meridian has a scale of 0.9996
     assert pixel_size_m(UTM, from_origin(500000, 5800000, 0.5, 0.5), 100, 100) == \
-        pytest.approx(0.5)
+        pytest.approx(0.5 / 0.9996, rel=1e-4)
+    mercator = CRS.from_epsg(3857).to_wkt()  # at 60° N a Mercator metre is half a metre
+    got = pixel_size_m(mercator, from_origin(1e6, 8399737.89, 1.0, 1.0), 100, 100)
+    assert got == pytest.approx(0.5, rel=2e-3)
     feet = CRS.from_epsg(2263).to_wkt()  # New York, US survey feet
     assert pixel_size_m(feet, from_origin(980000, 200000, 1.0, 1.0), 100, 100) == \
         pytest.approx(0.3048006, rel=1e-3)

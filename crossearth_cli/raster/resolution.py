@@ -8,6 +8,7 @@ scene far outside that range is told, with how to resample it.
 
 from __future__ import annotations
 
+import functools
 import math
 
 # Training pipelines resize images randomly by 0.5x to 2x: within this factor of the training
@@ -19,21 +20,37 @@ UPSAMPLE_FACTOR = 8.0
 
 
 def pixel_size_m(crs_wkt: str | None, transform, width: int, height: int) -> float | None:
-    """The scene's pixel size at its centre in metres (geometric mean of both axes), or None
-    when it has no CRS or geotransform, or a CRS that cannot be measured in metres."""
-    from crossearth_cli.vector.areas import MetricFrame
-
+    """The scene's pixel size at its centre in metres on the ellipsoid (geometric mean of
+    both axes), or None when it has no CRS or geotransform, or a CRS without an ellipsoid.
+    About 0.1 ms a scene once its CRS was seen (a folder of 10,000 tiles in EPSG:4326 must not
+    pay a projection set-up each)."""
     if not crs_wkt or transform is None or transform.is_identity:
         return None
     try:
-        frame = MetricFrame.build(crs_wkt, transform, width, height)
+        tools = _to_lonlat(crs_wkt)
     except Exception:  # noqa: BLE001 - a CRS pyproj cannot handle: no note, not an error
         return None
-    if frame.mode == "unknown":
+    if tools is None:
         return None
-    sx, sy = frame.pixel_size_m
-    size = math.sqrt(sx * sy)
+    to_lonlat, geod = tools
+    cx, cy = width / 2.0, height / 2.0
+    xy = [transform * (cx, cy), transform * (cx + 1.0, cy), transform * (cx, cy + 1.0)]
+    lon, lat = to_lonlat.transform([p[0] for p in xy], [p[1] for p in xy])
+    _, _, d = geod.inv([lon[0]] * 2, [lat[0]] * 2, list(lon[1:]), list(lat[1:]))
+    size = math.sqrt(float(d[0]) * float(d[1]))
     return size if math.isfinite(size) and size > 0 else None
+
+
+@functools.lru_cache(maxsize=16)
+def _to_lonlat(crs_wkt: str):
+    """(CRS → its longitude/latitude, the ellipsoid's Geod), or None without an ellipsoid."""
+    import pyproj
+
+    crs = pyproj.CRS.from_wkt(crs_wkt)
+    geodetic = crs.geodetic_crs
+    if geodetic is None:
+        return None
+    return pyproj.Transformer.from_crs(crs, geodetic, always_xy=True), geodetic.get_geod()
 
 
 def resolution_note(pixel_m: float | None, gsd_m: float | None, model: str) -> str | None:
