@@ -524,30 +524,20 @@ class LineJoiner:
         cand = np.nonzero(on)[0]
         link: dict[int, int] = {}  # end id (piece, or n + piece for the last point) → other end
         if len(cand) > 1:
-            groups: dict[int, list[int]] = {}
-            parent = list(range(len(cand)))
-
-            def find(i):
-                while parent[i] != i:
-                    parent[i] = parent[parent[i]]
-                    i = parent[i]
-                return i
-
-            for i, j in cKDTree(ends[cand]).query_pairs(self.snap, output_type="ndarray"):
-                pi, pj = cand[i] % n, cand[j] % n
-                if src_l[pi] == src_l[pj] or cls_l[pi] != cls_l[pj]:
+            # Ends on a seam are where a line was cut (nodes lie off the integer seams).
+            # Pair them across windows, closest first: near a junction beside a seam crossing
+            # several cut ends lie within the snap distance, and each has its own partner.
+            found = cKDTree(ends[cand]).query_pairs(self.snap, output_type="ndarray")
+            dist = np.hypot(*(ends[cand[found[:, 0]]] - ends[cand[found[:, 1]]]).T) \
+                if len(found) else np.empty(0)
+            matched: set[int] = set()
+            for k in np.argsort(dist, kind="stable"):
+                a, b = int(cand[found[k, 0]]), int(cand[found[k, 1]])
+                pa, pb = a % n, b % n
+                if (a in matched or b in matched or pa == pb or src_l[pa] == src_l[pb]
+                        or cls_l[pa] != cls_l[pb]):
                     continue
-                ri, rj = find(int(i)), find(int(j))
-                if ri != rj:
-                    parent[max(ri, rj)] = min(ri, rj)
-            for i in range(len(cand)):
-                groups.setdefault(find(i), []).append(int(cand[i]))
-            for members in groups.values():
-                if len(members) != 2:
-                    continue  # a road end, or a junction right on the seam: nothing to chain
-                a, b = members
-                if a % n == b % n:
-                    continue
+                matched.update((a, b))
                 mid = (ends[a] + ends[b]) / 2.0
                 for e in (a, b):
                     p = e % n
@@ -615,11 +605,24 @@ class LineJoiner:
 
 
 def clip_to_core(lines: np.ndarray, box) -> np.ndarray:
-    """Clip lines to the window core, keeping only line parts (joined where they touch)."""
+    """Clip lines to the window core, keeping only line parts (joined where they touch).
+
+    Lines inside the core are kept as they are. GEOS's overlay returns a clipped line as its
+    noded edges, which for a line with collinear vertices can be one piece per pixel: each
+    clipped line's pieces are merged back (pieces shorter than a finished line's minimum were
+    then dropped, cutting roads short)."""
     if len(lines) == 0:
         return lines
-    clipped = shapely.intersection(lines, box)
-    clipped = clipped[~shapely.is_empty(clipped)]
-    parts = shapely.get_parts(clipped)
-    parts = parts[shapely.get_type_id(parts) == 1]
-    return parts[shapely.length(parts) > 0]
+    lines = np.asarray(lines, dtype=object)
+    inside = shapely.covered_by(lines, box)
+    out = list(lines[inside])
+    rest = lines[~inside]
+    if len(rest):
+        parts, of = shapely.get_parts(shapely.intersection(rest, box), return_index=True)
+        keep = shapely.get_type_id(parts) == 1
+        parts, of = parts[keep], of[keep]
+        for i in np.unique(of):
+            merged = shapely.line_merge(shapely.multilinestrings(parts[of == i]))
+            out.extend(shapely.get_parts(merged))
+    out = np.asarray(out, dtype=object)
+    return out[shapely.length(out) > 0] if len(out) else out
