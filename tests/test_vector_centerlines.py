@@ -167,3 +167,33 @@ def test_a_junction_beside_a_seam_crossing_keeps_one_end_point(tmp_path, y0, x0)
     junction = [p for p, c in counts.items() if c > 1]
     assert len(junction) == 1 and counts[junction[0]] == 4, counts
     assert np.hypot(junction[0][0] - (x0 + 4.5), junction[0][1] - (y0 + 4.5)) <= 1.5
+
+
+def test_small_holes_in_a_road_do_not_split_its_centerline(tmp_path):
+    """A few pixels missing inside a road (noise in the segmentation) made the skeleton go
+    round them: loops, and the road cut into several lines. A ring road's island stays."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(9)
+    for w in (9, 13):
+        road = np.zeros((200, 600), bool)
+        road[100 - w // 2:100 - w // 2 + w, 20:580] = True
+        holes = road.copy()
+        holes[100, 200] = holes[99, 400] = False
+        holes[99:101, 300:302] = False
+        outer = ndimage.binary_dilation(road) & ~road
+        inner = road & ~ndimage.binary_erosion(road)
+        noisy = np.where((outer | inner) & (rng.random(road.shape) < 0.1), ~road, road)
+        axis = shapely.LineString([(20, 100), (580, 100)])
+        for mask in (holes, noisy):
+            lines = centerlines(tmp_path, mask, 1024)
+            assert len(lines) == 1, (w, len(lines))
+            pts = shapely.points(shapely.get_coordinates(shapely.segmentize(lines, 1.0)))
+            assert shapely.distance(pts, axis).max() <= 1.5
+            assert abs(lines[0].length - (560 - w)) <= 8
+    ring = np.zeros((300, 300), bool)
+    yy, xx = np.mgrid[:300, :300]
+    r = np.hypot(yy - 150, xx - 150)
+    ring[(r >= 55) & (r <= 66)] = True
+    lines = centerlines(tmp_path, ring, 1024)
+    assert len(lines) == 1 and lines[0].is_ring  # the island is not a hole to fill
