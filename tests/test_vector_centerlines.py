@@ -197,3 +197,22 @@ def test_small_holes_in_a_road_do_not_split_its_centerline(tmp_path):
     ring[(r >= 55) & (r <= 66)] = True
     lines = centerlines(tmp_path, ring, 1024)
     assert len(lines) == 1 and lines[0].is_ring  # the island is not a hole to fill
+
+
+@pytest.mark.parametrize("radius, width", [(60, 9), (100, 15), (200, 15)])
+def test_a_curved_dead_end_road_keeps_its_ends(tmp_path, radius, width):
+    """A dead end's curl was cut where the skeleton left a straight axis fitted 1.5-4.5
+    widths back: on a curve that is most of the road (R 100, 15 px: 55 % of it kept). A
+    curve is fitted there instead, and the line follows it to near the road's end."""
+    from rasterio.features import rasterize
+
+    t = np.radians(np.linspace(0, 70, 400))
+    axis = shapely.LineString(np.column_stack([60 + radius * (1 - np.cos(t)),
+                                               60 + radius * np.sin(t)]))
+    size = (int(60 + radius * np.sin(np.radians(70)) + 80), int(60 + radius + 80))
+    mask = rasterize([(axis.buffer(width / 2, cap_style="flat"), 1)], out_shape=size) == 1
+    lines = centerlines(tmp_path, mask, 1024)
+    assert len(lines) == 1
+    assert lines[0].length >= 0.85 * axis.length, lines[0].length / axis.length
+    pts = shapely.points(shapely.get_coordinates(shapely.segmentize(lines, 0.5)))
+    assert shapely.distance(pts, axis).max() <= 1.5

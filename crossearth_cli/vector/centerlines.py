@@ -378,6 +378,13 @@ def _typical_width(pts: np.ndarray, dist: np.ndarray) -> float:
     return 2.0 * float(np.median(dist[rows, cols]))
 
 
+# how far back from a dead end thinning's curl toward a corner can reach, in road widths (an
+# end cut at 60° to the road: ~1.7)
+CURL_WIDTHS = 2.5
+# farther than this from a straight axis, the stretch it was fitted on is a curve (pixels)
+CURVED_PX = 0.8
+
+
 def _straighten_tip(pts: np.ndarray, width: float, dist: np.ndarray) -> np.ndarray:
     """A dead end: thinning curls the tip toward a corner of the road's end (over a width or
     more where the end is cut obliquely). Put it back on the road's axis, fitted a little way
@@ -395,22 +402,84 @@ def _straighten_tip(pts: np.ndarray, width: float, dist: np.ndarray) -> np.ndarr
     if np.dot(pts[-1] - c, d) < 0:
         d = -d  # point toward the tip
     off = np.abs((rev - c) @ np.array([-d[1], d[0]]))
-    on_axis = np.nonzero(off <= 1.0)[0]
-    last = len(pts) - 1 - (on_axis[0] if len(on_axis) else 0)  # last skeleton point kept
+    fitted = (s >= lo) & (s <= lo + max(3.0 * width, 6.0))
+    if off[fitted].max() > CURVED_PX and _curve_fits_better(rev, s, fitted, off):
+        # the road curves where the axis was fitted: a straight axis would leave it (a
+        # curved road's end was cut 2-4 widths short), so a curve is fitted instead
+        return _follow_curve_to_tip(pts, s, fitted, width, dist)
+    # the curl is the last stretch, a width or two: nothing further back is cut
+    on_axis = np.nonzero((off <= 1.0) & (s <= CURL_WIDTHS * width + 1.0))[0]
+    if len(on_axis) == 0:
+        return pts
+    last = len(pts) - 1 - on_axis[0]  # last skeleton point kept
     body = pts[: max(last, 0) + 1]
     t0 = float(np.dot(body[-1] - c, d))
     t = max(float(np.dot(pts[-1] - c, d)), t0)
     # ...but not past where the axis comes within half a width of the road's edge
     h, w = dist.shape
+    limit = _end_limit(c + t0 * d, width, dist)
     for step in np.arange(t0, t + 0.5, 0.5):
         x, y = c + step * d
-        if not (0 <= x < w and 0 <= y < h) or dist[int(y), int(x)] < width / 2.0:
+        if not (0 <= x < w and 0 <= y < h) or dist[int(y), int(x)] < limit:
             t = max(step - 0.5, t0)
             break
     tip = c + t * d
     if t <= t0 + 1e-9:
         return body if len(body) >= 2 else pts
     return np.vstack([body, tip])
+
+
+def _curve_fits_better(rev, s, fitted, off) -> bool:
+    """A quadratic in the arc position follows the stretch at least twice as closely as the
+    straight axis: a curve, not a noisy outline's wiggles (which a quadratic fits no better,
+    and would carry on past the skeleton's end)."""
+    if fitted.sum() < 5:
+        return False
+    coef = np.linalg.lstsq(np.vander(s[fitted], 3), rev[fitted], rcond=None)[0]
+    quad = np.hypot(*(rev[fitted] - np.vander(s[fitted], 3) @ coef).T).max()
+    return quad < 0.5 * off[fitted].max()
+
+
+def _end_limit(start: np.ndarray, width: float, dist: np.ndarray) -> float:
+    """How close to the road's edge a dead end's line may go: half a width, or less where the
+    road is narrower at the line's start (the width is a median, the line a pixel off
+    centre): it stopped at once there, cutting the road's end short."""
+    h, w = dist.shape
+    x, y = int(min(max(start[0], 0), w - 1)), int(min(max(start[1], 0), h - 1))
+    return min(width / 2.0, float(dist[y, x]) - 0.5)
+
+
+def _follow_curve_to_tip(pts: np.ndarray, s: np.ndarray, fitted: np.ndarray, width: float,
+                         dist: np.ndarray) -> np.ndarray:
+    """:func:`_straighten_tip` on a curving road: x and y as quadratics of the arc position
+    (from the tip), fitted where the axis was; the curl is cut where the skeleton leaves that
+    curve, which is followed on to half a width inside the road's end."""
+    rev = pts[::-1]
+    if fitted.sum() < 5:
+        return pts
+    coef = np.linalg.lstsq(np.vander(s[fitted], 3), rev[fitted], rcond=None)[0]
+
+    def curve(v):
+        return np.vander(np.atleast_1d(np.asarray(v, dtype=np.float64)), 3) @ coef
+
+    off = np.hypot(*(rev - curve(s)).T)
+    on = np.nonzero((off <= 1.0) & (s <= CURL_WIDTHS * width + 1.0))[0]
+    if len(on) == 0:
+        return pts
+    k = int(on[0])
+    body = pts[: len(pts) - k]
+    h, w = dist.shape
+    reached = s[k]
+    limit = _end_limit(curve(s[k])[0], width, dist)
+    for v in np.arange(s[k] - 0.5, -0.25, -0.5):  # toward the skeleton's tip, s = 0
+        x, y = curve(v)[0]
+        if not (0 <= x < w and 0 <= y < h) or dist[int(y), int(x)] < limit:
+            break
+        reached = v
+    if reached >= s[k] - 1e-9:
+        return body if len(body) >= 2 else pts
+    steps = np.append(np.arange(s[k] - 2.0, reached, -2.0), reached)
+    return np.vstack([body, curve(steps)])
 
 
 def _cut_at_border(pts: np.ndarray, axis: int, value: float, inside: int, dist: np.ndarray):
