@@ -303,3 +303,21 @@ def test_no_overlap_between_a_simplified_building_and_a_speck(tmp_path):
     got, _ = vectorize(tmp_path, mask, regularize=True, simplify=1.0)
     assert shapely.is_valid(got).all()
     assert overlap_area(got) < 1e-6
+
+
+@pytest.mark.parametrize("radius", [6, 10, 25])
+def test_round_buildings_are_not_squared_off(radius):
+    """A tank or a silo: regularizing squared it off (IoU with the true circle 0.83, down
+    from 0.92-0.98 for the pixel outline). Round outlines are kept as they are."""
+    from rasterio.features import shapes
+
+    from crossearth_cli.vector.regularize import is_round
+
+    yy, xx = np.mgrid[:100, :100]
+    mask = ((yy - 49.5) ** 2 + (xx - 49.5) ** 2 <= radius**2).astype(np.uint8)
+    outline = next(shapely.geometry.shape(g) for g, v in shapes(mask) if v == 1)
+    metric = shapely.affinity.scale(outline, PIXEL, PIXEL, origin=(0, 0))
+    assert is_round(metric, PIXEL)
+    assert regularize_polygon(metric, PIXEL) is metric
+    square = shapely.box(0, 0, 2 * radius * PIXEL, 2 * radius * PIXEL)
+    assert not is_round(square, PIXEL)
