@@ -115,6 +115,10 @@ def test_unwritable_folder(tmp_path, raster, kind):
 def test_bad_options_are_one_line(tmp_path, raster):
     assert_user_error(cli(raster, "-o", tmp_path / "o.gpkg", "--connectivity", "6"), "4 or 8")
     assert_user_error(cli(raster, "-o", tmp_path / "o.gpkg", "--min-area", "-1"), "--min-area")
+    for option in ("--fill-holes", "--min-area", "--simplify"):  # inf crashed --fill-holes
+        for value in ("inf", "nan"):
+            assert_user_error(cli(raster, "-o", tmp_path / "o.gpkg", option, value),
+                              f"{option} must be a number ≥ 0, not {value}")
     assert_user_error(cli(raster, "-o", tmp_path / "o.shp"), "GeoPackage")
     assert_user_error(cli(tmp_path / "missing.tif", "-o", tmp_path / "o.gpkg"), "not found")
     (tmp_path / "notes.tif").write_text("not a raster\n" * 20)

@@ -146,7 +146,8 @@ def build_job(
     fill_px = int(math.ceil(options.fill_holes / px_area)) if options.fill_holes > 0 else 0
     if fill_px > halo_for(fill_px):
         warnings.append(
-            f"--fill-holes {options.fill_holes:g} m² is {fill_px} pixels: holes wider or taller "
+            f"--fill-holes {options.fill_holes:g} m² is {fill_px:,.4g} pixels: holes wider or "
+            "taller "
             f"than {halo_for(fill_px)} pixels that cross a window seam are left open "
             "(a bigger --window reaches further)"
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
@@ -37,8 +38,9 @@ class VectorizeOptions:
             raise ConfigError(f"--connectivity must be 4 or 8, not {self.connectivity}")
         for name in ("min_area", "fill_holes", "simplify"):
             value = getattr(self, name)
-            if value is None or not value >= 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be ≥ 0, not {value}")
+            if value is None or not value >= 0 or not math.isfinite(value):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a number ≥ 0, not "
+                                  f"{value:.6g}" if isinstance(value, float) else f"{value}")
         if self.window_size < 16:
             raise ConfigError(f"--window must be at least 16 pixels, not {self.window_size}")
         if self.workers < 0:
