@@ -168,7 +168,7 @@ def expand_inputs(args: list[str], exclude: Path | None = None,
         key = str(real)
         if key in seen:  # the same file again (a link to it, or given twice): run once
             first = items[seen[key]]
-            if first.path != path and path.absolute() == real and first.path.is_symlink():
+            if first.path != path and first.path.is_symlink() and not path.is_symlink():
                 items[seen[key]] = BatchInput(path=path, rel=rel)  # the file, not its link
                 listing.links.append((first.path, path))
             elif first.path != path and path.is_symlink():

@@ -384,6 +384,14 @@ def test_stale_temporaries_are_found_from_one_listing_of_the_folder(tmp_path, mo
         p.write_bytes(b"partial")
     writer._temp_index.clear()  # listed again, as by the next process
     assert writer.remove_stale_temps(tmp_path / "d.gpkg") == [d_dead, d_journal]
+    # a long name's temporaries are named from a cut, hashed name (within 255 bytes)
+    long_final = tmp_path / ("a" * 225 + ".gpkg")
+    mine = writer.temp_path_for(long_final)
+    assert len(mine.name) < 200
+    long_dead = mine.with_name(mine.name.replace(f".{os.getpid()}.", f".{dead.pid}.") + ".gpkg")
+    long_dead.write_bytes(b"partial")
+    writer._temp_index.clear()
+    assert writer.remove_stale_temps(long_final) == [long_dead]
 
 
 
@@ -800,12 +808,16 @@ def test_outputs_of_earlier_runs_in_an_input_folder_are_left_out(tmp_path, tiny_
 
 
 @pytest.mark.parametrize("link_name", ["alias.tif", "zz_alias.tif"])  # before and after it
+@pytest.mark.parametrize("via_link", [False, True])  # the folder given through a link too
 def test_a_link_to_a_file_in_the_folder_is_run_once_as_the_file(tmp_path, tiny_ckpt, capfd,
-                                                                 link_name):
+                                                                 link_name, via_link):
     tiles = tmp_path / "tiles"
     (tiles / "real").mkdir(parents=True)
     write_tif(tiles / "real" / "tile.tif", random_scene(40, 40))
     (tiles / link_name).symlink_to(Path("real") / "tile.tif")
+    if via_link:
+        (tmp_path / "via").symlink_to(tiles)
+        tiles = tmp_path / "via"
     out = tmp_path / "out"
     code, err = _folder_run(capfd, tiles, "-o", out, "-c", tiny_ckpt)
     assert code == 0, err

@@ -115,6 +115,14 @@ def test_unwritable_folder(tmp_path, raster, kind):
 def test_bad_options_are_one_line(tmp_path, raster):
     assert_user_error(cli(raster, "-o", tmp_path / "o.gpkg", "--connectivity", "6"), "4 or 8")
     assert_user_error(cli(raster, "-o", tmp_path / "o.gpkg", "--min-area", "-1"), "--min-area")
+    long_name = tmp_path / "long" / ("a" * 225 + ".gpkg")  # its temporary fits in 255 bytes
+    assert cli(raster, "-o", long_name).returncode == 0 and long_name.exists()
+    long_name.unlink()
+    from crossearth_cli.errors import ConfigError
+    from crossearth_cli.vector import VectorizeOptions
+
+    with pytest.raises(ConfigError, match="--min-area must be a number ≥ 0, not -1"):
+        VectorizeOptions(min_area=-1)  # an int from the library, as the CLI's floats
     for option in ("--fill-holes", "--min-area", "--simplify"):  # inf crashed --fill-holes
         for value in ("inf", "nan"):
             assert_user_error(cli(raster, "-o", tmp_path / "o.gpkg", option, value),

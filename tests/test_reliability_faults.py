@@ -315,6 +315,11 @@ def test_out_of_memory_elsewhere_is_one_line(tmp_path, capfd, ckpt, monkeypatch)
         OUT_OF_MEMORY["cpu"]()))
     code, _, err = cli(capfd, "segment", src, "-c", ckpt, "-o", tmp_path / "o.tif")
     assert_user_error(code, err, "out of memory (113 MB asked for at once)")  # not "0.1 GB"
+    monkeypatch.setattr(engine, "RowBandAccumulator", lambda *a, **k: (_ for _ in ()).throw(
+        MemoryError("DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                    "262144 bytes")))
+    code, _, err = cli(capfd, "segment", src, "-c", ckpt, "-o", tmp_path / "o.tif")
+    assert_user_error(code, err, "out of memory (262 kB asked for at once)")  # not "0 MB"
 
 
 # -- how errors read ---------------------------------------------------------------------------

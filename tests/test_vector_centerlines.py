@@ -216,3 +216,29 @@ def test_a_curved_dead_end_road_keeps_its_ends(tmp_path, radius, width):
     assert lines[0].length >= 0.85 * axis.length, lines[0].length / axis.length
     pts = shapely.points(shapely.get_coordinates(shapely.segmentize(lines, 0.5)))
     assert shapely.distance(pts, axis).max() <= 1.5
+
+
+def test_only_thin_holes_are_filled():
+    """Noise holes (1 px, 2x2, 3 px across) are filled; a block between streets is not, even
+    beside a wide road that raises the window's width estimate (it merged streets into blobs),
+    and a lone hole is found when the road covers the whole edge of the window."""
+    from scipy import ndimage
+
+    from crossearth_cli.vector.centerlines import fill_small_holes
+
+    mask = np.zeros((200, 200), bool)
+    mask[:, :80] = True  # a wide road
+    for k in range(80, 200, 12):  # streets 4 px wide around 8 px blocks
+        mask[:, k:k + 4] = True
+        mask[k:k + 4, 80:] = True
+    mask[40, 40] = False  # noise in the wide road
+    mask[100:102, 20:22] = False
+    mask[150:153, 50:53] = False
+    mask[60:62, 10:50] = False  # a sliver between two roads that nearly touch: thin but long
+    filled = fill_small_holes(mask, ndimage.distance_transform_edt(mask))
+    assert filled[40, 40] and filled[100:102, 20:22].all() and filled[150:153, 50:53].all()
+    assert not filled[60:62, 10:50].any()
+    assert (filled[:, 80:] == mask[:, 80:]).all()  # every block stays
+    lone = np.ones((60, 60), bool)
+    lone[30, 30] = False
+    assert fill_small_holes(lone, ndimage.distance_transform_edt(lone)).all()

@@ -208,7 +208,8 @@ def _environment_error(exc: BaseException) -> UserError | None:
             scale = {"bytes": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40,
                      "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}.get(m.group(2), 1)
             size = float(m.group(1)) * scale
-            amount = f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{size / 1e6:.0f} MB"
+            amount = (f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{size / 1e6:.0f} MB"
+                      if size >= 1e6 else f"{size / 1e3:.0f} kB")
             what = f"out of memory ({amount} asked for at once)"
         else:
             what = "out of memory"

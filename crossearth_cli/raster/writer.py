@@ -43,7 +43,17 @@ TEMP_SUFFIX = ".crossearth-tmp"
 
 def temp_path_for(final: Path) -> Path:
     tag = f"{os.getpid()}.{uuid.uuid4().hex[:8]}"
-    return final.with_name(f"{TEMP_PREFIX}{final.name}.{tag}{TEMP_SUFFIX}")
+    return final.with_name(f"{TEMP_PREFIX}{_temp_stem(final.name)}.{tag}{TEMP_SUFFIX}")
+
+
+def _temp_stem(name: str) -> str:
+    """``name`` in its temporaries' names: long names are cut and hashed, so the ~40
+    characters a temporary adds (pid, tag, ``.crossearth-tmp``, a GeoPackage's ``.gpkg``) keep
+    it within the file system's 255 bytes."""
+    if len(name.encode()) <= 150:
+        return name
+    return f"{name.encode()[:120].decode(errors='ignore')}~" \
+        f"{hashlib.sha1(name.encode()).hexdigest()[:10]}"
 
 
 # Temporaries this process has created and not yet renamed or removed. A signal can land
@@ -183,7 +193,7 @@ def stale_temps(final: Path) -> list[tuple[Path, int]]:
     run's to remove."""
     with _live_guard:
         temps, _ = _indexed(Path(final).parent)
-        return sorted(temps.pop(Path(final).name, []))
+        return sorted(temps.pop(_temp_stem(Path(final).name), []))
 
 
 def remove_stale_parts(final: Path, job: tuple[int, int] | None = None) -> list[Path]:

@@ -39,8 +39,8 @@ class VectorizeOptions:
         for name in ("min_area", "fill_holes", "simplify"):
             value = getattr(self, name)
             if value is None or not value >= 0 or not math.isfinite(value):
-                raise ConfigError(f"--{name.replace('_', '-')} must be a number ≥ 0, not "
-                                  f"{value:.6g}" if isinstance(value, float) else f"{value}")
+                shown = f"{value:.6g}" if isinstance(value, float) else f"{value}"
+                raise ConfigError(f"--{name.replace('_', '-')} must be a number ≥ 0, not {shown}")
         if self.window_size < 16:
             raise ConfigError(f"--window must be at least 16 pixels, not {self.window_size}")
         if self.workers < 0:
