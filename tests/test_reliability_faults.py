@@ -431,3 +431,27 @@ def test_a_signal_after_the_work_is_done_ends_with_the_runs_own_code(sig):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0 and proc.stdout == "done\n", proc
+
+
+def test_a_library_that_cannot_be_loaded_is_one_line(tmp_path, capfd, ckpt, monkeypatch):
+    """A low memory limit can stop torch's libraries from loading (`ulimit -v`): one line
+    saying so, not a traceback. An import error of our own code stays a crash (a bug)."""
+    from crossearth_cli import engine
+
+    src = write_tif(tmp_path / "s.tif", random_scene(64, 64))
+
+    def no_room(*args, **kwargs):
+        raise ImportError("libtorch_cpu.so: failed to map segment from shared object",
+                          name="torch")
+
+    monkeypatch.setattr(engine, "RowBandAccumulator", no_room)
+    code, _, err = cli(capfd, "segment", src, "-c", ckpt, "-o", tmp_path / "o.tif")
+    assert_user_error(code, err, "cannot load torch (libtorch_cpu.so: failed to map segment",
+                      "raise the memory limit")
+
+    def ours(*args, **kwargs):
+        raise ImportError("cannot import name 'x'", name="crossearth_cli.raster.writer")
+
+    monkeypatch.setattr(engine, "RowBandAccumulator", ours)
+    with pytest.raises(ImportError):
+        cli(capfd, "segment", src, "-c", ckpt, "-o", tmp_path / "o.tif")

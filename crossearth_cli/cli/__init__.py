@@ -166,7 +166,7 @@ def _run(args: list[str], debug: bool, signals: _Signals) -> int:
         return 1
     except KeyboardInterrupt as exc:
         return _interrupted(signals, exc, debug)
-    except (OSError, MemoryError, RuntimeError) as exc:
+    except (OSError, MemoryError, RuntimeError, ImportError) as exc:
         user = _environment_error(exc)
         if user is None:
             raise  # a bug: crash loudly, with the traceback
@@ -197,6 +197,8 @@ def _environment_error(exc: BaseException) -> UserError | None:
     """Failures of the machine rather than the code: a full disk, no permission, no memory."""
     import re
 
+    if isinstance(exc, ImportError):
+        return _library_error(exc)
     if isinstance(exc, OSError):
         return from_os_error(exc)
     text = str(exc)
@@ -216,6 +218,27 @@ def _environment_error(exc: BaseException) -> UserError | None:
         return UserError(what, hint="memory grows with the scene width times --tile, and with "
                          "--batch-size: use a smaller --tile or --batch-size")
     return None
+
+
+def _library_error(exc: ImportError) -> UserError | None:
+    """A library that cannot be loaded: too little memory to map it (a low ``ulimit -v``), or
+    a broken install. Either way, not a bug of ours to show as a traceback (one of our own
+    modules failing to import is: None)."""
+    if (exc.name or "").split(".")[0] == "crossearth_cli":
+        return None
+    import re
+
+    words = " ".join(str(exc).split())
+    shared = re.search(r"[\w.+-]+\.so[\d.]*", words)  # torch._C says which .so failed
+    what = exc.name or "a library"
+    if what.split(".")[-1].startswith("_") and shared:
+        what = shared.group(0)
+    if "map segment" in words or "allocate memory" in words:
+        hint = ("too little memory to load it: raise the memory limit (ulimit -v, the "
+                "scheduler's request) or free some")
+    else:
+        hint = "the install is incomplete: reinstall it (pip install -e . in the project)"
+    return UserError(f"cannot load {what} ({words})", hint=hint)
 
 
 def _retry_notes():
