@@ -135,7 +135,8 @@ def write_mosaic_vrt(paths: list[Path], vrt: Path) -> tuple[Path, list[str]]:
             with rasterio.open(p) as ds:
                 infos.append((p, ds.crs, ds.transform, ds.width, ds.height, ds.colormap(1)
                               if ds.count else None))
-                tags = tags if infos[1:] else ds.tags()  # the first's: its class names
+                if len(infos) == 1:  # the first output's tags: its class names
+                    tags = ds.tags()
     if not infos:
         raise ConfigError("no outputs to put in the mosaic")
     crs0 = infos[0][1]

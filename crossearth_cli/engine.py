@@ -286,6 +286,7 @@ class Predictor:
             n = min(self.batch_size, images.shape[0] - i)
             part = slice(i, i + n)
             self._scaling = _tile_rows(scaling_all, part)
+            failed = False
             try:
                 on_device = None if valid_device is None else valid_device[part]
                 scores = self._forward(images[part], valid[part], on_device)
@@ -306,8 +307,6 @@ class Predictor:
                 self.batch_size = max(1, n // 2)
                 self.halvings += 1
                 failed = True
-            else:
-                failed = False
             if failed:  # out of the handler: the failed batch's tensors are released now
                 gc.collect()  # those its traceback's reference cycles held too
                 if self.cuda:

@@ -22,7 +22,7 @@ UPSAMPLE_FACTOR = 8.0
 def pixel_size_m(crs_wkt: str | None, transform, width: int, height: int) -> float | None:
     """The scene's pixel size at its centre in metres on the ellipsoid (geometric mean of
     both axes), or None when it has no CRS or geotransform, or a CRS without an ellipsoid.
-    About 0.1 ms a scene once its CRS was seen (a folder of 10,000 tiles in EPSG:4326 must not
+    About 0.02 ms a scene once its CRS was seen (a folder of 10,000 tiles in EPSG:4326 must not
     pay a projection set-up each)."""
     if not crs_wkt or transform is None or transform.is_identity:
         return None

@@ -41,9 +41,12 @@ TEMP_PREFIX = "."
 TEMP_SUFFIX = ".crossearth-tmp"
 
 
-def temp_path_for(final: Path) -> Path:
+def temp_path_for(final: Path, extension: str = "") -> Path:
+    """``.NAME.PID.TAG.crossearth-tmp`` beside ``final``; ``extension`` (".gpkg") for a
+    driver that wants its own (one of :data:`_GDAL_SIDE_FILES`)."""
     tag = f"{os.getpid()}.{uuid.uuid4().hex[:8]}"
-    return final.with_name(f"{TEMP_PREFIX}{_temp_stem(final.name)}.{tag}{TEMP_SUFFIX}")
+    return final.with_name(
+        f"{TEMP_PREFIX}{_temp_stem(final.name)}.{tag}{TEMP_SUFFIX}{extension}")
 
 
 def _temp_stem(name: str) -> str:

@@ -147,8 +147,7 @@ def build_job(
     if fill_px > halo_for(fill_px):
         warnings.append(
             f"--fill-holes {options.fill_holes:g} m² is {fill_px:,.4g} pixels: holes wider or "
-            "taller "
-            f"than {halo_for(fill_px)} pixels that cross a window seam are left open "
+            f"taller than {halo_for(fill_px)} pixels that cross a window seam are left open "
             "(a bigger --window reaches further)"
         )
     size = int(options.window_size)

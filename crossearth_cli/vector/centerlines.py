@@ -78,7 +78,7 @@ NOISE_HOLE_AREA = 16
 
 
 def fill_small_holes(mask: np.ndarray, dist: np.ndarray) -> np.ndarray:
-    """``mask`` with its holes smaller than the road is wide, squared, filled.
+    """``mask`` with its specks of holes filled.
 
     A hole of a few pixels in a road (noise in the segmentation) makes the skeleton go round
     it: a loop, and the road split into several lines. Only specks of holes are filled (at
@@ -418,10 +418,13 @@ def _straighten_tip(pts: np.ndarray, width: float, dist: np.ndarray) -> np.ndarr
         d = -d  # point toward the tip
     off = np.abs((rev - c) @ np.array([-d[1], d[0]]))
     fitted = (s >= lo) & (s <= lo + max(3.0 * width, 6.0))
-    if off[fitted].max() > CURVED_PX and _curve_fits_better(rev, s, fitted, off):
-        # the road curves where the axis was fitted: a straight axis would leave it (a
-        # curved road's end was cut 2-4 widths short), so a curve is fitted instead
-        return _follow_curve_to_tip(pts, s, fitted, width, dist)
+    if off[fitted].max() > CURVED_PX:
+        coef = _quadratic(rev, s, fitted)
+        if coef is not None and _residual(rev, s, fitted, coef) < 0.5 * off[fitted].max():
+            # the road curves where the axis was fitted (a quadratic follows it at least
+            # twice as closely; a noisy outline's wiggles it fits no better): a straight axis
+            # would leave it (a curved road's end was cut 2-4 widths short)
+            return _follow_curve_to_tip(pts, s, coef, width, dist)
     # the curl is the last stretch, a width or two: nothing further back is cut
     on_axis = np.nonzero((off <= 1.0) & (s <= CURL_WIDTHS * width + 1.0))[0]
     if len(on_axis) == 0:
@@ -444,15 +447,19 @@ def _straighten_tip(pts: np.ndarray, width: float, dist: np.ndarray) -> np.ndarr
     return np.vstack([body, tip])
 
 
-def _curve_fits_better(rev, s, fitted, off) -> bool:
-    """A quadratic in the arc position follows the stretch at least twice as closely as the
-    straight axis: a curve, not a noisy outline's wiggles (which a quadratic fits no better,
-    and would carry on past the skeleton's end)."""
+def _quadratic(rev, s, fitted) -> np.ndarray | None:
+    """x and y as quadratics of the arc position, fitted on the ``fitted`` points (3×2)."""
     if fitted.sum() < 5:
-        return False
-    coef = np.linalg.lstsq(np.vander(s[fitted], 3), rev[fitted], rcond=None)[0]
-    quad = np.hypot(*(rev[fitted] - np.vander(s[fitted], 3) @ coef).T).max()
-    return quad < 0.5 * off[fitted].max()
+        return None
+    return np.linalg.lstsq(np.vander(s[fitted], 3), rev[fitted], rcond=None)[0]
+
+
+def _on_curve(v, coef: np.ndarray) -> np.ndarray:
+    return np.vander(np.atleast_1d(np.asarray(v, dtype=np.float64)), 3) @ coef
+
+
+def _residual(rev, s, fitted, coef) -> float:
+    return float(np.hypot(*(rev[fitted] - _on_curve(s[fitted], coef)).T).max())
 
 
 def _end_limit(start: np.ndarray, width: float, dist: np.ndarray) -> float:
@@ -464,18 +471,15 @@ def _end_limit(start: np.ndarray, width: float, dist: np.ndarray) -> float:
     return min(width / 2.0, float(dist[y, x]) - 0.5)
 
 
-def _follow_curve_to_tip(pts: np.ndarray, s: np.ndarray, fitted: np.ndarray, width: float,
+def _follow_curve_to_tip(pts: np.ndarray, s: np.ndarray, coef: np.ndarray, width: float,
                          dist: np.ndarray) -> np.ndarray:
-    """:func:`_straighten_tip` on a curving road: x and y as quadratics of the arc position
-    (from the tip), fitted where the axis was; the curl is cut where the skeleton leaves that
-    curve, which is followed on to half a width inside the road's end."""
+    """:func:`_straighten_tip` on a curving road: ``coef``, x and y as quadratics of the arc
+    position (from the tip), fitted where the axis was; the curl is cut where the skeleton
+    leaves that curve, which is followed on to half a width inside the road's end."""
     rev = pts[::-1]
-    if fitted.sum() < 5:
-        return pts
-    coef = np.linalg.lstsq(np.vander(s[fitted], 3), rev[fitted], rcond=None)[0]
 
     def curve(v):
-        return np.vander(np.atleast_1d(np.asarray(v, dtype=np.float64)), 3) @ coef
+        return _on_curve(v, coef)
 
     off = np.hypot(*(rev - curve(s)).T)
     on = np.nonzero((off <= 1.0) & (s <= CURL_WIDTHS * width + 1.0))[0]

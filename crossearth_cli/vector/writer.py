@@ -84,8 +84,7 @@ class GpkgWriter:
         # named as the rasters' temporaries (with the writer's pid), so a killed run's is
         # removed by the next run that writes this file
         remove_stale_temps(self.path)
-        tmp = temp_path_for(self.path)
-        self.tmp = _track(tmp.with_name(tmp.name + ".gpkg"))
+        self.tmp = _track(temp_path_for(self.path, ".gpkg"))
         self.layers: dict[str, _Layer] = {}
         self._created = False
         self._closed = False
