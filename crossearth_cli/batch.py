@@ -498,10 +498,16 @@ class BatchResult:
     skipped: list[str] = field(default_factory=list)
     failed: list[Record] = field(default_factory=list)
     seconds: float = 0.0
+    # done files whose GeoPackage alone was made, from rasters of an earlier run (no model)
+    vectors_only: list[str] = field(default_factory=list)
+    # what users must know of some outputs (no CRS, guessed bands) → the files concerned
+    notes: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def pixels(self) -> int:
-        return sum(r.pixels for r in self.done)
+        """Pixels the model segmented in this run (not those only vectorized)."""
+        made = set(self.vectors_only)
+        return sum(r.pixels for r in self.done if r.input not in made)
 
     @property
     def mpx_per_s(self) -> float:
@@ -511,6 +517,9 @@ class BatchResult:
         self.done += other.done
         self.skipped += other.skipped
         self.failed += other.failed
+        self.vectors_only += other.vectors_only
+        for message, names in other.notes.items():
+            self.notes.setdefault(message, []).extend(names)
         self.seconds = max(self.seconds, other.seconds)
 
     def as_dict(self) -> dict:
@@ -520,12 +529,15 @@ class BatchResult:
             "files_done": len(self.done),
             "files_skipped": len(self.skipped),
             "files_failed": len(self.failed),
+            "files_vectors_only": len(self.vectors_only),
             "pixels": self.pixels,
             "seconds": round(self.seconds, 3),
             "mpx_per_s": round(self.mpx_per_s, 4),
             "done": [r.input for r in self.done],
             "skipped": list(self.skipped),
             "failed": [{"input": r.input, "reason": r.reason} for r in self.failed],
+            "vectors_only": list(self.vectors_only),
+            **({"notes": self.notes} if self.notes else {}),
             **({"windows": windows} if windows else {}),
         }
 

@@ -431,9 +431,9 @@ def test_a_folder_says_once_that_its_outputs_have_no_crs(tmp_path, tiny_ckpt):
     proc = run_cli("segment", tiles, "-o", tmp_path / "o", "-c", tiny_ckpt, "--tile", "64")
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.count("has no CRS") == 2, proc.stderr
-    assert "likewise for 2 more file(s)" in proc.stderr
-    # guessed bands decide every result: told once too (their colours are not marked)
     said = " ".join(proc.stderr.split())
+    assert "likewise for 2 more file(s) (t1.tif, t2.tif; --summary lists them all" in said, said
+    # guessed bands decide every result: told once too (their colours are not marked)
     assert said.count("bands 1,2,3 are assumed to be red, green, blue") == 2, proc.stderr
     assert "t0.tif: bands 1,2,3 are assumed" in said, proc.stderr
     assert "scaled to 0-255" not in said  # per-file set-up notes stay quiet
@@ -691,14 +691,19 @@ def test_vectors_added_or_changed_later_are_made_from_the_rasters(tmp_path, capf
 
     monkeypatch.setattr(_Job, "load_model", no_model)
     summary = tmp_path / "s.json"
-    code, _, err = cli(capfd, *base, "-o", out, "--vector", "auto", "--summary", summary)
+    code, table, err = cli(capfd, *base, "-o", out, "--vector", "auto", "--summary", summary)
     assert code == 0, err
+    row = table.splitlines()[-2].split("│")[1:-1]  # files done, GeoPackage only, ..., Mpx/s
+    assert "GeoPackage only" in table and [c.strip() for c in row][:2] == ["2", "2"], table
+    assert row[-1].strip() == "-", table  # no speed: the model did not run
     assert "--vector: 2 file(s) keep their rasters from an earlier run with these settings; " \
            "only their GeoPackages are made" in " ".join(err.split()), err
     assert class_outputs(out) == rasters  # untouched
     for name in ("a", "b"):
         assert _layers(out / f"{name}.gpkg") == _layers(tmp_path / "fresh" / f"{name}.gpkg")
-    assert json.loads(summary.read_text())["done"] == ["a.tif", "b.tif"]
+    data = json.loads(summary.read_text())
+    assert data["done"] == ["a.tif", "b.tif"] == data["vectors_only"], data
+    assert data["files_vectors_only"] == 2 and data["pixels"] == 0, data  # nothing segmented
     code, _, err = cli(capfd, *base, "-o", out, "--vector", "auto", "--summary", summary)
     assert code == 0 and json.loads(summary.read_text())["files_skipped"] == 2, err
     # another --vector-min-area remakes the GeoPackages (it was taken as current before)
@@ -825,3 +830,45 @@ def test_a_link_to_a_file_in_the_folder_is_run_once_as_the_file(tmp_path, tiny_c
         ["real/tile_classes.tif"]
     assert f"{tiles / link_name} is a link to {tiles / 'real' / 'tile.tif'}, which is " \
         "segmented" in err, err
+
+
+def test_the_files_a_grouped_note_concerns_are_in_the_summary(tmp_path, tiny_ckpt):
+    """A note told once for many files ("has no CRS") names them all in --summary, so a long
+    night's tiles with guessed bands or no CRS can be found without reading every output."""
+    tiles = tmp_path / "tiles"
+    (tiles / "sub").mkdir(parents=True)
+    names = ["a.tif", "b.tif", "sub/c.tif", "sub/d.tif", "sub/e.tif"]
+    for i, name in enumerate(names):
+        write_tif(tiles / name, random_scene(40, 40, seed=i), crs=None)
+    write_tif(tiles / "f.tif", random_scene(40, 40, seed=9))  # has a CRS
+    proc, data = segment_folder(tiles, tmp_path / "out", tiny_ckpt)
+    assert proc.returncode == 0, proc.stderr
+    (message, files), = [(m, f) for m, f in data["notes"].items() if "has no CRS" in m]
+    assert sorted(files) == names, data["notes"]
+    said = " ".join(proc.stderr.split())
+    assert f"likewise for 4 more file(s) ({', '.join(files[1:4])}, ...;" in said, said
+
+
+def test_failures_are_listed_once_in_a_shared_log(tmp_path, tiny_ckpt):
+    """stdout and stderr in one log (``> log 2>&1``): each failure is told once, as it
+    happens, and the results say how many; with stdout on its own, the results list them."""
+    tiles = make_folder(tmp_path, n=4, size=48)  # tile_3.tif is damaged
+    (tiles / "south" / "empty.tif").write_bytes(b"")
+    out = tmp_path / "out"
+    log = tmp_path / "run.log"
+    args = [sys.executable, "-m", "crossearth_cli", "segment", str(tiles), "-o", str(out),
+            "-c", str(tiny_ckpt), "--tile", "64"]
+    with open(log, "w") as f:
+        proc = subprocess.run(args, stdout=f, stderr=f, timeout=300)
+    text = log.read_text()
+    assert proc.returncode == 1, text
+    said = " ".join(text.split())
+    assert said.count("tile_3.tif") == 1 and said.count("empty.tif") == 1, text
+    assert "failed: 2 file(s), each named above with its reason" in said, text
+    assert "is an empty file (0 bytes), not a raster (an interrupted copy or download? " \
+           "copy it again)" in said, text
+    apart = run_cli(*args[3:], "--overwrite")  # stdout alone: the failures are listed there
+    assert apart.returncode == 1, apart.stderr
+    listed = sorted(Path(ln.split(":")[1].strip()).name for ln in apart.stdout.splitlines()
+                    if ln.startswith("failed:"))
+    assert listed == ["empty.tif", "tile_3.tif"], apart.stdout

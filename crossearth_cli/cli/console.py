@@ -24,6 +24,18 @@ def out_console() -> Console:
     return _out
 
 
+def one_log() -> bool:
+    """Whether stdout and stderr go to the same place (``> run.log 2>&1``, a terminal): what
+    the notes said as it happened then need not be repeated in the results."""
+    import os
+
+    try:
+        out, err = os.fstat(sys.stdout.fileno()), os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):  # no real file behind one of them
+        return False
+    return (out.st_dev, out.st_ino) == (err.st_dev, err.st_ino)
+
+
 def note(message: str, style: str = "yellow") -> None:
     """One line on stderr: a warning or a choice the tool made for the user. URLs lose their
     query strings (a signed URL's signature)."""

@@ -14,7 +14,14 @@ from pathlib import Path
 import typer
 
 from crossearth_cli.cli.app import app
-from crossearth_cli.cli.console import LogProgress, duration, note, out_console, progress_events
+from crossearth_cli.cli.console import (
+    LogProgress,
+    duration,
+    note,
+    one_log,
+    out_console,
+    progress_events,
+)
 
 AUTO = "auto"
 
@@ -787,7 +794,8 @@ class _Job:
             with Session(spec, device, template.precision, template.batch_size,
                          compile=template.compile, tta=template.tta,
                          network=any(it.remote for it in mine)) as session:
-                with _BatchProgress(len(todo) - len(vectors_only), rank, manifest) as events:
+                with _BatchProgress(len(todo) - len(vectors_only), rank, manifest,
+                                    told=result.notes) as events:
                     run_batch(mine, outdir, template, session, kinds, key, manifest,
                               after_scene=after_scene, events=events, result=result,
                               raster_key=raster_key)
@@ -837,6 +845,7 @@ class _Job:
                 continue
             manifest.append(rec)
             result.done.append(rec)
+            result.vectors_only.append(rec.input)
 
     def finish_folder(self, result, items, outdir: Path) -> int:
         """Every rank's results gathered; rank 0 reports. The exit code, the same on all."""
@@ -1076,12 +1085,23 @@ def _print_batch(total, world: int) -> None:
     from rich.table import Table
 
     table = Table(title=f"crossearth segment: {world} rank(s)" if world > 1 else None)
-    for col in ("files done", "skipped", "failed", "Mpx", "time (s)", "Mpx/s"):
+    columns = ["files done", "skipped", "failed", "Mpx", "time (s)", "Mpx/s"]
+    segmented = len(total.done) - len(total.vectors_only)
+    row = [str(len(total.done)), str(len(total.skipped)), str(len(total.failed)),
+           f"{total.pixels / 1e6:.2f}", f"{total.seconds:.1f}",
+           f"{total.mpx_per_s:.2f}" if segmented else "-"]  # no model ran: no speed to tell
+    if total.vectors_only:  # of the files done, those whose GeoPackage alone was made
+        columns.insert(1, "GeoPackage only")
+        row.insert(1, str(len(total.vectors_only)))
+    for col in columns:
         table.add_column(col, justify="right")
-    table.add_row(str(len(total.done)), str(len(total.skipped)), str(len(total.failed)),
-                  f"{total.pixels / 1e6:.2f}", f"{total.seconds:.1f}", f"{total.mpx_per_s:.2f}")
+    table.add_row(*row)
     console = out_console()
     console.print(table)
+    if total.failed and world == 1 and one_log():  # each was told as it failed, just above
+        console.print(f"failed: {len(total.failed)} file(s), each named above with its reason",
+                      highlight=False)
+        return
     for rec in total.failed:
         console.print(f"failed: {_failure(rec.input, rec.reason)}", highlight=False)
 
@@ -1096,12 +1116,12 @@ class _BatchProgress:
     """A files progress bar on rank 0 over every rank's work: it counts the records all
     ranks append to their manifests, so no extra messages travel between processes."""
 
-    def __init__(self, total: int, rank, manifest):
+    def __init__(self, total: int, rank, manifest, told: dict[str, list[str]]):
         self.total, self.rank, self.manifest = total, rank, manifest
         self._stop = None
         self._input = ""
         self._names: dict[str | None, str] = {}  # input path → its name in the manifest
-        self._told: dict[str, int] = {}  # notes about outputs (no CRS...) → further files
+        self.told = told  # notes about outputs (no CRS...) → the files they concern
 
     def __enter__(self):
         import sys
@@ -1159,11 +1179,10 @@ class _BatchProgress:
             # in each output's tags) would drown a long run. Files of a group start together,
             # so the note names its own file, not the last started
             message = data["message"]
-            if message in self._told:
-                self._told[message] += 1
-            else:
-                self._told[message] = 0
-                note(f"{self._names.get(data.get('path'), self._input)}: {message}")
+            name = self._names.get(data.get("path"), self._input)
+            if message not in self.told:
+                note(f"{name}: {message}")
+            self.told.setdefault(message, []).append(name)
         elif kind in ("file_done", "file_failed") and self._stop is None:
             self.progress.advance(self.task)
         if kind == "file_failed":
@@ -1187,6 +1206,8 @@ class _BatchProgress:
         if self._stop is not None:
             self._stop.set()
         self.progress.__exit__(*exc)
-        for message, more in self._told.items():
-            if more:
-                note(f"likewise for {more} more file(s): {message}")
+        for message, names in self.told.items():
+            if len(names) > 1:
+                listed = ", ".join(names[1:4]) + (", ..." if len(names) > 4 else "")
+                note(f"likewise for {len(names) - 1} more file(s) ({listed}; --summary lists "
+                     f"them all under notes): {message}")

@@ -207,7 +207,8 @@ def open_raster(path: str | Path) -> rasterio.DatasetReader:
         if p.is_dir():
             raise InputError("is a folder, not a raster", path=p)
         if p.stat().st_size == 0:
-            raise InputError("is an empty file (0 bytes), not a raster", path=p)
+            raise InputError("is an empty file (0 bytes), not a raster", path=p,
+                             hint="an interrupted copy or download? copy it again")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # not georeferenced, odd TIFF tags: not errors
