@@ -124,6 +124,7 @@ def merge_row_parts(parts: list[Path], final: Path, cog: bool = False,
 
 def write_mosaic_vrt(paths: list[Path], vrt: Path) -> tuple[Path, list[str]]:
     """One VRT over many class rasters (same CRS, north-up). Returns the VRT and notes."""
+    from crossearth_cli.raster.mosaic import color_table_xml
     from crossearth_cli.raster.writer import class_names_in, class_tags
 
     notes: list[str] = []
@@ -170,13 +171,7 @@ def write_mosaic_vrt(paths: list[Path], vrt: Path) -> tuple[Path, list[str]]:
     width = int(round((right - left) / res_x))
     height = int(round((bottom - top) / res_y))
     cmap = infos[0][5]
-    colors = ""
-    if cmap:
-        entries = "".join(
-            f'<Entry c1="{c[0]}" c2="{c[1]}" c3="{c[2]}" c4="{c[3]}"/>'
-            for _, c in sorted(cmap.items())
-        )
-        colors = f"<ColorInterp>Palette</ColorInterp><ColorTable>{entries}</ColorTable>"
+    colors = f"<ColorInterp>Palette</ColorInterp>{color_table_xml(cmap)}" if cmap else ""
     sources = []
     for p, _, t, w, h, _ in usable:
         x_off = (t.c - left) / res_x

@@ -1142,6 +1142,7 @@ def configure_cpu_threads(device: torch.device, io_threads: int | None) -> None:
         torch.set_num_threads(cores)
 
 
-def default_output_path(input_path: Path, suffix: str = "_classes") -> Path:
-    return input_path.with_name(f"{input_path.stem}{suffix}.tif")
+def default_output_path(input_path: Path) -> Path:
+    """``INPUT_classes.tif`` beside the input (one scene's class raster)."""
+    return input_path.with_name(f"{input_path.stem}_classes.tif")
 

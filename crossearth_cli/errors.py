@@ -56,7 +56,6 @@ class ConfigError(UserError):
 
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
-EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 
 class Interrupted(KeyboardInterrupt):

@@ -521,6 +521,12 @@ def test_row_part_names_stay_short_enough_for_their_temporaries():
         assert len(temp_path_for(part).name) <= 255, n
         assert part != part_path(Path("/x") / ("m" * (n - 4) + ".tif"), 3, 8)
     assert part_path(Path("/x/a.tif"), 0, 2).name == ".a.tif.part000-of-002.tif"
+    # the limit is in bytes: 118 "é" (236 bytes) make a valid output name whose part was not
+    # cut (it counted 130 characters) and passed 255 bytes
+    final = Path("/x") / ("é" * 118 + "_classes.tif")
+    assert len(final.name.encode()) <= 255
+    part = part_path(final, 3, 8)
+    assert len(part.name.encode()) <= 255 and len(temp_path_for(part).name.encode()) <= 255
 
 
 @pytest.mark.parametrize("holder", ["single", "job"])

@@ -895,6 +895,7 @@ class _Job:
     def report_folder(self, total, items, outdir: Path) -> int:
         """Rank 0: the table, --summary and --vrt. Returns the exit code."""
         from crossearth_cli import distributed as dist
+        from crossearth_cli.errors import EXIT_PARTIAL
 
         if self.rank.rank != 0:
             return 0
@@ -914,7 +915,7 @@ class _Job:
                 _, notes = dist.write_mosaic_vrt(done, self.vrt)
                 for n in notes:
                     note(n)
-        return 1 if total.failed else 0
+        return EXIT_PARTIAL if total.failed else 0
 
     def summary_extra(self) -> dict:
         """--summary's keys for the options that were given (folder runs)."""

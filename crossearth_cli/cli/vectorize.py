@@ -60,13 +60,9 @@ def vectorize_command(
 ) -> None:
     """Turn a class raster into GeoPackage polygons (and road centerlines), window by window."""
     from crossearth_cli.cli.console import err_console, note, out_console
-    from crossearth_cli.errors import ConfigError
     from crossearth_cli.vector import VectorizeOptions, vectorize_raster
 
-    if connectivity not in (4, 8):
-        raise ConfigError(f"--connectivity must be 4 or 8, not {connectivity}")
-    inputs = [_input(classes_path), None if confidence is None else _input(confidence)]
-    options = VectorizeOptions(
+    options = VectorizeOptions(  # checks every option (--connectivity 4 or 8, ...)
         classes=classes or None,
         min_area=min_area,
         fill_holes=fill_holes,
@@ -79,6 +75,7 @@ def vectorize_command(
         window_size=window,
         workers=workers,
     )
+    inputs = [_input(classes_path), None if confidence is None else _input(confidence)]
     with _progress(err_console()) as progress:
         summary = vectorize_raster(
             inputs[0], output, options, confidence_path=inputs[1], progress=progress

@@ -95,17 +95,6 @@ class CrossEarthConfig:
         d["out_indices"] = list(self.out_indices)
         return d
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> CrossEarthConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in d.items() if k in names}
-        if "out_indices" in kw:
-            kw["out_indices"] = tuple(int(i) for i in kw["out_indices"])
-        return cls(**kw)
-
-    def replace(self, **changes: Any) -> CrossEarthConfig:
-        return dataclasses.replace(self, **changes)
-
 
 @dataclass
 class CheckpointInfo:

@@ -210,11 +210,7 @@ def vrt_xml(headers: list[TileHeader], grid: Placement) -> str:
     for b in range(1, first.count + 1):
         interp = first.colorinterp[b - 1].name.capitalize()
         desc = first.descriptions[b - 1]
-        palette = ""
-        if b == 1 and first.colormap:
-            palette = "<ColorTable>" + "".join(
-                f'<Entry c1="{c[0]}" c2="{c[1]}" c3="{c[2]}" c4="{c[3]}"/>'
-                for _, c in sorted(first.colormap.items())) + "</ColorTable>"
+        palette = color_table_xml(first.colormap) if b == 1 else ""
         value = _gdal_number(nodata[b - 1]) if nodata else None
         skip = f"<NODATA>{value}</NODATA>" if nodata else "<UseMaskBand>true</UseMaskBand>"
         sources = "".join(source(h, o, str(b), skip) for h, o in zip(headers, grid.offsets))
@@ -236,6 +232,15 @@ def vrt_xml(headers: list[TileHeader], grid: Placement) -> str:
     gt = f"<GeoTransform>{gt}</GeoTransform>" if first.georeferenced else ""
     return (f'<VRTDataset rasterXSize="{grid.width}" rasterYSize="{grid.height}">{srs}'
             f"{gt}{''.join(bands)}{mask}</VRTDataset>\n")
+
+
+def color_table_xml(colormap: dict | None) -> str:
+    """A VRT band's ``<ColorTable>`` for a rasterio colormap ({index: (r, g, b, a)}); "" for
+    none."""
+    if not colormap:
+        return ""
+    return "<ColorTable>" + "".join(f'<Entry c1="{c[0]}" c2="{c[1]}" c3="{c[2]}" c4="{c[3]}"/>'
+                                    for _, c in sorted(colormap.items())) + "</ColorTable>"
 
 
 def _gdal_number(text: str) -> str:

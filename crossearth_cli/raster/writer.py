@@ -49,14 +49,19 @@ def temp_path_for(final: Path, extension: str = "") -> Path:
         f"{TEMP_PREFIX}{_temp_stem(final.name)}.{tag}{TEMP_SUFFIX}{extension}")
 
 
-def _temp_stem(name: str) -> str:
-    """``name`` in its temporaries' names: long names are cut and hashed, so the ~40
-    characters a temporary adds (pid, tag, ``.crossearth-tmp``, a GeoPackage's ``.gpkg``) keep
-    it within the file system's 255 bytes."""
-    if len(name.encode()) <= 150:
+def _short_name(name: str) -> str:
+    """``name`` as the hidden files made from it (temporaries, row parts) hold it: over 150
+    bytes it is cut to 120 and hashed, so that what they add (~40 bytes for a temporary,
+    ~53 for a row part's temporary) keeps them within the file system's 255 bytes."""
+    raw = name.encode()
+    if len(raw) <= 150:
         return name
-    return f"{name.encode()[:120].decode(errors='ignore')}~" \
-        f"{hashlib.sha1(name.encode()).hexdigest()[:10]}"
+    return f"{raw[:120].decode(errors='ignore')}~{hashlib.sha1(raw).hexdigest()[:10]}"
+
+
+def _temp_stem(name: str) -> str:
+    """``name`` in its temporaries' names (see :func:`_short_name`)."""
+    return _short_name(name)
 
 
 # Temporaries this process has created and not yet renamed or removed. A signal can land
@@ -135,13 +140,9 @@ _PART_TAIL = re.compile(r"\.part(\d{3,})-of-(\d{3,})\.tif$")
 
 
 def _part_prefix(final: Path) -> str:
-    """``.NAME.part``: what every row part of ``final`` is named from. Long names are cut
-    and hashed, so that a part's own temporary (~53 characters more than the output's name)
-    stays within the file system's 255."""
-    name = Path(final).name
-    if len(name) > 150:
-        name = f"{name[:120]}~{hashlib.sha1(name.encode()).hexdigest()[:10]}"
-    return f"{TEMP_PREFIX}{name}.part"
+    """``.NAME.part``: what every row part of ``final`` is named from, a long name cut and
+    hashed (:func:`_short_name`: in bytes, as the file system counts)."""
+    return f"{TEMP_PREFIX}{_short_name(Path(final).name)}.part"
 
 
 def part_path(final: Path, index: int, count: int) -> Path:
@@ -869,12 +870,6 @@ def class_tags(class_names: Sequence[str], extra: dict[str, str] | None = None) 
     if extra:
         tags.update(extra)
     return tags
-
-
-def read_class_names(path: str | Path) -> list[str] | None:
-    """Class names stored by :func:`class_tags` (None for rasters from elsewhere)."""
-    with rasterio.open(path) as ds:
-        return class_names_in(ds.tags())
 
 
 def class_names_in(tags: dict[str, str]) -> list[str] | None:

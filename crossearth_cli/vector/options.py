@@ -64,9 +64,6 @@ class VectorizeOptions:
         )
         return replace(base, **overrides)
 
-    def with_(self, **changes) -> VectorizeOptions:
-        return replace(self, **changes)
-
 
 @dataclass
 class VectorizeSummary:

@@ -264,10 +264,6 @@ class SeamMerger:
             conf_n=np.fromiter((g.conf_n for g in done), dtype=np.float64, count=n),
         )
 
-    @property
-    def pending_count(self) -> int:
-        return len(self.pending)
-
 
 def _without_seam_vertices(geoms: np.ndarray) -> np.ndarray:
     return np.asarray(shapely.simplify(geoms, 0.0), dtype=object) if len(geoms) else geoms
