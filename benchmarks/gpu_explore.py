@@ -356,9 +356,7 @@ def main() -> None:
     dev = "cpu" if smoke else "cuda"
     seconds = 0.1 if smoke else args.seconds
     report: dict = {"benchmark": "gpu explore", "machine": machine(), "torch": torch.__version__}
-    if not smoke:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    if not smoke:  # fp32 as `--precision fp32` runs it: torch's defaults (no TF32 matmuls)
         report["gpu"] = name = torch.cuda.get_device_name(0)
         report["datasheet_bf16_tflops"] = next(
             (v for k, v in DATASHEET_BF16_TFLOPS.items() if k in name), None)

@@ -47,13 +47,15 @@ class CompiledForward(torch.nn.Module):
     def _compiled(self, x: torch.Tensor) -> torch.Tensor:
         key, n = (tuple(x.shape[1:]), x.dtype), x.shape[0]
         full = self.largest.get(key, 0)
-        if n >= full:
-            out = self.compiled(x)
-            self.largest[key] = n  # only once it ran: a batch out of memory is not the size
-            return out
         try:
+            if n >= full:
+                out = self.compiled(x)
+                self.largest[key] = n  # only once it ran: a batch out of memory is not the size
+                return out
             return self.compiled(torch.cat([x, x.new_zeros((full - n, *x.shape[1:]))]))[:n]
         except Exception as exc:
-            if is_out_of_memory(exc):  # the halved batch must then run as it is
+            # out of memory, even at a size that ran before: the halved batch that follows
+            # must run as it is, not padded back up to the size that failed
+            if is_out_of_memory(exc):
                 self.largest.pop(key, None)
             raise

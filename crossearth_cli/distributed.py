@@ -65,6 +65,11 @@ def device_for(rank: RankInfo, device: str) -> str:
     """Each rank gets its own GPU (``LOCAL_RANK``) when the device is left to us."""
     import torch
 
+    if rank.world > 1 and device.lower().startswith("cuda:"):
+        # every rank on one GPU, each sizing its batch from that card's free memory
+        raise ConfigError(f"--device {device} under torchrun puts every rank on the same GPU",
+                          hint="use --device cuda (or auto): each rank takes the GPU of its "
+                               "LOCAL_RANK; CUDA_VISIBLE_DEVICES chooses which GPUs")
     if device in ("auto", "cuda") and torch.cuda.is_available():
         return f"cuda:{rank.local_rank % torch.cuda.device_count()}"
     return device

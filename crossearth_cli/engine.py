@@ -70,6 +70,10 @@ IMAGENET_MEAN = (123.675, 116.28, 103.53)
 # Scenes wider than this are run in vertical stripes of at most this many output columns, so
 # the row band's memory stops growing with the width (tiles at stripe edges run twice: ~3 %).
 STRIPE_WIDTH = 8192
+# On a GPU the band is in its memory (~0.2 GB at 16384 columns for 6 classes) and the host
+# keeps only strips: stripes twice as wide, so scenes up to 16384 px (a Sentinel-2 tile's
+# 10980) run no tile twice (a 16384² scene ran 2400 tiles for its 2304 windows)
+GPU_STRIPE_WIDTH = 16384
 IMAGENET_STD = (58.395, 57.12, 57.375)
 
 Events = Callable[[str, dict], None]
@@ -179,13 +183,22 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+def stripe_width(device: torch.device) -> int:
+    """The most output columns a scene runs at once (wider ones run in stripes)."""
+    return GPU_STRIPE_WIDTH if device.type == "cuda" else STRIPE_WIDTH
+
+
 _PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
     name = (name or "auto").lower()
     if name == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
+        if device.type != "cuda":
+            return "fp32"
+        # bf16 needs Ampere's tensor cores (compute capability 8): a V100 or T4 emulates it,
+        # slowly, and has no fused attention for it; fp16 is what they run fast
+        return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
     if name not in _PRECISIONS:
         raise ConfigError(f"--precision {name!r}: use fp32, bf16 or fp16")
     if name == "fp16" and device.type == "cpu":
@@ -279,7 +292,18 @@ class Predictor:
         scaling_all = self._scaling_on_device(scaling)
         if self.auto and self.cuda:
             self._scaling = _tile_rows(scaling_all, slice(0, 1))
-            self._probe(images[:1], valid[:1])
+            try:
+                self._probe(images[:1], valid[:1])
+            except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled here
+                if not is_out_of_memory(exc):
+                    raise
+                failed = exc
+            else:
+                failed = None
+            if failed is not None:  # out of the handler, so the tile's tensors are released
+                gc.collect()
+                torch.cuda.empty_cache()
+                raise self._out_of_memory_at_one() from failed
         out: torch.Tensor | None = None  # the whole batch's scores, filled part by part
         i = 0
         while i < images.shape[0]:
@@ -300,10 +324,7 @@ class Predictor:
                 if not is_out_of_memory(exc):
                     raise
                 if n == 1:
-                    raise UserError(
-                        "out of memory even with batch size 1",
-                        hint="use a smaller --tile" + (" or --device cpu" if self.cuda else ""),
-                    ) from exc
+                    raise self._out_of_memory_at_one() from exc
                 self.batch_size = max(1, n // 2)
                 self.halvings += 1
                 failed = True
@@ -314,6 +335,10 @@ class Predictor:
                 continue  # retry the same tiles with the smaller batch: nothing is lost
             i += n
         return out
+
+    def _out_of_memory_at_one(self) -> UserError:
+        return UserError("out of memory even with batch size 1",
+                         hint="use a smaller --tile" + (" or --device cpu" if self.cuda else ""))
 
     def _probe(self, image: torch.Tensor, valid: torch.Tensor) -> None:
         """Size the batch from one tile's peak memory (once)."""
@@ -652,6 +677,11 @@ class Session:
         says otherwise, and torch keeps the cores it has for local reads."""
         self.spec = spec
         self.device = resolve_device(device)
+        if self.device.type == "cuda" and self.device.index is not None:
+            # the current device too: a stream context (the copies' side stream) restores the
+            # current device's stream on exit, and Triton launches on the current device, so a
+            # rank on cuda:1 would otherwise switch to GPU 0 and launch its kernels there
+            torch.cuda.set_device(self.device)
         self.precision = resolve_precision(precision, self.device)
         check_tta(tta)
         configure_cpu_threads(self.device, io_threads)
@@ -695,8 +725,8 @@ class Session:
             x0, y0, w, h = reader.aoi.window if reader.aoi else (0, 0, reader.width,
                                                                    reader.height)
             rows = part_range(grid, reader.height, part, span=(y0, y0 + h))
-            stripes = column_stripes(grid[0], reader.width, max(STRIPE_WIDTH, 2 * tile),
-                                     span=(x0, x0 + w))
+            stripes = column_stripes(grid[0], reader.width,
+                                     max(stripe_width(self.device), 2 * tile), span=(x0, x0 + w))
             scene = PreparedScene(settings, reader, grid, tile, stride, rows, stripes, None,
                                   (x0, x0 + w))
             scene.feed = self.feed(scene, stripes[0])

@@ -145,3 +145,25 @@ def test_cudnn_attention_first_only_when_asked_and_on_cuda(monkeypatch):
     assert torch._C._get_sdp_priority_order() == before
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # dynamo: SDPA as is
     assert not attention._prefer_cudnn(cuda_q)
+
+
+def test_out_of_memory_at_a_size_that_ran_before_halves_once():
+    """A batch of 4 ran compiled; later 4 no longer fits (a wider band, another process):
+    the halved batches run at 2, not padded back up to the 4 that failed (which halved the
+    batch twice and compiled a third size)."""
+    from helpers import per_pixel_spec
+
+    from crossearth_cli.engine import Predictor
+
+    spec = per_pixel_spec(num_classes=4)
+    recorded = Recorded(spec.module)
+    predictor = Predictor(spec, torch.device("cpu"), "fp32", 4,
+                          CompiledForward(recorded, spec.module))
+    plain = Predictor(spec, torch.device("cpu"), "fp32", 4)
+    images = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
+    valid = torch.ones(8, 16, 16, dtype=torch.bool)
+    predictor(images[:4], valid[:4])
+    recorded.oom = lambda x: x.shape[0] > 2
+    torch.testing.assert_close(predictor(images, valid), plain(images, valid))
+    assert recorded.sizes == [4, 4, 2, 2, 2, 2]
+    assert predictor.batch_size == 2 and predictor.halvings == 1

@@ -730,3 +730,113 @@ def test_fused_pixel_decoder_candidate_matches_eager_autocast():
             <= 1.25 * in_kernel["eager_max_rel_diff_vs_float32"]), in_kernel
     assert report["model_sampling_in_kernel"]["fused_calls"] == 1, report
     assert report["model_sampling_in_kernel"]["class_agreement"] >= 0.98, report
+
+
+# --- CUDA-only choices, checked with torch.cuda stood in for (no GPU here) ---------------------
+
+
+def test_an_out_of_memory_batch_size_probe_is_the_batch_size_one_error(monkeypatch):
+    """--batch-size auto on a GPU sizes the batch from one tile; that tile out of memory is
+    "out of memory even with batch size 1" with its fix (a raw torch error before, which a
+    folder run recorded as an internal error to report)."""
+    import torch
+
+    from crossearth_cli.engine import Predictor
+    from crossearth_cli.errors import UserError
+
+    class OutOfMemory(torch.nn.Module):
+        def forward(self, x):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    predictor = Predictor(per_pixel_spec(num_classes=4), torch.device("cpu"), "fp32", "auto",
+                          OutOfMemory())
+    predictor.cuda = True  # the probe is run on CUDA only
+    predictor._to_device = lambda images, valid: (images, valid)
+    for name, value in (("synchronize", lambda *a: None), ("empty_cache", lambda: None),
+                        ("reset_peak_memory_stats", lambda *a: None),
+                        ("memory_allocated", lambda *a: 0),
+                        ("max_memory_allocated", lambda *a: 1),
+                        ("mem_get_info", lambda *a: (1, 1))):
+        monkeypatch.setattr(torch.cuda, name, value)
+    images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    with pytest.raises(UserError, match="out of memory even with batch size 1") as err:
+        predictor(images, torch.ones(4, 16, 16, dtype=torch.bool))
+    assert "--device cpu" in err.value.one_line()
+
+
+def test_automatic_precision_is_fp16_on_gpus_without_bf16_tensor_cores(monkeypatch):
+    import torch
+
+    from crossearth_cli.engine import resolve_precision
+
+    gpu = torch.device("cuda", 0)
+    for capability, expected in (((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"),
+                                 ((9, 0), "bf16")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None, c=capability: c)
+        assert resolve_precision("auto", gpu) == expected, capability
+        assert resolve_precision("bf16", gpu) == "bf16"  # asked for: as asked
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+
+
+def test_a_session_on_a_second_gpu_makes_it_the_current_device(monkeypatch):
+    """A torchrun rank on cuda:1 (or --device cuda:1) must make it the current device before
+    anything runs: stream contexts restore the current device's stream and Triton launches on
+    the current device, which stayed GPU 0."""
+    import torch
+
+    from crossearth_cli import engine
+
+    class Chosen(Exception):
+        pass
+
+    chosen = []
+
+    def set_device(device):
+        chosen.append(torch.device(device))
+        raise Chosen  # the rest needs a real GPU
+
+    monkeypatch.setattr(engine, "resolve_device", lambda name: torch.device(name))
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    with pytest.raises(Chosen):
+        engine.Session(per_pixel_spec(num_classes=2), device="cuda:1")
+    assert chosen == [torch.device("cuda", 1)]
+
+
+def test_torchrun_ranks_take_their_own_gpus(monkeypatch):
+    import torch
+
+    from crossearth_cli.batch import RankInfo
+    from crossearth_cli.distributed import device_for
+    from crossearth_cli.errors import ConfigError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    second = RankInfo(rank=1, world=2, local_rank=1)
+    assert [device_for(second, d) for d in ("auto", "cuda", "cpu")] == ["cuda:1", "cuda:1", "cpu"]
+    with pytest.raises(ConfigError, match="puts every rank on the same GPU"):
+        device_for(second, "cuda:0")  # each rank would size its batch from one card
+    assert device_for(RankInfo(rank=0, world=1, local_rank=0), "cuda:2") == "cuda:2"
+
+
+def test_scenes_up_to_16384_px_wide_run_in_one_stripe_on_a_gpu(tmp_path, monkeypatch):
+    """The row band is in GPU memory there: stripes of 16384 columns (8192 on the CPU, where
+    it is in host memory), so a Sentinel-2 tile (10980 px) runs no tile twice."""
+    import torch
+
+    from crossearth_cli import engine
+    from crossearth_cli.raster.windows import tile_grid
+
+    assert engine.stripe_width(torch.device("cuda", 0)) == 16384
+    assert engine.stripe_width(torch.device("cpu")) == 8192
+    asked = []
+
+    def narrow(device):
+        asked.append(device.type)
+        return 96
+
+    monkeypatch.setattr(engine, "stripe_width", narrow)
+    src = write_tif(tmp_path / "wide.tif", random_scene(64, 1100, seed=1))  # 512-px stripes
+    r = engine.segment(engine.SegmentSettings(input=src, output=tmp_path / "o.tif"),
+                       per_pixel_spec(num_classes=3))
+    windows = sum(len(row) for row in tile_grid(64, 1100, 64, 40))
+    assert asked == ["cpu"] and r.tiles > windows  # stripes: their edge tiles ran twice

@@ -1090,7 +1090,8 @@ def _print_batch(total, world: int) -> None:
     segmented = len(total.done) - len(total.vectors_only)
     row = [str(len(total.done)), str(len(total.skipped)), str(len(total.failed)),
            f"{total.pixels / 1e6:.2f}", f"{total.seconds:.1f}",
-           f"{total.mpx_per_s:.2f}" if segmented else "-"]  # no model ran: no speed to tell
+           "-" if total.vectors_only and not segmented  # no model ran: no speed to tell
+           else f"{total.mpx_per_s:.2f}"]
     if total.vectors_only:  # of the files done, those whose GeoPackage alone was made
         columns.insert(1, "GeoPackage only")
         row.insert(1, str(len(total.vectors_only)))

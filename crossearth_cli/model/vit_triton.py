@@ -198,7 +198,13 @@ def rein_residual_norm(x: torch.Tensor, m: torch.Tensor, scale: torch.Tensor,
 
 def fused_forward_features(vit, x: torch.Tensor) -> list[torch.Tensor]:
     """``ReinsDinoVisionTransformer.forward_features(x)`` (with the Rein) through the fused
-    kernels, under the autocast in force (its dtype is ``ct``)."""
+    kernels, under the autocast in force (its dtype is ``ct``). Triton launches on the current
+    CUDA device: it is made ``x``'s, as for the other kernels."""
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        return _fused_forward_features(vit, x)
+
+
+def _fused_forward_features(vit, x: torch.Tensor) -> list[torch.Tensor]:
     ct = torch.get_autocast_dtype(x.device.type)
     t, gh, gw = vit.tokens(x)
     t = t.float().contiguous()  # B×(1+N)×C, the float32 residual stream, updated in place

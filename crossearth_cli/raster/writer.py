@@ -46,7 +46,7 @@ def temp_path_for(final: Path, extension: str = "") -> Path:
     driver that wants its own (one of :data:`_GDAL_SIDE_FILES`)."""
     tag = f"{os.getpid()}.{uuid.uuid4().hex[:8]}"
     return final.with_name(
-        f"{TEMP_PREFIX}{_temp_stem(final.name)}.{tag}{TEMP_SUFFIX}{extension}")
+        f"{TEMP_PREFIX}{_short_name(final.name)}.{tag}{TEMP_SUFFIX}{extension}")
 
 
 def _short_name(name: str) -> str:
@@ -57,11 +57,6 @@ def _short_name(name: str) -> str:
     if len(raw) <= 150:
         return name
     return f"{raw[:120].decode(errors='ignore')}~{hashlib.sha1(raw).hexdigest()[:10]}"
-
-
-def _temp_stem(name: str) -> str:
-    """``name`` in its temporaries' names (see :func:`_short_name`)."""
-    return _short_name(name)
 
 
 # Temporaries this process has created and not yet renamed or removed. A signal can land
@@ -197,7 +192,7 @@ def stale_temps(final: Path) -> list[tuple[Path, int]]:
     run's to remove."""
     with _live_guard:
         temps, _ = _indexed(Path(final).parent)
-        return sorted(temps.pop(_temp_stem(Path(final).name), []))
+        return sorted(temps.pop(_short_name(Path(final).name), []))
 
 
 def remove_stale_parts(final: Path, job: tuple[int, int] | None = None) -> list[Path]:
