@@ -297,6 +297,11 @@ def test_png_and_jpeg_without_georeferencing(tmp_path, capfd, ckpt, driver, ext)
         warnings.simplefilter("always", NotGeoreferencedWarning)
         rasterio.open(out).close()
     assert any(issubclass(w.category, NotGeoreferencedWarning) for w in seen)
+    # its vectors are in pixels, and say so (they were "taken as metres")
+    code, _, err = cli(capfd, "vectorize", out, "-o", tmp_path / "photo.gpkg")
+    said = " ".join(err.split())
+    assert code == 0 and "has no georeferencing: the vectors are in pixel coordinates" in said
+    assert "areas and lengths in pixels" in said and "metres" not in said, said
 
 
 def test_geographic_crs_and_rotated_transform_through_the_cli(tmp_path, capfd, ckpt):
@@ -513,3 +518,37 @@ def test_an_rgba_raster_for_an_irrg_model_is_told_it_lacks_near_infrared(tmp_pat
         assert bands == [1, 2, 3]
         assert "the raster's bands are red, green, blue (no near-infrared band)" in said
         assert default_bands(src, "RGB") == ([1, 2, 3], None)
+
+
+def test_containers_and_gdal_names_that_are_not_read_say_so(tmp_path, capfd, ckpt):
+    """A NetCDF of two variables names them and how to extract one (it said "has no pixels
+    (512x512, 0 band(s))"); a subdataset name or a local GDAL virtual path is refused as what
+    it is, with the fix (both said "no such file")."""
+    import zipfile
+
+    from scipy.io import netcdf_file
+
+    nc_path = tmp_path / "two.nc"
+    nc = netcdf_file(nc_path, "w")
+    nc.createDimension("y", 40)
+    nc.createDimension("x", 50)
+    refl = nc.createVariable("refl", "i2", ("y", "x"))
+    refl[:] = np.arange(2000, dtype="int16").reshape(40, 50)
+    qa = nc.createVariable("qa", "i1", ("y", "x"))
+    qa[:] = 1
+    nc.close()
+    out = tmp_path / "o.tif"
+    code, _, err = cli(capfd, "segment", nc_path, "-o", out, "-c", ckpt)
+    line = assert_user_error(code, err, "two.nc: holds 2 rasters (subdatasets: ",
+                             "extract the one to segment first, e.g. gdal_translate 'NETCDF:")
+    assert "refl" in line and "qa" in line
+    code, _, err = cli(capfd, "segment", f'NETCDF:"{nc_path}":refl', "-o", out, "-c", ckpt)
+    assert_user_error(code, err, "is a GDAL subdataset name: not read",
+                      f"""gdal_translate 'NETCDF:"{nc_path}":refl' out.tif""")
+    zipped = tmp_path / "a.zip"
+    with zipfile.ZipFile(zipped, "w") as z:
+        z.write(write_tif(tmp_path / "a.tif", random_scene(40, 40)), "a.tif")
+    code, _, err = cli(capfd, "segment", f"/vsizip/{zipped}/a.tif", "-o", out, "-c", ckpt)
+    assert_user_error(code, err, "is a GDAL virtual path: only network ones",
+                      "extract the file first")
+    assert not out.exists()

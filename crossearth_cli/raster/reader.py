@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 import threading
 import warnings
@@ -48,6 +49,9 @@ PERCENTILES = (2.0, 98.0)
 _SAMPLE_GRID = 12  # windows per axis when the file has no overviews
 _SAMPLE_WINDOW = 128  # pixels per side of each sample window
 _SAMPLE_TARGET = 1024  # longest side of a decimated read through overviews
+# fewer valid pixels than this share of the grid's: the whole scene is read decimated instead
+_SAMPLE_MIN_VALID = 0.01
+_SATURATED = 0.95  # a given --range that this share of a band's values lies beyond is told
 
 
 @dataclass(frozen=True)
@@ -198,6 +202,7 @@ def open_raster(path: str | Path) -> rasterio.DatasetReader:
     else:
         target = p = Path(path)
         if not p.exists():
+            _refuse_gdal_name(str(path))
             if p.is_symlink():
                 raise InputError(
                     "is a symbolic link that leads nowhere (a broken link or a loop of links)",
@@ -244,8 +249,6 @@ def open_raster(path: str | Path) -> rasterio.DatasetReader:
 def _past_its_end(message: str, path: Path) -> tuple[str, str] | None:
     """A TIFF whose directory lies past the end of the file (written last, then the file
     cut short): truncated, not of another format."""
-    import re
-
     m = re.search(r"directory at offset (\d+)", message)
     size = path.stat().st_size
     if m is None or int(m.group(1)) < size:
@@ -254,8 +257,28 @@ def _past_its_end(message: str, path: Path) -> tuple[str, str] | None:
             f"file has {size:,} bytes", "copy or download it again")
 
 
+def _refuse_gdal_name(text: str) -> None:
+    """A GDAL dataset name that is no file (``/vsizip/…``, ``NETCDF:"f.nc":var``): not read,
+    said as such (it was "no such file"). Network ones (``/vsicurl/``, ``/vsis3/``) are
+    URLs, read as such before this."""
+    if text.startswith("/vsi"):
+        raise InputError("is a GDAL virtual path: only network ones (/vsicurl/, /vsis3/, "
+                         "/vsigs/, /vsiaz/) are read", path=text,
+                         hint="extract the file first (e.g. unzip) and give its path")
+    if re.match(r"[A-Z][A-Z0-9_]+:", text):
+        raise InputError("is a GDAL subdataset name: not read", path=text,
+                         hint=f"extract it to a GeoTIFF first: gdal_translate '{text}' out.tif")
+
+
 def _check_header(src) -> None:
     """Refuse what GDAL opens but nothing can segment (so it fails before any output)."""
+    if src.count < 1 and src.subdatasets:  # NetCDF, HDF: a container of rasters
+        subs = src.subdatasets
+        names = ", ".join(s.rsplit(":", 1)[-1] for s in subs[:5]) + (", ..." if len(subs) > 5
+                                                                     else "")
+        raise InputError(f"holds {len(subs)} rasters (subdatasets: {names}), not one",
+                         path=src.name, hint=f"extract the one to segment first, e.g. "
+                         f"gdal_translate '{subs[0]}' {subs[0].rsplit(':', 1)[-1]}.tif")
     if src.count < 1 or src.width < 1 or src.height < 1:
         raise InputError(
             f"has no pixels ({src.width}x{src.height}, {src.count} band(s))", path=src.name
@@ -638,6 +661,10 @@ class SceneReader:
         if isinstance(value_range, list):
             if len(value_range) != len(self.bands):
                 raise ConfigError(f"--range gives {len(value_range)} bands, expected 3")
+            with corrupt_is_input_error(self.path, "read failed while sampling its values"):
+                told = given_range_notes(src, self.bands, value_range)
+            self.notes += told
+            self.key_notes += told  # a wrong --range spoils every result: told in folders too
             return value_range
         if self.palette is not None:
             return None  # colours from the table are 8-bit already
@@ -659,7 +686,8 @@ class SceneReader:
             scaling = scene_percentiles(src, self.bands)
         if not any(s.sampled for s in scaling):
             self.notes.append("no valid pixel was found while sampling the value range: the "
-                              "scene looks like nodata everywhere")
+                              "scene looks like nodata everywhere (if it is not, give its "
+                              "range with --range MIN,MAX)")
             return scaling
         self.notes.append(_scaling_note(
             f"the scene's {PERCENTILES[0]:g}-{PERCENTILES[1]:g} percentiles", self.bands, scaling))
@@ -783,6 +811,36 @@ def _sample_windows(height: int, width: int) -> list[Window]:
     return [Window(int(x), int(y), ww, wh) for y in ys for x in xs]
 
 
+def _decimated_shape(src, count: int) -> tuple[int, int, int]:
+    """``count`` bands of the scene read at most :data:`_SAMPLE_TARGET` px on its long side."""
+    scale = max(1.0, max(src.width, src.height) / _SAMPLE_TARGET)
+    return (count, max(1, int(round(src.height / scale))), max(1, int(round(src.width / scale))))
+
+
+def given_range_notes(src, bands: list[int], scaling: list[BandScaling]) -> list[str]:
+    """What to tell of a ``--range MIN,MAX`` given for this scene: bands stored scaled (GIS
+    software shows stored × scale + offset; the range is in stored values), and bands whose
+    sampled values nearly all lie beyond it (they reach the model all white or all black)."""
+    notes = []
+    scaled = [(b, src.scales[b - 1], src.offsets[b - 1]) for b in dict.fromkeys(bands)
+              if (src.scales[b - 1], src.offsets[b - 1]) != (1.0, 0.0)]
+    if scaled:
+        notes.append("--range is in the values the file stores; " + "; ".join(
+            f"band {b} stores them scaled (shown in GIS software as stored × {k:g} + {o:g})"
+            for b, k, o in scaled))
+    for (values, _), b, s in zip(sample_values(src, bands), bands, scaling):
+        if values.size == 0:
+            continue
+        for share, side, limit in ((np.mean(values >= s.high), "maximum", s.high),
+                                   (np.mean(values <= s.low), "minimum", s.low)):
+            if share >= _SATURATED:
+                notes.append(f"--range: {share:.0%} of band {b}'s sampled values are at or "
+                             f"beyond its {side} ({limit:g}): they reach the model all "
+                             f"{'white' if side == 'maximum' else 'black'} (--range auto "
+                             "stretches each scene from its own values)")
+    return notes
+
+
 def scene_percentiles(src, bands: list[int]) -> list[BandScaling]:
     """Robust per-band 2–98 % percentiles from overviews or a sparse grid of windows."""
     return [percentile_scaling(values) for values, _ in sample_values(src, bands)]
@@ -793,18 +851,19 @@ def sample_values(src, bands: list[int]) -> list[tuple[np.ndarray, int]]:
     sparse grid of windows, with the number of pixels read (valid or not)."""
     has_overviews = bool(src.overviews(bands[0]))
     if has_overviews or src.width * src.height <= _SAMPLE_TARGET**2:
-        scale = max(src.width, src.height) / _SAMPLE_TARGET
-        shape = (
-            len(bands),
-            max(1, int(round(src.height / max(scale, 1)))),
-            max(1, int(round(src.width / max(scale, 1)))),
-        )
-        chunks = [src.read(bands, out_shape=shape, masked=True, out_dtype="float64")]
+        chunks = [src.read(bands, out_shape=_decimated_shape(src, len(bands)), masked=True,
+                           out_dtype="float64")]
     else:
         chunks = [
             src.read(bands, window=w, masked=True, out_dtype="float64")
             for w in _sample_windows(src.height, src.width)
         ]
+        valid = min(sum(int(c[i].count()) for c in chunks) for i in range(len(bands)))
+        if valid < _SAMPLE_MIN_VALID * sum(c[0].size for c in chunks):
+            # data in narrow areas between the windows (a corridor, a clipped strip): the
+            # whole scene, decimated; it decodes every block once, on mostly empty scenes only
+            chunks = [src.read(bands, out_shape=_decimated_shape(src, len(bands)), masked=True,
+                               out_dtype="float64")]
     read = sum(c[0].size for c in chunks)
     result = []
     for i in range(len(bands)):

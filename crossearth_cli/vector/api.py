@@ -127,6 +127,12 @@ def build_job(
             "coordinates (column, row; rows grow downwards) without a CRS, areas and lengths "
             "in pixels; orthorectify the raster first (e.g. gdalwarp) for map coordinates"
         )
+    elif frame.mode == "unknown" and src.transform.is_identity:
+        warnings.append(
+            f"{src.label} has no georeferencing: the vectors are in pixel coordinates (column, "
+            "row; rows grow downwards) without a CRS, and areas and lengths in pixels "
+            "(area_m2 holds pixel counts)"
+        )
     elif frame.mode == "unknown":
         warnings.append(
             f"{src.label} has no usable CRS: areas and lengths are in its own units, taken as "
