@@ -35,6 +35,10 @@ ROUND_HULL_QUOTIENT = 0.93
 SIMPLER_SLACK = 0.02  # IoU a simpler outline may give up to be preferred
 MAX_AREA_CHANGE = 0.05  # relative
 MAX_SHIFT_M = 3.0  # the most an edge or corner may move on a big building, metres
+# Outlines smaller than a 3×3 block are kept as they are: pixel outlines (right-angled on the
+# grid already), too small for an orientation or a run of min_run (3 px). On a speckled map
+# most polygons are such specks, and each cost ~1 ms for no change (a third of the time).
+SPECK_PX = 9.0
 
 
 def max_shift(pixel: float, min_run: float) -> float:
@@ -189,7 +193,7 @@ def regularize_polygon(poly, pixel: float = 1.0, min_run: float | None = None):
     Two orientations are tried — the dominant edge direction and the minimum rotated
     rectangle's — and the right-angled outline closer to the input (IoU) wins.
     """
-    if poly.is_empty:
+    if poly.is_empty or poly.area < SPECK_PX * pixel * pixel:
         return poly
     if poly.geom_type == "MultiPolygon":
         geoms = list(poly.geoms)
