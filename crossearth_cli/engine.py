@@ -67,6 +67,7 @@ from crossearth_cli.tta import averaged_scores
 from crossearth_cli.tta import check_mode as check_tta
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
 # Scenes wider than this are run in vertical stripes of at most this many output columns, so
 # the row band's memory stops growing with the width (tiles at stripe edges run twice: ~3 %).
 STRIPE_WIDTH = 8192
@@ -74,7 +75,6 @@ STRIPE_WIDTH = 8192
 # keeps only strips: stripes twice as wide, so scenes up to 16384 px (a Sentinel-2 tile's
 # 10980) run no tile twice (a 16384² scene ran 2400 tiles for its 2304 windows)
 GPU_STRIPE_WIDTH = 16384
-IMAGENET_STD = (58.395, 57.12, 57.375)
 
 Events = Callable[[str, dict], None]
 
@@ -698,6 +698,14 @@ class Session:
         self.compress_threads = compression_threads(self.device.type == "cpu")
         self.pool = ThreadPoolExecutor(self.io_threads, thread_name_prefix="crossearth-read")
 
+    @classmethod
+    def for_settings(cls, spec: ModelSpec, settings: SegmentSettings, network: bool = False,
+                     device: str | None = None) -> Session:
+        """A session for scenes run with ``settings`` (their device, precision, batch size,
+        reader threads, compile and TTA); ``device`` overrides theirs (a torchrun rank's)."""
+        return cls(spec, device or settings.device, settings.precision, settings.batch_size,
+                   settings.io_threads, settings.compile, tta=settings.tta, network=network)
+
     def prepare(self, settings: SegmentSettings, part: RowPart | None = None,
                 reader: SceneReader | None = None, prime: bool = True) -> PreparedScene:
         """Open a scene and start reading its first tiles (safe to call from another thread).
@@ -786,9 +794,7 @@ def segment(
     """Segment one scene. Raises :class:`UserError` for anything the user can fix."""
     from crossearth_cli.raster.remote import is_remote
 
-    with Session(spec, settings.device, settings.precision, settings.batch_size,
-                 settings.io_threads, settings.compile, tta=settings.tta,
-                 network=is_remote(settings.input)) as session:
+    with Session.for_settings(spec, settings, network=is_remote(settings.input)) as session:
         return session.run(session.prepare(settings, part, reader), events)
 
 

@@ -224,7 +224,7 @@ def test_only_thin_holes_are_filled():
     and a lone hole is found when the road covers the whole edge of the window."""
     from scipy import ndimage
 
-    from crossearth_cli.vector.centerlines import fill_small_holes
+    from crossearth_cli.vector.centerlines import fill_road_specks
 
     mask = np.zeros((200, 200), bool)
     mask[:, :80] = True  # a wide road
@@ -235,10 +235,10 @@ def test_only_thin_holes_are_filled():
     mask[100:102, 20:22] = False
     mask[150:153, 50:53] = False
     mask[60:62, 10:50] = False  # a sliver between two roads that nearly touch: thin but long
-    filled = fill_small_holes(mask, ndimage.distance_transform_edt(mask))
+    filled = fill_road_specks(mask, ndimage.distance_transform_edt(mask))
     assert filled[40, 40] and filled[100:102, 20:22].all() and filled[150:153, 50:53].all()
     assert not filled[60:62, 10:50].any()
     assert (filled[:, 80:] == mask[:, 80:]).all()  # every block stays
     lone = np.ones((60, 60), bool)
     lone[30, 30] = False
-    assert fill_small_holes(lone, ndimage.distance_transform_edt(lone)).all()
+    assert fill_road_specks(lone, ndimage.distance_transform_edt(lone)).all()

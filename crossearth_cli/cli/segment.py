@@ -1,4 +1,5 @@
-"""``crossearth segment``: the main job. Parses options, builds settings, calls the library.
+"""``crossearth segment``: the main job. Parses options, builds settings, calls the library
+(``engine``, ``batch``), and decides what a folder run's rerun must redo.
 
 One file in, one class raster out (``-o OUT.tif``). Several files, folders or globs in: one set of
 outputs per input under ``-o OUTDIR``, resumable through a manifest. Under ``torchrun``, ranks
@@ -407,9 +408,7 @@ class _Job:
         self.check_reports([src, out, conf, probs, vec], single=True)
         spec = self.load_model(self.device)
         self.finish_settings(settings, spec)
-        with Session(spec, settings.device, settings.precision, settings.batch_size,
-                     compile=settings.compile, tta=settings.tta,
-                     network=self.network) as session:
+        with Session.for_settings(spec, settings, network=self.network) as session:
             scene = session.prepare(settings)
             with progress_events(self.label(src)) as events:
                 result = session.run(scene, events=events)
@@ -477,9 +476,7 @@ class _Job:
         error = None
         result = None
         try:
-            with Session(spec, part_settings.device, settings.precision,
-                         settings.batch_size, compile=settings.compile,
-                         tta=settings.tta, network=self.network) as session:
+            with Session.for_settings(spec, part_settings, network=self.network) as session:
                 scene = session.prepare(part_settings, part=RowPart(rank.rank, rank.world))
                 if scene.rows.y1 > scene.rows.y0:
                     with progress_events(f"{self.label(src)} [rank {rank.rank}]") as events:
@@ -791,9 +788,8 @@ class _Job:
                 if "vector" in outs:
                     self.vectorize(spec, outs["classes"], outs["vector"], outs.get("confidence"))
 
-            with Session(spec, device, template.precision, template.batch_size,
-                         compile=template.compile, tta=template.tta,
-                         network=any(it.remote for it in mine)) as session:
+            with Session.for_settings(spec, template, device=device,
+                                      network=any(it.remote for it in mine)) as session:
                 with _BatchProgress(len(todo) - len(vectors_only), rank, manifest,
                                     told=result.notes) as events:
                     run_batch(mine, outdir, template, session, kinds, key, manifest,

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from crossearth_cli.raster.windows import Tile, axis_overlaps, taper, window_starts
+from crossearth_cli.raster.windows import Tile, axis_overlaps, taper_2d, window_starts
 
 CLASS_NODATA = 255
 CONFIDENCE_NODATA = 0  # max probability is >= 1/C > 0, so 0 never occurs on valid pixels
@@ -44,16 +44,17 @@ def class_sum(scores: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class FinishedRows:
-    """Final rows ``y .. y + classes.shape[0]`` of the scene, full width.
+    """Final rows ``y .. y + classes.shape[0]`` of the band's columns (the scene's whole width
+    unless it runs in column stripes).
 
     On CUDA the arrays are pinned host memory that copies queued on the GPU are still filling:
     call :meth:`wait` before reading them (at once everywhere else).
     """
 
     y: int
-    classes: np.ndarray  # (h, W) uint8, 255 = nodata
-    confidence: np.ndarray | None = None  # (h, W) uint8, 0 = nodata
-    probabilities: np.ndarray | None = None  # (C, h, W) uint8 (255 nodata) or float32 (NaN)
+    classes: np.ndarray  # (h, w) uint8, 255 = nodata; w: the band's columns
+    confidence: np.ndarray | None = None  # (h, w) uint8, 0 = nodata
+    probabilities: np.ndarray | None = None  # (C, h, w) uint8 (255 nodata) or float32 (NaN)
     class_counts: np.ndarray | None = None  # (C,) int64 pixels per class in these rows
     ready: object | None = None  # an event (``synchronize()``) after the copies; None: ready
 
@@ -316,9 +317,7 @@ def tile_weight(h: int, w: int, oy: tuple, ox: tuple, blend: str,
     on ``device``. Tiles with the same overlaps share one map: a handful per scene, and one for
     a whole folder of same-sized files, so it is made and uploaded once, not per file. Read
     only: callers must not write into it."""
-    wy = taper(h, *oy, blend)
-    wx = taper(w, *ox, blend)
-    return upload(np.outer(wy, wx).astype(np.float32), device)
+    return upload(taper_2d(h, w, oy, ox, blend), device)
 
 
 def upload(values, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -1,13 +1,14 @@
 """Windowed reads of the input scene: band selection, per-scene scaling, nodata masks.
 
-Every tile comes back as float32 on the 0–255 scale the model was trained on, plus a boolean
-mask of valid pixels. A pixel is invalid when every selected band holds the nodata value,
-when a mask (per-dataset, per-band, or an alpha band) marks it, or when any band is not
-finite (NaN, inf).
+Tiles come back in the file's pixel type, with a boolean mask of valid pixels; the scene's
+scaling (``model_scaling``) says how the engine maps them to the model's 0–255, on the
+device. A pixel is invalid when every selected band holds the nodata value, when a mask
+(per-dataset, per-band, or an alpha band) marks it, or when any band is not finite (NaN, inf).
 
 Scaling is decided once per scene, never per tile (a per-tile stretch makes seams): 8-bit data
 is used as is, anything else is stretched linearly from robust percentiles of a decimated
-read (overviews when the file has them, otherwise a sparse grid of small windows).
+read (overviews when the file has them, otherwise a sparse grid of small windows, or the
+whole scene decimated when that grid finds almost no data).
 
 A paletted raster (one band of colour-table indices) is expanded to the RGB of its colour
 table; palette entries with alpha 0 are nodata. Sparse GeoTIFFs (blocks never written, which

@@ -102,9 +102,14 @@ def tile_weights(
         raise ValueError(f"blend must be one of {', '.join(BLEND_MODES)} (got {mode!r})")
     ys = tuple(window_starts(height, tile_size, stride))
     xs = tuple(window_starts(width, tile_size, stride))
-    wy = taper(tile.h, *axis_overlaps(ys, tile.row, tile.h), mode)
-    wx = taper(tile.w, *axis_overlaps(xs, tile.col, tile.w), mode)
-    return np.outer(wy, wx).astype(np.float32)
+    return taper_2d(tile.h, tile.w, axis_overlaps(ys, tile.row, tile.h),
+                    axis_overlaps(xs, tile.col, tile.w), mode)
+
+
+def taper_2d(h: int, w: int, oy: tuple[int, int], ox: tuple[int, int], mode: str) -> np.ndarray:
+    """The h×w float32 weights of a tile overlapping its neighbours by ``oy`` (top, bottom)
+    and ``ox`` (left, right) pixels: the blend's weights, as the engine adds tiles with them."""
+    return np.outer(taper(h, *oy, mode), taper(w, *ox, mode)).astype(np.float32)
 
 
 def stride_from_overlap(tile: int, overlap: float) -> int:
@@ -120,9 +125,7 @@ def stride_from_overlap(tile: int, overlap: float) -> int:
 
 
 def tile_count(height: int, width: int, tile: int, stride: int) -> int:
-    ny = max(height - tile + stride - 1, 0) // stride + 1
-    nx = max(width - tile + stride - 1, 0) // stride + 1
-    return ny * nx
+    return len(window_starts(height, tile, stride)) * len(window_starts(width, tile, stride))
 
 
 @dataclass(frozen=True)
@@ -171,6 +174,7 @@ __all__ = [
     "axis_overlaps",
     "taper",
     "tile_weights",
+    "taper_2d",
     "stride_from_overlap",
     "tile_count",
 ]

@@ -77,7 +77,7 @@ NOISE_HOLE_INSET = 2.0
 NOISE_HOLE_AREA = 16
 
 
-def fill_small_holes(mask: np.ndarray, dist: np.ndarray) -> np.ndarray:
+def fill_road_specks(mask: np.ndarray, dist: np.ndarray) -> np.ndarray:
     """``mask`` with its specks of holes filled.
 
     A hole of a few pixels in a road (noise in the segmentation) makes the skeleton go round
@@ -112,11 +112,11 @@ def fill_small_holes(mask: np.ndarray, dist: np.ndarray) -> np.ndarray:
 
 def skeleton_graph(mask: np.ndarray):
     """Nodes and edges of the skeleton of ``mask`` (coordinates are pixel centres), once its
-    small holes are filled (:func:`fill_small_holes`)."""
+    small holes are filled (:func:`fill_road_specks`)."""
     from skimage.morphology import skeletonize
 
     dist = ndi.distance_transform_edt(mask)
-    filled = fill_small_holes(mask, dist)
+    filled = fill_road_specks(mask, dist)
     if filled is not mask:
         mask, dist = filled, ndi.distance_transform_edt(filled)
     skel = skeletonize(mask)
