@@ -124,7 +124,13 @@ def is_out_of_memory(exc: BaseException) -> bool:
     import torch  # here, not at import time: the CLI loads this module before torch
 
     oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+    return isinstance(exc, oom) or looks_out_of_memory(exc)
+
+
+def looks_out_of_memory(exc: BaseException) -> bool:
+    """An allocation failure by its type or words, without importing torch: numpy's
+    MemoryError, torch's CPU allocator ("DefaultCPUAllocator: can't allocate memory"), CUDA's
+    "out of memory"."""
     text = str(exc).lower()
-    # the CPU's allocator says "DefaultCPUAllocator: can't allocate memory", numpy MemoryError
-    return (isinstance(exc, (oom, MemoryError)) or "out of memory" in text
-            or "can't allocate memory" in text)
+    return isinstance(exc, MemoryError) or "out of memory" in text or \
+        "can't allocate memory" in text

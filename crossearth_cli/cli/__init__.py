@@ -26,6 +26,7 @@ from crossearth_cli.errors import (
     Interrupted,
     UserError,
     from_os_error,
+    looks_out_of_memory,
 )
 
 __all__ = ["app", "main"]
@@ -201,11 +202,8 @@ def _environment_error(exc: BaseException) -> UserError | None:
         return _library_error(exc)
     if isinstance(exc, OSError):
         return from_os_error(exc)
-    text = str(exc)
-    if isinstance(exc, MemoryError) or "can't allocate memory" in text or (
-        "out of memory" in text.lower()
-    ):
-        m = re.search(r"allocate ([\d.]+)\s*(bytes|[KMGT]i?B)", text)
+    if looks_out_of_memory(exc):
+        m = re.search(r"allocate ([\d.]+)\s*(bytes|[KMGT]i?B)", str(exc))
         if m:
             scale = {"bytes": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40,
                      "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}.get(m.group(2), 1)
