@@ -130,7 +130,10 @@ def is_out_of_memory(exc: BaseException) -> bool:
 def looks_out_of_memory(exc: BaseException) -> bool:
     """An allocation failure by its type or words, without importing torch: numpy's
     MemoryError, torch's CPU allocator ("DefaultCPUAllocator: can't allocate memory"), CUDA's
-    "out of memory"."""
+    "out of memory", and oneDNN's "could not create a primitive" (a CPU convolution whose
+    workspace could not be allocated: seen under a memory limit, where a smaller batch ran;
+    its "... primitive descriptor" is an unsupported shape, not memory)."""
     text = str(exc).lower()
     return isinstance(exc, MemoryError) or "out of memory" in text or \
-        "can't allocate memory" in text
+        "can't allocate memory" in text or (
+            "could not create a primitive" in text and "descriptor" not in text)

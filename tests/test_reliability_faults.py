@@ -240,7 +240,16 @@ OUT_OF_MEMORY = {  # what each device's allocator raises
                                 "can't allocate memory: you tried to allocate 113246208 bytes. "
                                 "Error code 12 (Cannot allocate memory)"),
     "numpy": lambda: MemoryError("Unable to allocate 108. MiB for an array"),
+    # oneDNN's convolution under a memory limit (prlimit --as=4200M, batch 36 of 512² tiles)
+    "onednn": lambda: RuntimeError("could not create a primitive"),
 }
+
+
+def test_an_unsupported_onednn_shape_is_not_taken_for_out_of_memory():
+    from crossearth_cli.errors import looks_out_of_memory
+
+    assert not looks_out_of_memory(RuntimeError("could not create a primitive descriptor for "
+                                                "a convolution forward propagation primitive"))
 
 
 class OomAboveBatch(PerPixelModel):
