@@ -146,3 +146,16 @@ def test_help_lists_the_options():
                 "--regularize", "--centerlines", "--layer-per-class", "--single-layer",
                 "--overwrite", "--confidence"):
         assert opt in proc.stdout
+
+
+def test_negative_class_ids_get_their_own_layers(tmp_path):
+    """A class raster from elsewhere (int16) with ids -2 and 2 and no names: two layers, named
+    so that they read apart (-2's was class__2)."""
+    arr = np.zeros((40, 40), dtype=np.int16)
+    arr[5:15, 5:15], arr[20:30, 20:30] = -2, 2
+    src = write_class_raster(tmp_path / "ids.tif", arr)
+    out = tmp_path / "ids.gpkg"
+    proc = cli(src, "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    layers = dict(pyogrio.list_layers(out))
+    assert "class_minus_2" in layers and "class_2" in layers, layers

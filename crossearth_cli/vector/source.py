@@ -41,7 +41,8 @@ class ClassRaster:
         return self.name or self.path
 
     def name_of(self, class_id: int) -> str:
-        return self.names.get(int(class_id), f"class_{int(class_id)}")
+        i = int(class_id)  # no name: class_2, and class_minus_2 for -2 (a layer name's "-")
+        return self.names.get(i, f"class_{i}" if i >= 0 else f"class_minus_{-i}")
 
     def describe_classes(self) -> str:
         if not self.names:
