@@ -75,13 +75,31 @@ def device_for(rank: RankInfo, device: str) -> str:
     return device
 
 
-def merge_row_parts(parts: list[Path], final: Path, cog: bool = False,
-                    compress: str = "deflate") -> Path:
-    """Stack row-band parts (same width, in order) into one GeoTIFF, atomically.
+def merge_row_parts(parts_of: dict[Path, list[Path]], cog: bool = False,
+                    compress: str = "deflate") -> list[Path]:
+    """Each final output (class raster first) from its row-band parts, all committed together
+    as one process commits a scene's outputs (:meth:`GeoTiffSink.commit_together`): a stop
+    or a failure leaves none of them, so the same command runs again. The parts are removed
+    once all are in place."""
+    sinks: list[GeoTiffSink] = []
+    try:
+        for final, parts in parts_of.items():
+            sinks.append(_merged_sink(parts, final, cog, compress))
+    except BaseException:
+        for sink in sinks:
+            sink.abort()
+        raise
+    GeoTiffSink.commit_together(sinks)
+    for parts in parts_of.values():
+        for p in parts:
+            p.unlink(missing_ok=True)
+    return list(parts_of)
 
-    Georeferencing, colour table, tags and band descriptions come from the first part, whose
-    transform is the scene's (it starts at row 0).
-    """
+
+def _merged_sink(parts: list[Path], final: Path, cog: bool, compress: str) -> GeoTiffSink:
+    """Row-band parts (same width, in order) stacked into ``final``'s temporary, not yet
+    renamed. Georeferencing, colour table, tags and band descriptions come from the first part,
+    whose transform is the scene's (it starts at row 0)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
         heads = [rasterio.open(p) for p in parts]
@@ -115,16 +133,13 @@ def merge_row_parts(parts: list[Path], final: Path, cog: bool = False,
                     n = min(BLOCK, h.height - r)
                     sink.write_rows(y + r, h.read(window=Window(0, r, h.width, n)))
                 y += h.height
-            sink.commit()
         except BaseException:
             sink.abort()
             raise
     finally:
         for h in heads:
             h.close()
-    for p in parts:
-        p.unlink(missing_ok=True)
-    return final
+    return sink
 
 
 def write_mosaic_vrt(paths: list[Path], vrt: Path) -> tuple[Path, list[str]]:

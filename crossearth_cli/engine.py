@@ -844,19 +844,8 @@ def _accumulator(session: Session, scene: PreparedScene, stripe: ColumnStripe,
 
 
 def _commit(sinks: list[GeoTiffSink], scene: PreparedScene, emit: Events) -> None:
-    """Rename the outputs into place, then tell the notes that describe them."""
-    # auxiliary rasters first: a class raster under its final name means all are done; if
-    # one fails (a full disk, Ctrl-C during a COG conversion), those already in place go
-    # again, so a rerun of the same command is not refused for outputs that exist
-    done: list[GeoTiffSink] = []
-    try:
-        for sink in sinks[1:] + sinks[:1]:
-            sink.commit()
-            done.append(sink)
-    except BaseException:
-        for sink in done:
-            sink.withdraw()
-        raise
+    """Rename the outputs into place (all or none), then tell the notes that describe them."""
+    GeoTiffSink.commit_together(sinks)
     for note in scene.reader.output_notes:
         emit("note", {"message": note, "outputs": True, "path": str(scene.settings.input)})
 

@@ -464,3 +464,77 @@ def test_a_library_that_cannot_be_loaded_is_one_line(tmp_path, capfd, ckpt, monk
     monkeypatch.setattr(engine, "RowBandAccumulator", ours)
     with pytest.raises(ImportError):
         cli(capfd, "segment", src, "-c", ckpt, "-o", tmp_path / "o.tif")
+
+
+# -- a scene's outputs appear together, or not at all ------------------------------------------
+
+
+def _stop_after_renaming(monkeypatch, name: str) -> None:
+    """A signal landing just after ``name`` was renamed into place (while its lock goes)."""
+    from crossearth_cli.raster import writer
+
+    real = writer.release_output_lock
+    fired = []
+
+    def release(final):
+        if Path(final).name == name and not fired:  # a signal comes once
+            fired.append(final)
+            raise KeyboardInterrupt
+        return real(final)
+
+    monkeypatch.setattr(writer, "release_output_lock", release)
+
+
+def test_a_stop_just_after_the_class_raster_is_renamed_leaves_no_output(tmp_path, monkeypatch):
+    """The class raster is renamed last; a signal right after its rename took back only the
+    confidence raster, so the class raster stayed alone and a rerun was refused ("output
+    exists"), though the run said nothing incomplete was left."""
+    src = write_tif(tmp_path / "s.tif", random_scene(80, 80))
+    out, conf = tmp_path / "out.tif", tmp_path / "out_confidence.tif"
+    _stop_after_renaming(monkeypatch, "out.tif")
+    with pytest.raises(KeyboardInterrupt):
+        segment(SegmentSettings(input=src, output=out, confidence=conf), per_pixel_spec())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.tif"]
+
+
+def test_a_split_scene_merge_stopped_leaves_none_of_its_outputs(tmp_path, monkeypatch):
+    """torchrun's rank 0 merged and renamed each output on its own, class raster first: a
+    stop or failure in between left some of them (and the rerun was refused). Now committed
+    together, as one process does: none is left, and the parts stay for the caller."""
+    from crossearth_cli.distributed import merge_row_parts, part_path
+
+    finals = [tmp_path / "big.tif", tmp_path / "big_confidence.tif"]
+    parts_of = {}
+    for final in finals:
+        parts_of[final] = [part_path(final, i, 2) for i in range(2)]
+        for i, part in enumerate(parts_of[final]):
+            write_tif(part, np.full((1, 40, 60), i + 1, dtype=np.uint8),
+                      transform=rasterio.transform.from_origin(5e5, 58e5 - 20 * i, 0.5, 0.5))
+    _stop_after_renaming(monkeypatch, "big.tif")  # the last renamed: the confidence is in place
+    with pytest.raises(KeyboardInterrupt):
+        merge_row_parts(parts_of)
+    assert not any(f.exists() for f in finals)
+    assert all(p.exists() for ps in parts_of.values() for p in ps)
+    monkeypatch.undo()
+    assert merge_row_parts(parts_of) == finals
+    with rasterio.open(finals[0]) as ds:
+        assert ds.height == 80 and (ds.read(1)[:40] == 1).all() and (ds.read(1)[40:] == 2).all()
+    assert not any(p.exists() for ps in parts_of.values() for p in ps)
+
+
+def test_a_rank_stopped_by_torchrun_points_to_the_error_that_stopped_it(capfd, monkeypatch):
+    """torchrun sends SIGTERM to every rank when one fails: those ranks said only
+    "interrupted (SIGTERM)", as if a user had stopped the job."""
+    from crossearth_cli.cli import _interrupted
+
+    class Received:
+        received = signal.SIGTERM
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert _interrupted(Received(), None, debug=False) == 143
+    said = capfd.readouterr().err
+    assert "interrupted (SIGTERM; torchrun stops every rank when one fails, see any error " \
+           "line above)" in said, said
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    _interrupted(Received(), None, debug=False)
+    assert "interrupted (SIGTERM); temporary files removed" in capfd.readouterr().err

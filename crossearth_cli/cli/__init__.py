@@ -112,6 +112,9 @@ def _interrupted(signals: _Signals, exc: BaseException | None, debug: bool) -> i
     if signum is None and isinstance(exc, Interrupted):
         signum = exc.signum
     name = signal.Signals(signum).name if signum else "SIGINT"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and name == "SIGTERM":
+        # torchrun stops every rank when one fails: that rank's error line is the cause
+        name += "; torchrun stops every rank when one fails, see any error line above"
     _stderr_line(f"crossearth: interrupted ({name}); temporary files removed, nothing "
                  "incomplete was left")
     return 128 + signum if signum else EXIT_INTERRUPTED

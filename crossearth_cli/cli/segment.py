@@ -479,7 +479,9 @@ class _Job:
             with Session.for_settings(spec, part_settings, network=self.network) as session:
                 scene = session.prepare(part_settings, part=RowPart(rank.rank, rank.world))
                 if scene.rows.y1 > scene.rows.y0:
-                    with progress_events(f"{self.label(src)} [rank {rank.rank}]") as events:
+                    # rank 0 shows its own rows' progress: the others' tiles are not counted
+                    label = f"{self.label(src)} [rows of rank {rank.rank} of {rank.world}]"
+                    with progress_events(label) as events:
                         result = session.run(scene, events=events if rank.rank == 0 else None)
                 else:  # fewer tile rows than ranks: this rank has none, and writes no part
                     scene.close()
@@ -491,11 +493,9 @@ class _Job:
         errors = [e for e, _ in outcomes if e]
         written = [i for i, (_, r) in enumerate(outcomes) if r is not None]
         if rank.rank == 0 and not errors:
-            for final in finals:
-                dist.merge_row_parts(
-                    [dist.part_path(final, i, rank.world) for i in written], final,
-                    cog=self.cog, compress=self.compress.lower(),
-                )
+            dist.merge_row_parts(
+                {final: [dist.part_path(final, i, rank.world) for i in written]
+                 for final in finals}, cog=self.cog, compress=self.compress.lower())
             if vec is not None:
                 self.vectorize(spec, out, vec, conf)
         dist.shutdown(rank)

@@ -790,9 +790,11 @@ class GeoTiffSink:
             if self.spec.cog:
                 self._to_cog()
                 self._check_blocks_on_disk(self.tmp)
+            # known before the rename, so that a signal landing just after it still leaves
+            # withdraw() able to tell the final file is this sink's (the same inode)
+            self._committed = os.stat(self.tmp)
             os.replace(self.tmp, self.final)
             _untrack(self.tmp)
-            self._committed = os.stat(self.final)
         except BaseException as exc:
             self._cleanup()
             if isinstance(exc, Exception):
@@ -800,6 +802,22 @@ class GeoTiffSink:
             raise
         release_output_lock(self.final)
         return self.final
+
+    @staticmethod
+    def commit_together(sinks: list[GeoTiffSink]) -> None:
+        """Rename one scene's outputs into place: the others first, the first (its class
+        raster) last, so a class raster under its final name means all are done. If any fails
+        (a full disk, a signal during a COG conversion), every one already renamed, the one
+        being renamed included, is taken back and the rest aborted: a rerun of the same command
+        is not refused for outputs that exist."""
+        try:
+            for sink in sinks[1:] + sinks[:1]:
+                sink.commit()
+        except BaseException:
+            for sink in sinks:
+                sink.withdraw()
+                sink.abort()
+            raise
 
     def withdraw(self) -> None:
         """Remove the committed output again (another output of its scene failed), if it is
