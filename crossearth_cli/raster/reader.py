@@ -663,7 +663,8 @@ class SceneReader:
             if len(value_range) != len(self.bands):
                 raise ConfigError(f"--range gives {len(value_range)} bands, expected 3")
             with corrupt_is_input_error(self.path, "read failed while sampling its values"):
-                told = given_range_notes(src, self.bands, value_range)
+                told = given_range_notes(src, self.bands, value_range,
+                                         sample=not isinstance(self.path, str))  # str: a URL
             self.notes += told
             self.key_notes += told  # a wrong --range spoils every result: told in folders too
             return value_range
@@ -818,10 +819,14 @@ def _decimated_shape(src, count: int) -> tuple[int, int, int]:
     return (count, max(1, int(round(src.height / scale))), max(1, int(round(src.width / scale))))
 
 
-def given_range_notes(src, bands: list[int], scaling: list[BandScaling]) -> list[str]:
+def given_range_notes(src, bands: list[int], scaling: list[BandScaling],
+                      sample: bool = True) -> list[str]:
     """What to tell of a ``--range MIN,MAX`` given for this scene: bands stored scaled (GIS
     software shows stored × scale + offset; the range is in stored values), and bands whose
-    sampled values nearly all lie beyond it (they reach the model all white or all black)."""
+    sampled values nearly all lie beyond it (they reach the model all white or all black).
+    The values are the sparse grid's alone (no whole-scene fallback), and none with
+    ``sample=False`` (a file on a server: each window is a request). The notes name no
+    per-file figure, so a folder run tells each once, with the files it concerns."""
     notes = []
     scaled = [(b, src.scales[b - 1], src.offsets[b - 1]) for b in dict.fromkeys(bands)
               if (src.scales[b - 1], src.offsets[b - 1]) != (1.0, 0.0)]
@@ -829,17 +834,38 @@ def given_range_notes(src, bands: list[int], scaling: list[BandScaling]) -> list
         notes.append("--range is in the values the file stores; " + "; ".join(
             f"band {b} stores them scaled (shown in GIS software as stored × {k:g} + {o:g})"
             for b, k, o in scaled))
-    for (values, _), b, s in zip(sample_values(src, bands), bands, scaling):
-        if values.size == 0:
+    if not sample:
+        return notes
+    told = set()
+    for (values, _), b, s in zip(sample_values(src, bands, dense=False), bands, scaling):
+        if values.size == 0 or b in told:
             continue
+        told.add(b)
         for share, side, limit in ((np.mean(values >= s.high), "maximum", s.high),
                                    (np.mean(values <= s.low), "minimum", s.low)):
             if share >= _SATURATED:
-                notes.append(f"--range: {share:.0%} of band {b}'s sampled values are at or "
-                             f"beyond its {side} ({limit:g}): they reach the model all "
-                             f"{'white' if side == 'maximum' else 'black'} (--range auto "
+                notes.append(f"--range: {_SATURATED:.0%} or more of band {b}'s sampled values "
+                             f"are at or beyond its {side} ({limit:g}): they reach the model "
+                             f"all {'white' if side == 'maximum' else 'black'} (--range auto "
                              "stretches each scene from its own values)")
     return notes
+
+
+def _every_kth(src, bands: list[int]):
+    """Every k-th row and column of the scene (at most :data:`_SAMPLE_TARGET` on its long side),
+    read a row of blocks at a time at full resolution and thinned here (GDAL's own decimated
+    read decodes the same blocks, about twice as slowly: 1.2 s against 0.6 s for an all-nodata
+    8192² uint16 file here). Pieces are multiples of k, so the thinning stays regular."""
+    k = max(1, -(-max(src.width, src.height) // _SAMPLE_TARGET))
+    rows = max(src.block_shapes[0][0], k)
+    rows -= rows % k
+    cols = max(k, (8192 // k) * k)
+    for y in range(0, src.height, rows):
+        h = min(rows, src.height - y)
+        for x in range(0, src.width, cols):
+            w = min(cols, src.width - x)
+            yield src.read(bands, window=Window(x, y, w, h), masked=True)[:, ::k, ::k].astype(
+                "float64")
 
 
 def scene_percentiles(src, bands: list[int]) -> list[BandScaling]:
@@ -847,9 +873,10 @@ def scene_percentiles(src, bands: list[int]) -> list[BandScaling]:
     return [percentile_scaling(values) for values, _ in sample_values(src, bands)]
 
 
-def sample_values(src, bands: list[int]) -> list[tuple[np.ndarray, int]]:
+def sample_values(src, bands: list[int], dense: bool = True) -> list[tuple[np.ndarray, int]]:
     """Per band: the valid, finite values of a decimated read (through overviews) or of a
-    sparse grid of windows, with the number of pixels read (valid or not)."""
+    sparse grid of windows, with the number of pixels read (valid or not). ``dense``: where
+    the grid finds almost no data, every k-th row and column of the whole scene instead."""
     has_overviews = bool(src.overviews(bands[0]))
     if has_overviews or src.width * src.height <= _SAMPLE_TARGET**2:
         chunks = [src.read(bands, out_shape=_decimated_shape(src, len(bands)), masked=True,
@@ -860,11 +887,10 @@ def sample_values(src, bands: list[int]) -> list[tuple[np.ndarray, int]]:
             for w in _sample_windows(src.height, src.width)
         ]
         valid = min(sum(int(c[i].count()) for c in chunks) for i in range(len(bands)))
-        if valid < _SAMPLE_MIN_VALID * sum(c[0].size for c in chunks):
+        if dense and valid < _SAMPLE_MIN_VALID * sum(c[0].size for c in chunks):
             # data in narrow areas between the windows (a corridor, a clipped strip): the
             # whole scene, decimated; it decodes every block once, on mostly empty scenes only
-            chunks = [src.read(bands, out_shape=_decimated_shape(src, len(bands)), masked=True,
-                               out_dtype="float64")]
+            chunks = list(_every_kth(src, bands))
     read = sum(c[0].size for c in chunks)
     result = []
     for i in range(len(bands)):
