@@ -853,9 +853,10 @@ def given_range_notes(src, bands: list[int], scaling: list[BandScaling],
 
 def _every_kth(src, bands: list[int]):
     """Every k-th row and column of the scene (at most :data:`_SAMPLE_TARGET` on its long side),
-    read a row of blocks at a time at full resolution and thinned here (GDAL's own decimated
-    read decodes the same blocks, about twice as slowly: 1.2 s against 0.6 s for an all-nodata
-    8192² uint16 file here). Pieces are multiples of k, so the thinning stays regular."""
+    read a row of blocks at a time at full resolution and thinned here. GDAL's own decimated
+    read (with masks) decodes the same blocks far more slowly: 54.5 s against 1.5 s for an
+    all-nodata 12288² 3-band uint16 file here. Pieces are multiples of k: the thinning stays
+    regular."""
     k = max(1, -(-max(src.width, src.height) // _SAMPLE_TARGET))
     rows = max(src.block_shapes[0][0], k)
     rows -= rows % k
