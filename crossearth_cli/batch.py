@@ -498,8 +498,10 @@ class BatchResult:
     skipped: list[str] = field(default_factory=list)
     failed: list[Record] = field(default_factory=list)
     seconds: float = 0.0
-    # done files whose GeoPackage alone was made, from rasters of an earlier run (no model)
+    # done files whose GeoPackage alone was made, from rasters of an earlier run (no model),
+    # and the seconds that took (of ``seconds``; not the model's, so not in Mpx/s)
     vectors_only: list[str] = field(default_factory=list)
+    vectors_only_seconds: float = 0.0
     # what users must know of some outputs (no CRS, guessed bands) → the files concerned
     notes: dict[str, list[str]] = field(default_factory=dict)
 
@@ -511,13 +513,14 @@ class BatchResult:
 
     @property
     def mpx_per_s(self) -> float:
-        return self.pixels / 1e6 / max(self.seconds, 1e-9)
+        return self.pixels / 1e6 / max(self.seconds - self.vectors_only_seconds, 1e-9)
 
     def merge(self, other: BatchResult) -> None:
         self.done += other.done
         self.skipped += other.skipped
         self.failed += other.failed
         self.vectors_only += other.vectors_only
+        self.vectors_only_seconds = max(self.vectors_only_seconds, other.vectors_only_seconds)
         for message, names in other.notes.items():
             self.notes.setdefault(message, []).extend(names)
         self.seconds = max(self.seconds, other.seconds)

@@ -292,18 +292,17 @@ class Predictor:
         scaling_all = self._scaling_on_device(scaling)
         if self.auto and self.cuda:
             self._scaling = _tile_rows(scaling_all, slice(0, 1))
+            failed = False
             try:
                 self._probe(images[:1], valid[:1])
             except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled here
                 if not is_out_of_memory(exc):
                     raise
-                failed = exc
-            else:
-                failed = None
-            if failed is not None:  # out of the handler, so the tile's tensors are released
+                failed = True  # not the exception: its traceback would hold the tensors
+            if failed:  # out of the handler, so the tile's tensors are released first
                 gc.collect()
                 torch.cuda.empty_cache()
-                raise self._out_of_memory_at_one() from failed
+                raise self._out_of_memory_at_one()
         out: torch.Tensor | None = None  # the whole batch's scores, filled part by part
         i = 0
         while i < images.shape[0]:
@@ -324,7 +323,7 @@ class Predictor:
                 if not is_out_of_memory(exc):
                     raise
                 if n == 1:
-                    raise self._out_of_memory_at_one() from exc
+                    raise self._out_of_memory_at_one(exc) from exc
                 self.batch_size = max(1, n // 2)
                 self.halvings += 1
                 failed = True
@@ -336,9 +335,14 @@ class Predictor:
             i += n
         return out
 
-    def _out_of_memory_at_one(self) -> UserError:
-        return UserError("out of memory even with batch size 1",
-                         hint="use a smaller --tile" + (" or --device cpu" if self.cuda else ""))
+    def _out_of_memory_at_one(self, cause: BaseException | None = None) -> UserError:
+        hint = "use a smaller --tile" + (" or --device cpu" if self.cuda else "")
+        if cause is not None and "could not create a primitive" in str(cause).lower():
+            # oneDNN says no more than this, and not only when memory is short
+            return UserError("out of memory even with batch size 1 (oneDNN: could not create a "
+                             "primitive)", hint=hint + "; if memory is not short, run with "
+                             "--debug and report it")
+        return UserError("out of memory even with batch size 1", hint=hint)
 
     def _probe(self, image: torch.Tensor, valid: torch.Tensor) -> None:
         """Size the batch from one tile's peak memory (once)."""

@@ -432,7 +432,8 @@ def test_a_folder_says_once_that_its_outputs_have_no_crs(tmp_path, tiny_ckpt):
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.count("has no CRS") == 2, proc.stderr
     said = " ".join(proc.stderr.split())
-    assert "likewise for 2 more file(s) (t1.tif, t2.tif; --summary lists them all" in said, said
+    assert "likewise for 2 more file(s) (t1.tif, t2.tif; --summary FILE lists every" in said, \
+        said
     # guessed bands decide every result: told once too (their colours are not marked)
     assert said.count("bands 1,2,3 are assumed to be red, green, blue") == 2, proc.stderr
     assert "t0.tif: bands 1,2,3 are assumed" in said, proc.stderr

@@ -303,6 +303,11 @@ def test_out_of_memory_with_one_tile_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="out of memory even with batch size 1"):
         segment(SegmentSettings(input=src, output=tmp_path / "o.tif", batch_size=4), spec)
     assert_nothing_written(tmp_path, before)
+    spec.module = OomAboveBatch(0, kind="onednn")  # it says no more, and not only for memory
+    with pytest.raises(UserError) as err:
+        segment(SegmentSettings(input=src, output=tmp_path / "o.tif", batch_size=4), spec)
+    assert "(oneDNN: could not create a primitive)" in err.value.one_line()
+    assert "if memory is not short, run with --debug and report it" in err.value.one_line()
 
 
 def test_out_of_memory_elsewhere_is_one_line(tmp_path, capfd, ckpt, monkeypatch):

@@ -549,6 +549,9 @@ def test_containers_and_gdal_names_that_are_not_read_say_so(tmp_path, capfd, ckp
     with zipfile.ZipFile(zipped, "w") as z:
         z.write(write_tif(tmp_path / "a.tif", random_scene(40, 40)), "a.tif")
     code, _, err = cli(capfd, "segment", f"/vsizip/{zipped}/a.tif", "-o", out, "-c", ckpt)
-    assert_user_error(code, err, "is a GDAL virtual path: only network ones",
+    assert_user_error(code, err, "is a GDAL virtual path into an archive or other container",
                       "extract the file first")
+    for name in ("/vsidata/x.tif", "S2A_MSIL2A:missing.tif"):  # local names: just missing
+        code, _, err = cli(capfd, "segment", name, "-o", out, "-c", ckpt)
+        assert_user_error(code, err, "no such file")
     assert not out.exists()

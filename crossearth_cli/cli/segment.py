@@ -100,7 +100,8 @@ def segment_command(
     ),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
     precision: str = typer.Option(
-        "auto", "--precision", help="auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16."
+        "auto", "--precision",
+        help="auto (bf16 on GPU, fp16 on GPUs before Ampere, fp32 on CPU) | fp32 | bf16 | fp16."
     ),
     confidence: str | None = typer.Option(
         None, "--confidence", help="Also write a confidence raster (uint8, max probability x "
@@ -812,6 +813,7 @@ class _Job:
             self._vectors_each(items, outdir, kinds, keys, manifest, result)
         finally:  # a stop too: the summary's seconds are those spent
             result.seconds += time.perf_counter() - t0
+            result.vectors_only_seconds += time.perf_counter() - t0
 
     def _vectors_each(self, items, outdir: Path, kinds, keys, manifest, result) -> None:
         import time
@@ -1207,5 +1209,5 @@ class _BatchProgress:
         for message, names in self.told.items():
             if len(names) > 1:
                 listed = ", ".join(names[1:4]) + (", ..." if len(names) > 4 else "")
-                note(f"likewise for {len(names) - 1} more file(s) ({listed}; --summary lists "
-                     f"them all under notes): {message}")
+                note(f"likewise for {len(names) - 1} more file(s) ({listed}; --summary FILE "
+                     f"lists every file under notes): {message}")

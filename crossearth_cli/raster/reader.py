@@ -258,15 +258,20 @@ def _past_its_end(message: str, path: Path) -> tuple[str, str] | None:
             f"file has {size:,} bytes", "copy or download it again")
 
 
+_VSI_CONTAINERS = ("/vsizip/", "/vsitar/", "/vsigzip/", "/vsi7z/", "/vsirar/", "/vsimem/",
+                   "/vsisubfile/", "/vsisparse/", "/vsicrypt/", "/vsistdin/", "/vsicached?")
+
+
 def _refuse_gdal_name(text: str) -> None:
     """A GDAL dataset name that is no file (``/vsizip/…``, ``NETCDF:"f.nc":var``): not read,
     said as such (it was "no such file"). Network ones (``/vsicurl/``, ``/vsis3/``) are
     URLs, read as such before this."""
-    if text.startswith("/vsi"):
-        raise InputError("is a GDAL virtual path: only network ones (/vsicurl/, /vsis3/, "
-                         "/vsigs/, /vsiaz/) are read", path=text,
-                         hint="extract the file first (e.g. unzip) and give its path")
-    if re.match(r"[A-Z][A-Z0-9_]+:", text):
+    if text.startswith(_VSI_CONTAINERS):
+        raise InputError("is a GDAL virtual path into an archive or other container: not read "
+                         "(network paths, /vsicurl/, /vsis3/, /vsigs/, /vsiaz/, are)", path=text,
+                         hint="extract the file first (e.g. unzip; download it first if it is "
+                              "on a server) and give its path")
+    if re.match(r'[A-Z][A-Z0-9_]*:("[^"]+"|[^:"]+):.', text):  # DRIVER:"file":subdataset
         raise InputError("is a GDAL subdataset name: not read", path=text,
                          hint=f"extract it to a GeoTIFF first: gdal_translate '{text}' out.tif")
 
@@ -275,11 +280,11 @@ def _check_header(src) -> None:
     """Refuse what GDAL opens but nothing can segment (so it fails before any output)."""
     if src.count < 1 and src.subdatasets:  # NetCDF, HDF: a container of rasters
         subs = src.subdatasets
-        names = ", ".join(s.rsplit(":", 1)[-1] for s in subs[:5]) + (", ..." if len(subs) > 5
-                                                                     else "")
+        short = [re.split(r"[:/]", s)[-1] or "subdataset" for s in subs]  # HDF5: //group/name
+        names = ", ".join(short[:5]) + (", ..." if len(subs) > 5 else "")
         raise InputError(f"holds {len(subs)} rasters (subdatasets: {names}), not one",
                          path=src.name, hint=f"extract the one to segment first, e.g. "
-                         f"gdal_translate '{subs[0]}' {subs[0].rsplit(':', 1)[-1]}.tif")
+                         f"gdal_translate '{subs[0]}' {short[0]}.tif")
     if src.count < 1 or src.width < 1 or src.height < 1:
         raise InputError(
             f"has no pixels ({src.width}x{src.height}, {src.count} band(s))", path=src.name
