@@ -545,6 +545,20 @@ class BatchResult:
         }
 
 
+def results_since(records: list[Record], since: float, keys: set[str]) -> BatchResult:
+    """What was finished of ``keys`` since ``since``, from manifest records (every rank's):
+    how far a stopped torchrun job got, as rank 0 reads it. A file's latest record counts."""
+    latest: dict[str, Record] = {}
+    for rec in records:
+        if rec.input in keys and rec.finished >= since and (
+                rec.input not in latest or rec.finished >= latest[rec.input].finished):
+            latest[rec.input] = rec
+    result = BatchResult()
+    for rec in sorted(latest.values(), key=lambda r: r.finished):
+        (result.done if rec.status == "done" else result.failed).append(rec)
+    return result
+
+
 def _reason(exc: BaseException) -> str:
     """Why a file failed, for the console, the manifest and ``--summary``: URLs without their
     query strings (a signed URL's signature would be kept in files and logs)."""

@@ -879,3 +879,33 @@ def test_failures_are_listed_once_in_a_shared_log(tmp_path, tiny_ckpt):
     listed = sorted(Path(ln.split(":")[1].strip()).name for ln in apart.stdout.splitlines()
                     if ln.startswith("failed:"))
     assert listed == ["empty.tif", "tile_3.tif"], apart.stdout
+
+
+def test_a_stopped_torchrun_folder_job_says_how_far_all_ranks_got(tmp_path, tiny_ckpt):
+    """SIGTERM to torchrun (it stops every rank): rank 0 tells how many files all ranks
+    finished, from their manifests, and writes --summary marked interrupted (a torchrun job
+    wrote none, and each rank said only "interrupted")."""
+    from reliability_helpers import sigterm_when
+
+    tiles = tmp_path / "tiles"
+    tiles.mkdir()
+    for i in range(6):
+        write_tif(tiles / f"s{i}.tif", random_scene(700, 700, seed=i))
+    out, summary = tmp_path / "out", tmp_path / "s.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           "2", "-m", "crossearth_cli", "segment", str(tiles), "-o", str(out), "-c",
+           str(tiny_ckpt), "--tile", "128", "--summary", str(summary)]
+    with tempfile.TemporaryDirectory(prefix="crossearth-torchrun-") as tmp:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": tmp}
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=env)
+        err = sigterm_when(proc, lambda: len(list(out.glob("s*_classes.tif"))) >= 2)
+    said = " ".join(err.split())
+    data = json.loads(summary.read_text())
+    assert data["interrupted"] == "SIGTERM" and data["ranks"] == 2, data
+    done = data["done"]  # as recorded: a file renamed but not yet recorded is redone later
+    assert len(done) >= 1 and f"stopped (SIGTERM) after {len(done)} of 6 file(s) by 2 ranks" \
+        in said, said
+    assert sorted(done + data["not_run"] + [f["input"] for f in data["failed"]]) == \
+        [f"s{i}.tif" for i in range(6)], data
+    assert all((out / f"{Path(k).stem}_classes.tif").exists() for k in done)

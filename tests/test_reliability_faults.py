@@ -538,8 +538,8 @@ def test_a_rank_stopped_by_torchrun_points_to_the_error_that_stopped_it(capfd, m
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert _interrupted(Received(), None, debug=False) == 143
     said = capfd.readouterr().err
-    assert "interrupted (SIGTERM; torchrun stops every rank when one fails, see any error " \
-           "line above)" in said, said
+    assert "interrupted (SIGTERM; torchrun sends it to every rank when one fails too: see any " \
+           "error above)" in said, said
     monkeypatch.setenv("WORLD_SIZE", "1")
     _interrupted(Received(), None, debug=False)
     assert "interrupted (SIGTERM); temporary files removed" in capfd.readouterr().err

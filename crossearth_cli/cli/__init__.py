@@ -113,8 +113,8 @@ def _interrupted(signals: _Signals, exc: BaseException | None, debug: bool) -> i
         signum = exc.signum
     name = signal.Signals(signum).name if signum else "SIGINT"
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and name == "SIGTERM":
-        # torchrun stops every rank when one fails: that rank's error line is the cause
-        name += "; torchrun stops every rank when one fails, see any error line above"
+        # torchrun also stops every rank when one fails: then that rank's error is the cause
+        name += "; torchrun sends it to every rank when one fails too: see any error above"
     _stderr_line(f"crossearth: interrupted ({name}); temporary files removed, nothing "
                  "incomplete was left")
     return 128 + signum if signum else EXIT_INTERRUPTED

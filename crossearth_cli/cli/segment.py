@@ -752,12 +752,15 @@ class _Job:
 
     def run_folder_work(self, items, todo, outdir, kinds, keys, manifest, mine,
                         vectors_only: set[str]) -> int:
+        import time
+
         from crossearth_cli import distributed as dist
-        from crossearth_cli.batch import BatchResult, run_batch
+        from crossearth_cli.batch import BatchResult, results_since, run_batch
         from crossearth_cli.engine import Session, validate_settings
 
         rank = self.rank
         key, raster_key = keys
+        started = time.time()  # what the manifests record after this, this job finished
         dist.init(rank)
         device = dist.device_for(rank, self.device)
         result = BatchResult()
@@ -799,6 +802,11 @@ class _Job:
         except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM: say where it stopped, then stop
             if rank.world == 1:
                 self.report_interrupted(exc, result, items, todo, outdir, manifest)
+            elif rank.rank == 0:  # torchrun stops every rank: rank 0 tells all ranks' work
+                everyone = results_since(manifest.read_all(), started,
+                                         {manifest.key(it) for it in todo})
+                self.report_interrupted(exc, everyone, items, todo, outdir, manifest,
+                                        ranks=rank.world)
             raise
         return self.finish_folder(result, items, outdir)
 
@@ -926,11 +934,12 @@ class _Job:
         return extra
 
     def report_interrupted(self, exc, result, items, todo, outdir: Path, manifest,
-                           checking: bool = False) -> None:
-        """A folder run stopped by Ctrl-C or SIGTERM (one process): the files finished by then
-        keep their outputs and manifest records; this says how far it got, and --summary is
-        written, marked ``interrupted``, for the script or scheduler that started it.
-        ``checking``: stopped while finding which files are done, before any ran."""
+                           checking: bool = False, ranks: int = 1) -> None:
+        """A folder run stopped by Ctrl-C or SIGTERM (one process, or rank 0 of ``ranks`` with
+        every rank's records): the files finished by then keep their outputs and manifest
+        records; this says how far it got, and --summary is written, marked ``interrupted``,
+        for the script or scheduler that started it. ``checking``: stopped while finding which
+        files are done, before any ran."""
         from crossearth_cli import distributed as dist
 
         keys = [manifest.key(it) for it in todo]
@@ -947,11 +956,12 @@ class _Job:
             note(f"stopped ({name}) while checking which of {len(todo)} file(s) an earlier run "
                  f"finished: none was run; the same command again does the work{told}")
         else:
-            note(f"stopped ({name}) after {len(result.done)} of {len(todo)} file(s){failed}: "
-                 f"their outputs are kept; the same command again does the rest{told}")
+            by = f" by {ranks} ranks" if ranks > 1 else ""
+            note(f"stopped ({name}) after {len(result.done)} of {len(todo)} file(s){failed}{by}"
+                 f": their outputs are kept; the same command again does the rest{told}")
         if self.summary:
             try:
-                dist.summary_json(self.summary, {**result.as_dict(), "ranks": 1,
+                dist.summary_json(self.summary, {**result.as_dict(), "ranks": ranks,
                                                  "outdir": str(outdir), "interrupted": name,
                                                  "not_run": not_run, **self.summary_extra()})
             except OSError as err:  # the stop is still what is reported
