@@ -216,8 +216,8 @@ def _environment_error(exc: BaseException) -> UserError | None:
             what = f"out of memory ({amount} asked for at once)"
         else:
             what = "out of memory"
-        return UserError(what, hint="memory grows with the scene width times --tile, and with "
-                         "--batch-size: use a smaller --tile or --batch-size")
+        return UserError(what, hint="memory grows with --tile (times the scene width, up to a "
+                         "stripe's), and with --batch-size: use a smaller --tile or --batch-size")
     return None
 
 
