@@ -300,8 +300,7 @@ class Predictor:
                     raise
                 failed = True  # not the exception: its traceback would hold the tensors
             if failed:  # out of the handler, so the tile's tensors are released first
-                gc.collect()
-                torch.cuda.empty_cache()
+                self._release_memory()
                 raise self._out_of_memory_at_one()
         out: torch.Tensor | None = None  # the whole batch's scores, filled part by part
         i = 0
@@ -328,12 +327,17 @@ class Predictor:
                 self.halvings += 1
                 failed = True
             if failed:  # out of the handler: the failed batch's tensors are released now
-                gc.collect()  # those its traceback's reference cycles held too
-                if self.cuda:
-                    torch.cuda.empty_cache()
+                self._release_memory()
                 continue  # retry the same tiles with the smaller batch: nothing is lost
             i += n
         return out
+
+    def _release_memory(self) -> None:
+        """After an out-of-memory: what the failed tensors held, those its traceback's
+        reference cycles kept included, and on CUDA the cache's blocks."""
+        gc.collect()
+        if self.cuda:
+            torch.cuda.empty_cache()
 
     def _out_of_memory_at_one(self, cause: BaseException | None = None) -> UserError:
         hint = "use a smaller --tile" + (" or --device cpu" if self.cuda else "")

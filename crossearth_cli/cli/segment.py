@@ -820,8 +820,9 @@ class _Job:
         try:
             self._vectors_each(items, outdir, kinds, keys, manifest, result)
         finally:  # a stop too: the summary's seconds are those spent
-            result.seconds += time.perf_counter() - t0
-            result.vectors_only_seconds += time.perf_counter() - t0
+            spent = time.perf_counter() - t0
+            result.seconds += spent
+            result.vectors_only_seconds += spent
 
     def _vectors_each(self, items, outdir: Path, kinds, keys, manifest, result) -> None:
         import time
@@ -1040,8 +1041,9 @@ def _tell_listing(listing) -> None:
 
 
 def _suffix(option: str) -> str:
-    return {"--confidence": "_confidence.tif", "--probabilities": "_probabilities.tif",
-            "--vector": ".gpkg"}[option]
+    from crossearth_cli.batch import OUTPUT_SUFFIXES
+
+    return OUTPUT_SUFFIXES[option.removeprefix("--")]
 
 
 def _result_dict(result) -> dict:

@@ -841,11 +841,13 @@ def given_range_notes(src, bands: list[int], scaling: list[BandScaling],
             for b, k, o in scaled))
     if not sample:
         return notes
-    told = set()
-    for (values, _), b, s in zip(sample_values(src, bands, dense=False), bands, scaling):
-        if values.size == 0 or b in told:
+    limits: dict[int, BandScaling] = {}  # each band once, read once (--bands 1,1,1)
+    for b, s in zip(bands, scaling):
+        limits.setdefault(b, s)
+    for (values, _), (b, s) in zip(sample_values(src, list(limits), dense=False),
+                                   limits.items()):
+        if values.size == 0:
             continue
-        told.add(b)
         for share, side, limit in ((np.mean(values >= s.high), "maximum", s.high),
                                    (np.mean(values <= s.low), "minimum", s.low)):
             if share >= _SATURATED:

@@ -434,11 +434,9 @@ def _straighten_tip(pts: np.ndarray, width: float, dist: np.ndarray) -> np.ndarr
     t0 = float(np.dot(body[-1] - c, d))
     t = max(float(np.dot(pts[-1] - c, d)), t0)
     # ...but not past where the axis comes within half a width of the road's edge
-    h, w = dist.shape
     limit = _end_limit(c + t0 * d, width, dist)
     for step in np.arange(t0, t + 0.5, 0.5):
-        x, y = c + step * d
-        if not (0 <= x < w and 0 <= y < h) or dist[int(y), int(x)] < limit:
+        if not _in_road(c + step * d, limit, dist):
             t = max(step - 0.5, t0)
             break
     tip = c + t * d
@@ -460,6 +458,13 @@ def _on_curve(v, coef: np.ndarray) -> np.ndarray:
 
 def _residual(rev, s, fitted, coef) -> float:
     return float(np.hypot(*(rev[fitted] - _on_curve(s[fitted], coef)).T).max())
+
+
+def _in_road(xy: np.ndarray, limit: float, dist: np.ndarray) -> bool:
+    """Whether ``xy`` lies in the array and at least ``limit`` from the road's edge."""
+    h, w = dist.shape
+    x, y = xy
+    return bool(0 <= x < w and 0 <= y < h and dist[int(y), int(x)] >= limit)
 
 
 def _end_limit(start: np.ndarray, width: float, dist: np.ndarray) -> float:
@@ -487,12 +492,10 @@ def _follow_curve_to_tip(pts: np.ndarray, s: np.ndarray, coef: np.ndarray, width
         return pts
     k = int(on[0])
     body = pts[: len(pts) - k]
-    h, w = dist.shape
     reached = s[k]
     limit = _end_limit(curve(s[k])[0], width, dist)
     for v in np.arange(s[k] - 0.5, -0.25, -0.5):  # toward the skeleton's tip, s = 0
-        x, y = curve(v)[0]
-        if not (0 <= x < w and 0 <= y < h) or dist[int(y), int(x)] < limit:
+        if not _in_road(curve(v)[0], limit, dist):
             break
         reached = v
     if reached >= s[k] - 1e-9:

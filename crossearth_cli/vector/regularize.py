@@ -37,7 +37,7 @@ MAX_AREA_CHANGE = 0.05  # relative
 MAX_SHIFT_M = 3.0  # the most an edge or corner may move on a big building, metres
 # Outlines smaller than a 3×3 block are kept as they are: pixel outlines (right-angled on the
 # grid already), too small for an orientation or a run of min_run (3 px). On a speckled map
-# most polygons are such specks, and each cost ~1 ms for no change (a third of the time).
+# most polygons are such specks, each ~1 ms for little or no change (two thirds of the time).
 SPECK_PX = 9.0
 
 
