@@ -543,3 +543,28 @@ def test_a_rank_stopped_by_torchrun_points_to_the_error_that_stopped_it(capfd, m
     monkeypatch.setenv("WORLD_SIZE", "1")
     _interrupted(Received(), None, debug=False)
     assert "interrupted (SIGTERM); temporary files removed" in capfd.readouterr().err
+
+
+def test_a_signal_during_the_last_clean_up_is_one_line(capfd, monkeypatch):
+    """A SIGTERM landing in the clean-up after the run (torchrun stopping a rank that had just
+    reported its own error) escaped with a traceback; it is the interrupted line, exit 143,
+    and the clean-up is done anyway."""
+    from crossearth_cli.cli import main
+    from crossearth_cli.errors import Interrupted
+    from crossearth_cli.raster import writer
+
+    calls = []
+
+    def remove():
+        calls.append(1)
+        if len(calls) == 1:
+            raise Interrupted(signal.SIGTERM)
+        return []
+
+    monkeypatch.setattr(writer, "remove_own_temporaries", remove)
+    with pytest.raises(SystemExit) as exc:
+        main(["models"])
+    err = capfd.readouterr().err
+    assert exc.value.code == 143 and "Traceback" not in err, err
+    assert error_lines(err)[-1].startswith("crossearth: interrupted (SIGTERM"), err
+    assert len(calls) == 2  # done again after the signal

@@ -257,6 +257,14 @@ def _retry_notes():
     return RetryNotes(show)
 
 
+def _last_clean_up() -> None:
+    """Whatever an interrupted clean-up could not reach: our temporaries and output locks."""
+    writer = sys.modules.get("crossearth_cli.raster.writer")
+    if writer is not None:
+        writer.remove_own_temporaries()
+        writer.release_output_locks()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI and exit: 0 done, 1 some files of a batch failed, 2 usage or input error,
     130 Ctrl-C, 143 SIGTERM."""
@@ -280,10 +288,11 @@ def main(argv: list[str] | None = None) -> None:
             except KeyboardInterrupt as exc:  # a signal during the error handling itself
                 code = _interrupted(signals, exc, debug)
             finally:
-                writer = sys.modules.get("crossearth_cli.raster.writer")
-                if writer is not None:  # whatever an interrupted clean-up could not reach
-                    writer.remove_own_temporaries()
-                    writer.release_output_locks()
+                try:
+                    _last_clean_up()
+                except KeyboardInterrupt as exc:  # a signal landing in it (torchrun stopping
+                    _last_clean_up()  # this rank as another fails): a second one is ignored
+                    code = _interrupted(signals, exc, debug)
         signals.finished = code  # a signal from here on ends the process with this code
     finally:
         if argv is not None:  # called as a library (tests): give the handlers back
